@@ -1,0 +1,15 @@
+"""The errors autosplit raises for bad input. Each message names what was wrong and what to do."""
+
+from __future__ import annotations
+
+
+class AutosplitError(Exception):
+    """Base class of every error autosplit raises on purpose."""
+
+
+class TraceError(AutosplitError):
+    """The model could not be captured as a graph by any tracer that was tried."""
+
+
+class InputSignatureError(AutosplitError, TypeError):
+    """The example inputs do not fit the model's forward signature."""

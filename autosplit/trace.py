@@ -1,0 +1,681 @@
+"""Capture a model as a torch.fx graph whose every node knows its shapes, dtype, size and owner.
+
+    traced = capture(model, (autosplit.spec((8, 1024), dtype=torch.long),))
+    traced.graph_module(x)            # computes exactly what model(x) computes
+    traced.nodes["linear_3"].module_path   # 'transformer.h.0.mlp.c_fc'
+
+Two tracers are tried in turn (``tracer="auto"``): ``torch.fx.symbolic_trace``, which keeps
+standard ``torch.nn`` layers as single ``call_module`` nodes, and non-strict ``torch.export``,
+which follows Python control flow on shapes (Hugging Face models need it) and yields ATen ops.
+Shapes are always found without running real kernels: on ``meta`` tensors for the fx graph, on
+export's fake tensors otherwise, so a 70B-parameter model on ``meta`` captures in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import io
+import linecache
+import logging
+import os
+import re
+import sysconfig
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+
+from autosplit.errors import InputSignatureError, TraceError
+
+logger = logging.getLogger(__name__)
+
+TRACERS = ("auto", "fx", "export")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An example input given by shape and dtype instead of data (see :func:`spec`)."""
+
+    shape: tuple[int, ...]
+    """Size of every dimension, e.g. ``(8, 1024)``."""
+    dtype: torch.dtype = torch.float32
+    """Element type; token ids are ``torch.long``."""
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.shape)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(f"spec shape must be non-negative ints, e.g. (8, 1024); got {self.shape!r}")
+        if not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"spec dtype must be a torch.dtype such as torch.long; got {self.dtype!r}")
+        object.__setattr__(self, "shape", shape)
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * _itemsize(self.dtype)
+
+    def materialize(self, device: torch.device) -> torch.Tensor:
+        """A tensor of this shape and dtype on ``device`` (zeros: valid token ids and indices)."""
+        if device.type == "meta":
+            return torch.empty(self.shape, dtype=self.dtype, device=device)
+        return torch.zeros(self.shape, dtype=self.dtype, device=device)
+
+
+def spec(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> TensorSpec:
+    """Describe an example input by shape, so no data (and no memory) is needed to plan.
+
+    Example:
+        >>> autosplit.capture(model, (autosplit.spec((8, 1024), dtype=torch.long),))
+    """
+    return TensorSpec(tuple(shape), dtype)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape, dtype and size of a parameter, buffer or input."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    requires_grad: bool = False
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What every later pass needs to know of one graph node."""
+
+    name: str
+    """The fx node's name, unique in the graph."""
+    op: str
+    """fx op kind: placeholder, get_attr, call_function, call_method, call_module or output."""
+    target: str
+    """Readable target: ``aten.linear.default``, ``_operator.add``, ``transformer.h.0.mlp``..."""
+    shapes: tuple[tuple[int, ...], ...]
+    """Shape of every tensor the node produces, in pytree order (empty for non-tensors)."""
+    dtypes: tuple[torch.dtype, ...]
+    """Dtype of every tensor the node produces, parallel to ``shapes``."""
+    output_bytes: int
+    """Bytes of all tensors the node produces."""
+    module_path: str
+    """Qualified name of the innermost module whose forward made the node ('' is the root)."""
+    module_type: str
+    """Dotted class name of that module, e.g. ``torch.nn.modules.linear.Linear``."""
+    scope: tuple[str, ...] = ()
+    """Call sites of the enclosing modules, outermost first; the n-th extra call of a module
+    reused at several places is marked ``path@n`` so each call site stays distinct."""
+    reads: tuple[str, ...] = ()
+    """Canonical names of the parameters and buffers the node reads."""
+    single_tensor: bool = False
+    """True when the node's value is exactly one tensor."""
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return self.shapes[0] if self.single_tensor else None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.dtypes[0] if self.single_tensor else None
+
+
+@dataclass
+class Traced:
+    """A captured model: a runnable graph plus per-node annotations.
+
+    The graph module shares its parameters and buffers with the model it was captured from.
+    """
+
+    graph_module: fx.GraphModule
+    """Called with the model's inputs, returns what the model returns (same structure)."""
+    nodes: dict[str, NodeInfo]
+    """Annotations by node name, in graph (topological) order."""
+    tracer: str
+    """The tracer that produced the graph: ``"fx"`` or ``"export"``."""
+    model_type: str
+    """Dotted class name of the captured model."""
+    parameters: dict[str, TensorInfo]
+    """Every parameter under its canonical (first) name, in ``named_parameters`` order."""
+    buffers: dict[str, TensorInfo]
+    """Every buffer under its canonical name."""
+    aliases: dict[str, str]
+    """Other names of shared tensors (tied weights): alias -> canonical name."""
+    module_types: dict[str, str]
+    """Dotted class name of every submodule by qualified name ('' is the model)."""
+    example_args: tuple[Any, ...] = ()
+    """The positional example inputs, with every tensor replaced by its :class:`TensorSpec`."""
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+    """The keyword example inputs, likewise."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where the model's weights were at capture (``meta`` for a weightless model)."""
+    training: bool = True
+    """The model's mode at capture. An exported graph keeps that mode's behaviour (dropout,
+    batch statistics) whatever mode it is later put in; an fx graph follows its modules' mode."""
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    def parameter_bytes(self) -> int:
+        return sum(p.nbytes for p in self.parameters.values())
+
+    def parameter_count(self) -> int:
+        return sum(_numel(p.shape) for p in self.parameters.values())
+
+    def canonical(self, name: str) -> str:
+        """The canonical name of a parameter or buffer given under any of its names."""
+        return self.aliases.get(name, name)
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any = (),
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    tracer: str = "auto",
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+) -> Traced:
+    """Capture ``model`` as an annotated fx graph, without running its real kernels.
+
+    Args:
+        model: the module to capture; its weights may live on ``meta``.
+        example_inputs: positional inputs: tensors, :func:`spec` shapes, or containers of them.
+            A single tensor or spec stands for a one-element tuple.
+        example_kwargs: keyword inputs, likewise.
+        tracer: ``"auto"`` (fx, then export), ``"fx"`` or ``"export"``.
+        leaf_modules: module classes or qualified names that fx keeps as single nodes.
+
+    Returns:
+        A :class:`Traced` whose ``graph_module`` computes what the model computes.
+
+    Raises:
+        InputSignatureError: the inputs do not fit ``model.forward``.
+        TraceError: no tracer could capture the model; says where and what to try.
+
+    Example:
+        >>> traced = capture(model, (autosplit.spec((4, 128), dtype=torch.long),))
+        >>> traced.nodes["embedding"].shapes
+        ((4, 128, 768),)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
+    if tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
+    if isinstance(example_inputs, (torch.Tensor, TensorSpec)):
+        example_inputs = (example_inputs,)
+    elif isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    elif not isinstance(example_inputs, tuple):
+        raise TypeError(
+            f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}:"
+            " wrap a single input as (x,)"
+        )
+    example_kwargs = dict(example_kwargs or {})
+    signature = _bind_inputs(model, example_inputs, example_kwargs)
+    device = _model_device(model)
+    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    leaf_paths = frozenset(m for m in leaf_modules if isinstance(m, str))
+    if len(leaf_types) + len(leaf_paths) != len(leaf_modules):
+        raise TypeError("leaf_modules takes nn.Module classes or qualified module names (str)")
+
+    failures: list[tuple[str, BaseException]] = []
+    tried = ("fx", "export") if tracer == "auto" else (tracer,)
+    with _capture_context(model):
+        for name in tried:
+            try:
+                if name == "fx":
+                    gm = _trace_fx(model, signature, example_inputs, example_kwargs, device, leaf_types, leaf_paths)
+                else:
+                    gm = _trace_export(model, example_inputs, example_kwargs, device)
+                break
+            except (InputSignatureError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # each tracer fails in its own ways; all are reported below
+                logger.debug("tracer %s failed on %s: %s", name, type(model).__name__, e)
+                failures.append((name, e))
+        else:
+            raise _trace_error(model, failures) from failures[-1][1]
+    if failures:
+        logger.info("captured %s with %s after fx failed: %s", type(model).__name__, name, failures[0][1])
+    return _annotate(model, gm, name, example_inputs, example_kwargs, device)
+
+
+# --------------------------------------------------------------------------- input handling
+
+
+def _bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """Check the inputs against ``model.forward``; the bound arguments feed the fx tracer."""
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        given = ", ".join([_describe(a) for a in args] + [f"{k}={_describe(v)}" for k, v in kwargs.items()])
+        raise InputSignatureError(
+            f"example inputs do not fit {type(model).__name__}.forward{signature}: {e}; "
+            f"got ({given}). Pass positional inputs in example_inputs and the rest in example_kwargs."
+        ) from None
+    bound.apply_defaults()
+    return bound
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"Tensor{tuple(value.shape)}"
+    if isinstance(value, TensorSpec):
+        return f"spec{value.shape}"
+    return type(value).__name__
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The device inputs go to: meta if every weight is on meta, else the first real device."""
+    devices = [t.device for t in _tensors_of(model)]
+    real = [d for d in devices if d.type != "meta"]
+    if real:
+        return real[0]
+    return torch.device("meta") if devices else torch.device("cpu")
+
+
+def _tensors_of(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def _materialize(tree: Any, device: torch.device) -> Any:
+    """Specs become tensors on ``device``; on meta, real tensors become meta tensors too."""
+
+    def leaf(x: Any) -> Any:
+        if isinstance(x, TensorSpec):
+            return x.materialize(device)
+        if isinstance(x, torch.Tensor) and device.type == "meta":
+            return x.to("meta")
+        return x
+
+    return pytree.tree_map(leaf, tree)
+
+
+def _as_specs(tree: Any) -> Any:
+    return pytree.tree_map(
+        lambda x: TensorSpec(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x, tree
+    )
+
+
+@contextlib.contextmanager
+def _capture_context(model: nn.Module) -> Iterator[None]:
+    """Switch off what stops capture and restore it afterwards; the user's model is left as it was.
+
+    Hugging Face models return a KV-cache object that is not a pytree unless ``use_cache`` is off;
+    the captured graph is the model's cache-free forward, the one used for training.
+    """
+    config = getattr(model, "config", None)
+    restore = config is not None and getattr(config, "use_cache", False) is True
+    if restore:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if restore:
+            config.use_cache = True
+
+
+# --------------------------------------------------------------------------- fx
+
+
+class _LeafTracer(fx.Tracer):
+    """``fx.Tracer`` with extra leaf modules, by class or by qualified name."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: frozenset[str]):
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_paths = leaf_paths
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if (self.leaf_types and isinstance(m, self.leaf_types)) or module_qualified_name in self.leaf_paths:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace_fx(
+    model: nn.Module,
+    bound: inspect.BoundArguments,
+    args: tuple,
+    kwargs: dict,
+    device: torch.device,
+    leaf_types: tuple[type, ...],
+    leaf_paths: frozenset[str],
+) -> fx.GraphModule:
+    params = list(bound.signature.parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        raise TraceError("fx cannot trace a forward that takes *args or **kwargs")
+    # Everything that is not a tensor (flags, None defaults) is fixed at its given value, so
+    # branches such as `if mask is not None` follow the call the user described.
+    concrete = {
+        name: value
+        for name, value in bound.arguments.items()
+        if not any(isinstance(x, (torch.Tensor, TensorSpec)) for x in pytree.tree_leaves(value))
+    }
+    tracer = _LeafTracer(leaf_types, leaf_paths)
+    graph = tracer.trace(model, concrete_args=concrete)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # Concrete arguments come back renamed (`mask_1`); give the signature its real names back.
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == len(params), (placeholders, params)
+    for node, param in zip(placeholders, params):
+        node.target = param.name
+    gm.recompile()
+    values = [bound.arguments[p.name] for p in params]
+    try:
+        _ValuePropagator(gm, to_meta=True).run(*_materialize(values, torch.device("meta")))
+    except Exception as e:
+        if device.type == "meta":
+            raise
+        # Data-dependent code (`.item()`, `.tolist()`) cannot run on meta; real weights can.
+        logger.info("shape propagation on meta failed (%s); propagating on %s", e, device)
+        _ValuePropagator(gm, to_meta=False).run(*_materialize(values, device))
+    return gm
+
+
+class _ValuePropagator(fx.Interpreter):
+    """Runs the graph once and records every node's value in ``node.meta["val"]``.
+
+    With ``to_meta`` every weight is read as a meta tensor, so no real kernel runs and no weight
+    memory is touched; the model's own tensors are never written to.
+    """
+
+    def __init__(self, gm: fx.GraphModule, to_meta: bool):
+        super().__init__(gm)
+        self.to_meta = to_meta
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.op != "output":
+            n.meta["val"] = value
+        return value
+
+    def get_attr(self, target: str, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        return _meta_copy(value) if self.to_meta else value
+
+    def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(target)
+        state = {name: _meta_copy(t) for name, t in _named_state(module)} if self.to_meta else {}
+        with torch.no_grad() if not self.to_meta else contextlib.nullcontext():
+            return torch.func.functional_call(module, state, args, kwargs)
+
+
+def _meta_copy(value: Any) -> Any:
+    return value.detach().to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def _named_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _trace_export(model: nn.Module, args: tuple, kwargs: dict, device: torch.device) -> fx.GraphModule:
+    args, kwargs = _materialize((args, kwargs), device)
+    try:
+        ep = _export(model, args, kwargs)
+    except RuntimeError as e:
+        if "register a pytree" not in str(e) or not _register_output_dataclasses(model, args, kwargs):
+            raise
+        ep = _export(model, args, kwargs)
+    # Guards would reject any batch size but the traced one; the input check stays.
+    gm = ep.module(check_guards=False)
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    # Under no_grad export records no grad-mode switches (e.g. Llama's rotary embedding wraps
+    # itself in one), which would otherwise become higher-order ops that cannot be split.
+    # A failed export prints the partial graph to stderr and logs a warning about it: the
+    # TraceError says what matters in one message, the rest goes to the debug log.
+    noisy = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    stderr = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(stderr):
+            return torch.export.export(model, args, kwargs, strict=False)
+    finally:
+        noisy.setLevel(level)
+        if stderr.getvalue():
+            logger.debug("torch.export printed:\n%s", stderr.getvalue())
+
+
+def _register_output_dataclasses(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Register the dataclasses found in the model's output as pytrees; True if any was new.
+
+    export must flatten outputs; a plain dataclass is opaque to it until registered.
+    """
+    state = {name: _meta_copy(t) for name, t in _named_state(model)}
+    try:
+        with torch.no_grad():
+            out = torch.func.functional_call(model, state, _materialize(args, torch.device("meta")),
+                                              _materialize(kwargs, torch.device("meta")))
+    except Exception:
+        return False
+    found: list[type] = []
+
+    def visit(x: Any) -> None:
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            if type(x) not in pytree.SUPPORTED_NODES and type(x) not in found:
+                found.append(type(x))
+            for f in dataclasses.fields(x):
+                visit(getattr(x, f.name))
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+
+    visit(out)
+    for cls in found:
+        logger.info("registering output dataclass %s as a pytree for export", cls.__qualname__)
+        torch.export.register_dataclass(cls)
+    return bool(found)
+
+
+# --------------------------------------------------------------------------- annotation
+
+
+def _annotate(
+    model: nn.Module, gm: fx.GraphModule, tracer: str, args: tuple, kwargs: dict, device: torch.device
+) -> Traced:
+    canonical: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in _named_state(model):
+        first = canonical.setdefault(id(t), name)
+        if first != name:
+            aliases[name] = first
+    module_types = {path: _class_name(type(m)) for path, m in model.named_modules(remove_duplicate=False)}
+
+    def infos(named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, TensorInfo]:
+        return {
+            name: TensorInfo(tuple(t.shape), t.dtype, t.numel() * t.element_size(), t.requires_grad)
+            for name, t in named
+        }
+
+    nodes: dict[str, NodeInfo] = {}
+    for node in gm.graph.nodes:
+        nodes[node.name] = _node_info(node, gm, canonical, module_types)
+        node.meta["autosplit"] = nodes[node.name]
+    return Traced(
+        graph_module=gm,
+        nodes=nodes,
+        tracer=tracer,
+        model_type=_class_name(type(model)),
+        parameters=infos(model.named_parameters()),
+        buffers=infos(model.named_buffers()),
+        aliases=aliases,
+        module_types=module_types,
+        example_args=_as_specs(args),
+        example_kwargs=_as_specs(kwargs),
+        device=device,
+        training=model.training,
+    )
+
+
+_CALL_SUFFIX = re.compile(r"@(\d+)$")
+
+
+def _node_info(
+    node: fx.Node, gm: fx.GraphModule, canonical: dict[int, str], module_types: dict[str, str]
+) -> NodeInfo:
+    if node.op == "output":
+        value = pytree.tree_map(lambda a: a.meta.get("val") if isinstance(a, fx.Node) else None, node.args[0])
+    else:
+        value = node.meta.get("val")
+    leaves = [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
+
+    scope: tuple[str, ...] = ()
+    module_path = ""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        # Keys carry the call index of a reused module (`blk@1`); values carry the clean path.
+        entries = []
+        for key, (path, _cls) in stack.items():
+            match = _CALL_SUFFIX.search(key)
+            entries.append(f"{path}@{match.group(1)}" if match else path)
+        entries = [e for e in entries if e and not e.startswith("@")]
+        scope = tuple(entries)
+        module_path = list(stack.values())[-1][0]
+
+    reads: list[str] = []
+    if node.op == "get_attr":
+        t = _fetch(gm, node.target)
+        if isinstance(t, torch.Tensor):
+            reads.append(canonical.get(id(t), node.target))
+        module_path = reads[0].rpartition(".")[0] if reads else node.target.rpartition(".")[0]
+    elif node.op == "call_module":
+        module_path = node.target
+        for _, t in _named_state(gm.get_submodule(node.target)):
+            name = canonical.get(id(t))
+            if name is not None and name not in reads:
+                reads.append(name)
+    elif node.op in ("call_function", "call_method"):
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr":
+                t = _fetch(gm, arg.target)
+                name = canonical.get(id(t), arg.target) if isinstance(t, torch.Tensor) else None
+                if name is not None and name not in reads:
+                    reads.append(name)
+
+    return NodeInfo(
+        name=node.name,
+        op=node.op,
+        target=_target_name(node),
+        shapes=tuple(tuple(int(d) for d in t.shape) for t in leaves),
+        dtypes=tuple(t.dtype for t in leaves),
+        output_bytes=sum(_numel(t.shape) * _itemsize(t.dtype) for t in leaves),
+        module_path=module_path,
+        module_type=module_types.get(module_path, ""),
+        scope=scope,
+        reads=tuple(reads),
+        single_tensor=isinstance(value, torch.Tensor),
+    )
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _target_name(node: fx.Node) -> str:
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            return str(target)
+        return fx.node._get_qualified_name(target)
+    return str(node.target)
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+_OWN_DIRS = tuple(os.path.dirname(p) + os.sep for p in (torch.__file__, __file__))
+_SITE_DIRS = tuple({sysconfig.get_paths()[k] + os.sep for k in ("purelib", "platlib")})
+_STDLIB_DIRS = tuple({sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "platstdlib")})
+
+
+def _trace_error(model: nn.Module, failures: list[tuple[str, BaseException]]) -> TraceError:
+    """One message: where each tracer failed (module, file:line, source) and what to try."""
+    names = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
+    lines = [f"could not capture {type(model).__name__} as a graph:"]
+    culprit = None
+    for tracer, exc in failures:
+        where, module = _failure_site(exc, names)
+        culprit = culprit or module
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines.append(f"  {'torch.fx.symbolic_trace' if tracer == 'fx' else 'torch.export'}: "
+                     f"{type(exc).__name__}: {reason}" + (f"\n      at {where}" if where else ""))
+    tips = []
+    if culprit and culprit[0] != "<root>":
+        path, cls = culprit
+        tips.append(f"mark {cls} a leaf (leaf_modules=[{cls}] or ['{path}']) so fx does not trace into it")
+    tips.append("pass the inputs that select the branch you want (example_kwargs, e.g. flags or masks)")
+    tried = {t for t, _ in failures}
+    if tried == {"fx"}:
+        tips.append('try tracer="export"')
+    elif tried == {"export"}:
+        tips.append('try tracer="fx"')
+    else:
+        tips.append("replace data-dependent Python branches (`if x.sum() > 0`) with torch.where or torch.cond")
+    lines.append("What to try: " + "; ".join(tips) + ".")
+    return TraceError("\n".join(lines))
+
+
+def _failure_site(exc: BaseException, names: dict[int, str]) -> tuple[str | None, tuple[str, str] | None]:
+    """The innermost frame of user code in ``exc``'s traceback, and the model's module running there."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    user = [f for f in frames if _is_user_file(f.f_code.co_filename)]
+    if not user:
+        return None, None
+    inner = user[-1]
+    where = f"{inner.f_code.co_filename}:{inner.f_lineno} in {inner.f_code.co_name}"
+    source = linecache.getline(inner.f_code.co_filename, inner.f_lineno).strip()
+    if source:
+        where += f": `{source}`"
+    for frame in reversed(user):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            path = names[id(owner)] or "<root>"
+            return f"module '{path}' ({type(owner).__name__}), {where}", (path, type(owner).__name__)
+    return where, None
+
+
+def _is_user_file(filename: str) -> bool:
+    """Not torch, not autosplit, not the standard library: code of the model (or its library)."""
+    if filename.startswith(_OWN_DIRS) or filename.startswith("<eval_with_key>"):
+        return False
+    return filename.startswith(_SITE_DIRS) or not filename.startswith(_STDLIB_DIRS)

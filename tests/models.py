@@ -1,0 +1,238 @@
+"""The test model registry: small models of every shape autosplit must handle.
+
+Each entry builds ``(model, args, kwargs)`` with random weights on the requested device;
+Hugging Face models come from config objects, never from a download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+Built = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 16, d_hidden: int = 32, d_out: int = 8, depth: int = 4):
+        super().__init__()
+        dims = [d_in] + [d_hidden] * (depth - 1) + [d_out]
+        self.layers = nn.Sequential()
+        for i in range(depth):
+            self.layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < depth - 1:
+                self.layers.append(nn.GELU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(y)))
+
+
+class ResCNN(nn.Module):
+    """Residual stages with BatchNorm buffers, and a concat skip from the stem to the head."""
+
+    def __init__(self, channels: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU())
+        self.stage1 = nn.Sequential(ResidualBlock(channels), ResidualBlock(channels))
+        self.stage2 = nn.Sequential(ResidualBlock(channels), ResidualBlock(channels))
+        self.fuse = nn.Conv2d(2 * channels, channels, 1)
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stem = self.stem(x)
+        y = self.stage2(self.stage1(stem))
+        y = self.fuse(torch.cat([y, stem], dim=1))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+class TiedLM(nn.Module):
+    """An embedding reused as the output head (tied weights), returning a dict."""
+
+    def __init__(self, vocab: int = 50, d: int = 16, depth: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.embed(ids)
+        for block in self.blocks:
+            h = h + block(h)
+        return {"logits": self.head(self.norm(h)), "hidden": h}
+
+
+class SharedBlockNet(nn.Module):
+    """One block called at two depths: its weights are shared between the two call sites."""
+
+    def __init__(self, d: int = 12):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.shared = nn.Sequential(nn.Linear(d, d), nn.Tanh())
+        self.middle = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.shared(self.inp(x))
+        b = self.shared(self.middle(a))
+        return self.out(b), a
+
+
+class MaskedModel(nn.Module):
+    """Optional keyword inputs and a non-tensor flag."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        y = self.proj(x) * scale
+        if mask is not None:
+            y = y.masked_fill(~mask, 0.0)
+        return y
+
+
+@dataclasses.dataclass
+class Prediction:
+    value: torch.Tensor
+    aux: torch.Tensor
+
+
+class DataclassOut(nn.Module):
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.body = nn.Linear(d, d)
+        self.aux_head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> Prediction:
+        h = torch.relu(self.body(x))
+        return Prediction(value=h, aux=self.aux_head(h))
+
+
+class DataDependentGate(nn.Module):
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.a = nn.Linear(d, d)
+        self.b = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # the branch depends on the data: no tracer can capture it
+            return self.a(x)
+        return self.b(x)
+
+
+class GatedNet(nn.Module):
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.pre = nn.Linear(d, d)
+        self.gate = DataDependentGate(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.pre(x))
+
+
+def tiny_gpt2_config(**overrides: Any):
+    from transformers import GPT2Config
+
+    values = dict(n_layer=3, n_embd=32, n_head=4, vocab_size=96, n_positions=32,
+                  bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    values.update(overrides)
+    return GPT2Config(**values)
+
+
+def tiny_llama_config(**overrides: Any):
+    from transformers import LlamaConfig
+
+    values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def _ids(batch: int, seq: int, vocab: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+
+
+def _build(factory: Callable[[], nn.Module], device: str) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.device(device):
+        return factory()
+
+
+def mlp(device: str = "cpu") -> Built:
+    return _build(MLP, device), (torch.randn(4, 16, device=device),), {}
+
+
+def rescnn(device: str = "cpu") -> Built:
+    return _build(ResCNN, device), (torch.randn(2, 3, 12, 12, device=device),), {}
+
+
+def tied_lm(device: str = "cpu") -> Built:
+    return _build(TiedLM, device), (_ids(2, 6, 50, torch.device(device)),), {}
+
+
+def shared_block(device: str = "cpu") -> Built:
+    return _build(SharedBlockNet, device), (torch.randn(3, 12, device=device),), {}
+
+
+def masked(device: str = "cpu") -> Built:
+    mask = torch.ones(2, 8, dtype=torch.bool, device=device)
+    mask[:, ::3] = False
+    return _build(MaskedModel, device), (torch.randn(2, 8, device=device),), {"mask": mask, "scale": 0.5}
+
+
+def dataclass_out(device: str = "cpu") -> Built:
+    return _build(DataclassOut, device), (torch.randn(3, 8, device=device),), {}
+
+
+def gpt2(device: str = "cpu") -> Built:
+    from transformers import GPT2LMHeadModel
+
+    model = _build(lambda: GPT2LMHeadModel(tiny_gpt2_config()), device)
+    return model, (_ids(2, 16, 96, torch.device(device)),), {}
+
+
+def llama(device: str = "cpu") -> Built:
+    from transformers import LlamaForCausalLM
+
+    model = _build(lambda: LlamaForCausalLM(tiny_llama_config()), device)
+    ids = _ids(2, 16, 96, torch.device(device))
+    return model, (ids,), {"attention_mask": torch.ones_like(ids)}
+
+
+REGISTRY: dict[str, Callable[..., Built]] = {
+    "mlp": mlp,
+    "rescnn": rescnn,
+    "tied_lm": tied_lm,
+    "shared_block": shared_block,
+    "masked": masked,
+    "dataclass_out": dataclass_out,
+    "gpt2": gpt2,
+    "llama": llama,
+}
+"""Every model the suite runs each execution path on."""
