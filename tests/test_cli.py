@@ -1,0 +1,71 @@
+"""The command line: the README's main job, factories, and one-line errors."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from autosplit.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_trace_a_preset_prints_one_row_per_block(capsys):
+    assert main(["trace", "gpt2", "--seq", "32", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    for i in range(12):
+        assert f"transformer.h.{i} " in out
+    assert "GPT2Block" in out and "lm_head" in out and "transformer[glue]" in out
+    assert "GPT2LMHeadModel: 124M parameters (475 MiB) on meta" in out
+    assert re.search(r"\d+ ops in 23 blocks, captured by export in", out)
+
+
+def test_trace_a_file_factory(tmp_path, capsys):
+    path = tmp_path / "my_model.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def build():
+            model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+            return model, (torch.randn(3, 8),)
+    """))
+    assert main(["trace", f"{path}:build"]) == 0
+    out = capsys.readouterr().out
+    assert "Linear" in out and "5 ops in 5 blocks, captured by fx" in out and "Sequential: 212 parameters" in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["trace", "lama-7b"], "unknown preset 'lama-7b'; known presets: gpt2"),
+    (["trace", "missing.py:build"], "no such file: missing.py"),
+    (["trace", "json:nothing"], "json has no callable 'nothing'"),
+    (["trace", "gpt2", "--seq", "5000"], "gpt2 takes sequences up to 1024 tokens"),
+])
+def test_errors_are_one_line_and_exit_2(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autosplit: error: ") and fragment in err and err.count("\n") == 1
+
+
+def test_python_dash_m_runs_the_same_command():
+    done = subprocess.run([sys.executable, "-m", "autosplit", "trace", "nope"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown preset 'nope'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    test_command = next(b for b in blocks if "pytest" in b)
+    assert ci.rstrip().splitlines()[-1] == test_command
+
+
+def test_example_capture_on_meta_runs():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "capture_on_meta.py"), "gpt2", "--seq", "64"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "gpt2: 0.1B parameters" in done.stdout and "12 layers of" in done.stdout
+    assert "passes on 0.2 MiB of activations" in done.stdout
