@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
-    except (AutosplitError, ValueError, TypeError, ImportError, FileNotFoundError, AttributeError) as e:
+    except (AutosplitError, ValueError, TypeError, ImportError, FileNotFoundError) as e:
         if args.debug:
             raise
         message = str(e).strip().replace("\n", " ") if not isinstance(e, AutosplitError) else str(e).strip()
@@ -79,7 +79,7 @@ def load_model(target: str, *, batch: int, seq: int | None) -> tuple[nn.Module, 
         module = importlib.import_module(location)
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise AttributeError(f"{location} has no callable {name!r}: MODEL is file.py:factory or package.module:factory")
+        raise ValueError(f"{location} has no callable {name!r}: MODEL is file.py:factory or package.module:factory")
     made = factory()
     if isinstance(made, nn.Module):
         return made, (spec((batch, seq or 128), dtype=torch.long),)

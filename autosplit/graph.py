@@ -71,7 +71,12 @@ class OpGraph:
     """
 
     def __init__(
-        self, dag: nx.DiGraph, order: list[str], infos: dict[str, NodeInfo], module_types: dict[str, str]
+        self,
+        dag: nx.DiGraph,
+        order: list[str],
+        infos: dict[str, NodeInfo],
+        module_types: dict[str, str],
+        coarse: bool = False,
     ):
         assert len(order) == dag.number_of_nodes(), "order must list every node once"
         self.dag = dag
@@ -80,6 +85,8 @@ class OpGraph:
         """Annotations of the underlying fx nodes, by fx node name, in fx order."""
         self.module_types = module_types
         """Dotted class name of every submodule of the model, by qualified name."""
+        self.coarse = coarse
+        """True for a graph of blocks made by :meth:`coarsen`."""
         self._position = {n: i for i, n in enumerate(order)}
         self._fx_position = {n: i for i, n in enumerate(infos)}
 
@@ -195,7 +202,7 @@ class OpGraph:
                 is split into its submodules (repeatedly), e.g. 0.25 for a model whose one
                 huge module would otherwise leave a planner nothing to cut.
         """
-        if self.dag.number_of_nodes() != sum(len(self.dag.nodes[n]["members"]) for n in self.order):
+        if self.coarse:
             raise ValueError("coarsen() works on the op-level graph from OpGraph.from_traced()")
         if max_block_share is not None and not 0 < max_block_share <= 1:
             raise ValueError(f"max_block_share must be in (0, 1], e.g. 0.25; got {max_block_share}")
@@ -254,7 +261,7 @@ class OpGraph:
         dag = nx.DiGraph()
         for block, names in members.items():
             kinds = {self.dag.nodes[n]["kind"] for n in names}
-            kind = kinds.pop() if len(kinds) == 1 and kinds <= {INPUT, OUTPUT} else COMPUTE
+            kind = kinds.pop() if len(kinds) == 1 else COMPUTE
             module_path = keys[names[-1]].removesuffix("[glue]").partition("@")[0]
             if kind != COMPUTE:
                 module_path = ""
@@ -286,7 +293,7 @@ class OpGraph:
             for b, names in members.items()
         }
         order = list(nx.lexicographical_topological_sort(dag, key=first.__getitem__))
-        coarse = OpGraph(dag, order, self.infos, self.module_types)
+        coarse = OpGraph(dag, order, self.infos, self.module_types, coarse=True)
         logger.debug("coarsened %d ops into %d blocks", len(self), len(coarse))
         return coarse
 

@@ -230,8 +230,6 @@ def capture(
                 else:
                     gm = _trace_export(model, example_inputs, example_kwargs, device)
                 break
-            except (InputSignatureError, KeyboardInterrupt):
-                raise
             except Exception as e:  # each tracer fails in its own ways; all are reported below
                 logger.debug("tracer %s failed on %s: %s", name, type(model).__name__, e)
                 failures.append((name, e))
@@ -365,27 +363,29 @@ def _trace_fx(
         node.target = param.name
     gm.recompile()
     values = [bound.arguments[p.name] for p in params]
-    try:
-        _ValuePropagator(gm, to_meta=True).run(*_materialize(values, torch.device("meta")))
-    except Exception as e:
-        if device.type == "meta":
-            raise
-        # Data-dependent code (`.item()`, `.tolist()`) cannot run on meta; real weights can.
-        logger.info("shape propagation on meta failed (%s); propagating on %s", e, device)
-        _ValuePropagator(gm, to_meta=False).run(*_materialize(values, device))
+    with torch.no_grad():
+        try:
+            _ValuePropagator(gm, to_meta=True).run(*_materialize(values, torch.device("meta")))
+        except Exception as e:
+            if device.type == "meta":
+                raise
+            # Data-dependent code (`.item()`, `.tolist()`) cannot run on meta; real weights can.
+            logger.info("shape propagation on meta failed (%s); propagating on %s", e, device)
+            _ValuePropagator(gm, to_meta=False).run(*_materialize(values, device))
     return gm
 
 
 class _ValuePropagator(fx.Interpreter):
     """Runs the graph once and records every node's value in ``node.meta["val"]``.
 
-    With ``to_meta`` every weight is read as a meta tensor, so no real kernel runs and no weight
-    memory is touched; the model's own tensors are never written to.
+    The model's own tensors are never written to: with ``to_meta`` every weight is read as a
+    meta tensor (no real kernel runs, no weight memory is touched); otherwise buffers are read
+    as copies, so BatchNorm statistics and counters stay as they were.
     """
 
     def __init__(self, gm: fx.GraphModule, to_meta: bool):
         super().__init__(gm)
-        self.to_meta = to_meta
+        self.copy = _meta_copy if to_meta else _buffer_copy
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
@@ -394,18 +394,20 @@ class _ValuePropagator(fx.Interpreter):
         return value
 
     def get_attr(self, target: str, args: Any, kwargs: Any) -> Any:
-        value = super().get_attr(target, args, kwargs)
-        return _meta_copy(value) if self.to_meta else value
+        return self.copy(super().get_attr(target, args, kwargs))
 
     def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
         module = self.fetch_attr(target)
-        state = {name: _meta_copy(t) for name, t in _named_state(module)} if self.to_meta else {}
-        with torch.no_grad() if not self.to_meta else contextlib.nullcontext():
-            return torch.func.functional_call(module, state, args, kwargs)
+        state = {name: self.copy(t) for name, t in _named_state(module)}
+        return torch.func.functional_call(module, state, args, kwargs)
 
 
 def _meta_copy(value: Any) -> Any:
     return value.detach().to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def _buffer_copy(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) else value
 
 
 def _named_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -47,8 +47,10 @@ print(json.dumps(dict(
 
 
 def run(name: str, batch: int, seq: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, name, str(batch), str(seq)], check=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, name, str(batch), str(seq)],
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode != 0:
+        raise SystemExit(f"capturing {name} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -242,3 +242,15 @@ def test_bad_arguments():
 
 def test_public_surface():
     assert set(autosplit.__all__) >= {"capture", "spec", "Traced", "OpGraph", "TraceError", "InputSignatureError"}
+
+
+def test_real_propagation_fallback_leaves_buffers_alone():
+    # The gate's branch cannot run on meta, so shapes are found with the real weights; the
+    # BatchNorm statistics must not move.
+    model = nn.Sequential(nn.BatchNorm1d(8), models.DataDependentGate())
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    traced = capture(model, (torch.randn(4, 8) + 1,), leaf_modules=[models.DataDependentGate])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert traced.nodes["_1"].shape == (4, 8)
