@@ -100,4 +100,4 @@ def build(name: str, *, batch: int = 1, seq: int | None = None,
     with torch.device(device):
         model = model_cls(config)
     model.tie_weights()
-    return model, (spec((batch, seq), dtype=torch.long),)
+    return model, (spec((batch, seq), dtype=torch.long, dims=("batch", "seq")),)

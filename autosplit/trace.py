@@ -45,6 +45,10 @@ class TensorSpec:
     """Size of every dimension, e.g. ``(8, 1024)``."""
     dtype: torch.dtype = torch.float32
     """Element type; token ids are ``torch.long``."""
+    dims: tuple[str | None, ...] = ()
+    """Names of the dimensions that may vary, e.g. ``("batch", "seq")``; None for a fixed one.
+    ``capture(..., dynamic=True)`` keeps named dimensions symbolic (dimensions with the same
+    name are the same size)."""
 
     def __post_init__(self) -> None:
         shape = tuple(self.shape)
@@ -52,7 +56,13 @@ class TensorSpec:
             raise ValueError(f"spec shape must be non-negative ints, e.g. (8, 1024); got {self.shape!r}")
         if not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"spec dtype must be a torch.dtype such as torch.long; got {self.dtype!r}")
+        dims = tuple(self.dims or ())
+        if dims and (len(dims) != len(shape) or not all(d is None or (isinstance(d, str) and d.isidentifier())
+                                                        for d in dims)):
+            raise ValueError(f"spec dims must name each of the {len(shape)} dimensions with an identifier or "
+                             f"None, e.g. ('batch', 'seq'); got {self.dims!r}")
         object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "dims", dims)
 
     @property
     def nbytes(self) -> int:
@@ -65,13 +75,15 @@ class TensorSpec:
         return torch.zeros(self.shape, dtype=self.dtype, device=device)
 
 
-def spec(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> TensorSpec:
+def spec(shape: Sequence[int], dtype: torch.dtype = torch.float32, *,
+         dims: Sequence[str | None] | None = None) -> TensorSpec:
     """Describe an example input by shape, so no data (and no memory) is needed to plan.
 
     Example:
         >>> autosplit.capture(model, (autosplit.spec((8, 1024), dtype=torch.long),))
+        >>> autosplit.spec((8, 1024), dtype=torch.long, dims=("batch", "seq"))  # may vary
     """
-    return TensorSpec(tuple(shape), dtype)
+    return TensorSpec(tuple(shape), dtype, tuple(dims or ()))
 
 
 @dataclass(frozen=True)
@@ -150,6 +162,9 @@ class Traced:
     """The keyword example inputs, likewise."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """Where the model's weights were at capture (``meta`` for a weightless model)."""
+    symbols: dict[str, Any] = field(default_factory=dict)
+    """With ``capture(..., dynamic=True)``: each named dimension's sympy symbol in the shapes
+    of ``node.meta["val"]``; the annotations hold the traced sizes."""
     training: bool = True
     """The model's mode at capture. An exported graph keeps that mode's behaviour (dropout,
     batch statistics) whatever mode it is later put in; an fx graph follows its modules' mode."""
@@ -176,6 +191,7 @@ def capture(
     *,
     tracer: str = "auto",
     leaf_modules: Sequence[type[nn.Module] | str] = (),
+    dynamic: bool = False,
 ) -> Traced:
     """Capture ``model`` as an annotated fx graph, without running its real kernels.
 
@@ -186,6 +202,8 @@ def capture(
         example_kwargs: keyword inputs, likewise.
         tracer: ``"auto"`` (fx, then export), ``"fx"`` or ``"export"``.
         leaf_modules: module classes or qualified names that fx keeps as single nodes.
+        dynamic: keep the dimensions named in the specs' ``dims`` symbolic (torch.export with
+            dynamic shapes), so costs can be re-priced at other sizes without tracing again.
 
     Returns:
         A :class:`Traced` whose ``graph_module`` computes what the model computes.
@@ -220,15 +238,16 @@ def capture(
     if len(leaf_types) + len(leaf_paths) != len(leaf_modules):
         raise TypeError("leaf_modules takes nn.Module classes or qualified module names (str)")
 
+    dynamic_shapes = _dynamic_shapes(signature, tracer) if dynamic else None
     failures: list[tuple[str, BaseException]] = []
-    tried = ("fx", "export") if tracer == "auto" else (tracer,)
+    tried = ("fx", "export") if tracer == "auto" and not dynamic else (tracer if tracer != "auto" else "export",)
     with _capture_context(model):
         for name in tried:
             try:
                 if name == "fx":
                     gm = _trace_fx(model, signature, example_inputs, example_kwargs, device, leaf_types, leaf_paths)
                 else:
-                    gm = _trace_export(model, example_inputs, example_kwargs, device)
+                    gm = _trace_export(model, example_inputs, example_kwargs, device, dynamic_shapes)
                 break
             except Exception as e:  # each tracer fails in its own ways; all are reported below
                 logger.debug("tracer %s failed on %s: %s", name, type(model).__name__, e)
@@ -237,7 +256,48 @@ def capture(
             raise _trace_error(model, failures) from failures[-1][1]
     if failures:
         logger.info("captured %s with %s after fx failed: %s", type(model).__name__, name, failures[0][1])
-    return _annotate(model, gm, name, example_inputs, example_kwargs, device)
+    traced = _annotate(model, gm, name, example_inputs, example_kwargs, device)
+    if dynamic:
+        traced.symbols = _named_symbols(gm, signature, dynamic_shapes)
+    return traced
+
+
+def _dynamic_shapes(bound: inspect.BoundArguments, tracer: str) -> dict[str, Any]:
+    """torch.export's ``dynamic_shapes`` for the named dims of the spec inputs; one Dim per name."""
+    if tracer == "fx":
+        raise ValueError('dynamic=True needs tracer="export" or "auto": fx keeps no symbolic shapes')
+    dims: dict[str, Any] = {}
+
+    def for_leaf(x: Any) -> Any:
+        if isinstance(x, TensorSpec) and any(x.dims):
+            return {i: dims.setdefault(name, torch.export.Dim(name, min=1)) for i, name in enumerate(x.dims) if name}
+        return None
+
+    shapes = {name: pytree.tree_map(for_leaf, value) for name, value in bound.arguments.items()
+              if any(isinstance(x, (torch.Tensor, TensorSpec)) for x in pytree.tree_leaves(value))}
+    if not dims:
+        raise ValueError('dynamic=True needs inputs given as specs with named dims, '
+                         'e.g. spec((8, 1024), dtype=torch.long, dims=("batch", "seq"))')
+    return shapes
+
+
+def _named_symbols(gm: fx.GraphModule, bound: inspect.BoundArguments, shapes: dict[str, Any]) -> dict[str, Any]:
+    """Which sympy symbol export gave each named dimension, read off the input placeholders."""
+    names: list[Any] = []
+    for name, value in bound.arguments.items():
+        if name in shapes:
+            leaves = pytree.tree_leaves(value)
+            specs = pytree.tree_leaves(shapes[name], is_leaf=lambda x: isinstance(x, dict) or x is None)
+            names.extend(zip(leaves, specs) if len(leaves) == len(specs) else [])
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    symbols: dict[str, Any] = {}
+    tensors = [(leaf, dim_spec) for leaf, dim_spec in names if isinstance(leaf, (torch.Tensor, TensorSpec))]
+    for node, (leaf, dim_spec) in zip(placeholders, tensors):
+        for index, dim in (dim_spec or {}).items():
+            size = node.meta["val"].shape[index]
+            if isinstance(size, torch.SymInt):
+                symbols.setdefault(dim.__name__, size.node.expr)
+    return symbols
 
 
 # --------------------------------------------------------------------------- input handling
@@ -418,14 +478,15 @@ def _named_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 # --------------------------------------------------------------------------- export
 
 
-def _trace_export(model: nn.Module, args: tuple, kwargs: dict, device: torch.device) -> fx.GraphModule:
+def _trace_export(model: nn.Module, args: tuple, kwargs: dict, device: torch.device,
+                  dynamic_shapes: dict[str, Any] | None = None) -> fx.GraphModule:
     args, kwargs = _materialize((args, kwargs), device)
     try:
-        ep = _export(model, args, kwargs)
+        ep = _export(model, args, kwargs, dynamic_shapes)
     except RuntimeError as e:
         if "register a pytree" not in str(e) or not _register_output_dataclasses(model, args, kwargs):
             raise
-        ep = _export(model, args, kwargs)
+        ep = _export(model, args, kwargs, dynamic_shapes)
     # Guards would reject any batch size but the traced one; the input check stays.
     gm = ep.module(check_guards=False)
     for node in list(gm.graph.nodes):
@@ -435,7 +496,8 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, device: torch.dev
     return gm
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+def _export(model: nn.Module, args: tuple, kwargs: dict,
+            dynamic_shapes: dict[str, Any] | None = None) -> torch.export.ExportedProgram:
     # Under no_grad export records no grad-mode switches (e.g. Llama's rotary embedding wraps
     # itself in one), which would otherwise become higher-order ops that cannot be split.
     # A failed export prints the partial graph to stderr and logs a warning about it: the
@@ -446,7 +508,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exporte
     stderr = io.StringIO()
     try:
         with torch.no_grad(), contextlib.redirect_stderr(stderr):
-            return torch.export.export(model, args, kwargs, strict=False)
+            return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     finally:
         noisy.setLevel(level)
         if stderr.getvalue():
@@ -572,19 +634,29 @@ def _node_info(
                 if name is not None and name not in reads:
                     reads.append(name)
 
+    shapes = tuple(tuple(_traced_size(d) for d in t.shape) for t in leaves)
     return NodeInfo(
         name=node.name,
         op=node.op,
         target=_target_name(node),
-        shapes=tuple(tuple(int(d) for d in t.shape) for t in leaves),
+        shapes=shapes,
         dtypes=tuple(t.dtype for t in leaves),
-        output_bytes=sum(_numel(t.shape) * _itemsize(t.dtype) for t in leaves),
+        output_bytes=sum(_numel(shape) * _itemsize(t.dtype) for shape, t in zip(shapes, leaves)),
         module_path=module_path,
         module_type=module_types.get(module_path, ""),
         scope=scope,
         reads=tuple(reads),
         single_tensor=isinstance(value, torch.Tensor),
     )
+
+
+def _traced_size(d: Any) -> int:
+    """A dimension's traced size. A symbolic one is read through its hint: ``int()`` would make
+    export's shape environment specialize the symbol to that value."""
+    if isinstance(d, torch.SymInt):
+        node = d.node
+        return int(node.hint if node.hint is not None else node.shape_env.size_hint(node.expr))
+    return int(d)
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> Any:

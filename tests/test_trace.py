@@ -254,3 +254,21 @@ def test_real_propagation_fallback_leaves_buffers_alone():
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert traced.nodes["_1"].shape == (4, 8)
+
+
+def test_dynamic_capture_keeps_named_dimensions_symbolic():
+    model, _, _ = models.llama("meta")
+    ids = spec((2, 16), dtype=torch.long, dims=("batch", "seq"))
+    traced = capture(model, (ids,), {"attention_mask": ids}, dynamic=True)
+    assert traced.tracer == "export" and set(traced.symbols) == {"batch", "seq"}
+    placeholder = next(n for n in traced.graph.nodes if n.op == "placeholder")
+    assert [str(d) for d in placeholder.meta["val"].shape] == [str(traced.symbols["batch"]), str(traced.symbols["seq"])]
+    # Annotations hold the traced sizes, and reading them did not specialize the symbols.
+    assert traced.nodes[placeholder.name].shape == (2, 16)
+    assert str(placeholder.meta["val"].shape[0]) == str(traced.symbols["batch"])
+    with pytest.raises(ValueError, match="named dims"):
+        capture(model, (spec((2, 16), dtype=torch.long),), dynamic=True)
+    with pytest.raises(ValueError, match='tracer="export"'):
+        capture(model, (ids,), dynamic=True, tracer="fx")
+    with pytest.raises(ValueError, match="identifier or None"):
+        spec((2, 16), dims=("batch",))
