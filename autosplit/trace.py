@@ -347,7 +347,7 @@ def _materialize(tree: Any, device: torch.device) -> Any:
         if isinstance(x, TensorSpec):
             return x.materialize(device)
         if isinstance(x, torch.Tensor) and device.type == "meta":
-            return x.to("meta")
+            return x.detach().to("meta").requires_grad_(x.requires_grad)
         return x
 
     return pytree.tree_map(leaf, tree)
