@@ -84,13 +84,18 @@ class OpTime:
 
 @dataclass(frozen=True)
 class Sample:
-    """One measurement for calibration: an op's cost and its measured times on a device."""
+    """One measurement for calibration: the cost of an op, or of a block of ops run together
+    (a tuple of costs), and its measured times on a device."""
 
-    cost: OpCost
+    cost: OpCost | tuple[OpCost, ...]
     device: object
     """The DeviceSpec it was measured on."""
     fwd_s: float
     bwd_s: float | None = None
+
+    @property
+    def costs(self) -> tuple[OpCost, ...]:
+        return self.cost if isinstance(self.cost, tuple) else (self.cost,)
 
 
 class AnalyticCostModel:
@@ -148,8 +153,9 @@ class AnalyticCostModel:
         except ValueError:  # e.g. fp8 on a device without it runs upcast
             return device.flops_for("fp32")
 
-    def calibrate(self, samples: Iterable[Sample]) -> "AnalyticCostModel":
-        """A model whose efficiencies and per-kernel overheads fit ``samples`` (measured times).
+    def calibrate(self, samples: Iterable[Sample], *, per_class: bool = True) -> "AnalyticCostModel":
+        """A model whose efficiencies and per-kernel overheads fit ``samples`` (measured times of
+        single ops or of whole blocks).
 
         Fits, by least squares on the relative error, one time scale per op class (applied to
         both its efficiencies) and one per-kernel overhead for forward and one for backward:
@@ -157,30 +163,40 @@ class AnalyticCostModel:
             measured ≈ roofline(op) × scale[class] + kernels × overhead[pass]
 
         An overhead that comes out negative is pinned to zero and the rest refitted. Classes
-        without samples keep their efficiencies.
+        without samples keep their efficiencies. With ``per_class=False`` one scale serves every
+        class: the right fit for whole blocks, whose mix of op classes barely varies between
+        samples, after a per-class fit on single ops.
 
         Example:
             >>> calibrated = AnalyticCostModel().calibrate(samples)   # samples: list[Sample]
         """
-        passes = []  # (op class, roofline s, kernels, measured s, backward)
+        # One row per measured pass: roofline seconds per op class and kernel launches, which
+        # the fit weighs by a scale per class and an overhead per kernel.
+        rows: list[tuple[dict[str, float], int, float, bool]] = []
         for s in samples:
-            for flops, nbytes, kernels, measured, backward in (
-                (s.cost.fwd_flops, s.cost.fwd_bytes, s.cost.fwd_kernels, s.fwd_s, False),
-                (s.cost.bwd_flops, s.cost.bwd_bytes, s.cost.bwd_kernels, s.bwd_s or 0.0, True),
-            ):
+            for measured, backward in ((s.fwd_s, False), (s.bwd_s or 0.0, True)):
+                roofline: dict[str, float] = {}
+                kernels = 0
+                for c in s.costs:
+                    flops, nbytes, k = (c.bwd_flops, c.bwd_bytes, c.bwd_kernels) if backward else \
+                        (c.fwd_flops, c.fwd_bytes, c.fwd_kernels)
+                    kernels += k
+                    seconds = self._roofline_s(c, s.device, flops, nbytes, k)
+                    if seconds:
+                        key = c.op_class if per_class else "*"
+                        roofline[key] = roofline.get(key, 0.0) + seconds
                 if kernels and measured > 0:
-                    roofline = self._roofline_s(s.cost, s.device, flops, nbytes, kernels)
-                    passes.append((s.cost.op_class, roofline, kernels, measured, backward))
-        if not passes:
+                    rows.append((roofline, kernels, measured, backward))
+        if not rows:
             raise ValueError("calibrate() needs at least one sample of an op with kernels and a positive measured time")
-        classes = sorted({p[0] for p in passes if p[1] > 0})
+        classes = sorted({c for roofline, *_ in rows for c in roofline})
         overheads = [False, True]
         while True:
             columns = [("class", c) for c in classes] + [("overhead", b) for b in overheads]
-            rows = [[(roofline if key == ("class", op_class) else 0.0) + (kernels if key == ("overhead", bw) else 0.0)
-                     for key in columns] for op_class, roofline, kernels, _, bw in passes]
-            a = torch.tensor(rows, dtype=torch.float64) / torch.tensor([p[3] for p in passes], dtype=torch.float64)[:, None]
-            solution = torch.linalg.lstsq(a, torch.ones(len(passes), 1, dtype=torch.float64)).solution[:, 0].tolist()
+            matrix = [[roofline.get(key[1], 0.0) if key[0] == "class" else (kernels if key[1] == bw else 0.0)
+                       for key in columns] for roofline, kernels, _, bw in rows]
+            a = torch.tensor(matrix, dtype=torch.float64) / torch.tensor([r[2] for r in rows], dtype=torch.float64)[:, None]
+            solution = torch.linalg.lstsq(a, torch.ones(len(rows), 1, dtype=torch.float64)).solution[:, 0].tolist()
             fitted = dict(zip(columns, solution))
             negative = [b for b in overheads if fitted[("overhead", b)] < 0]
             if not negative:
@@ -190,8 +206,9 @@ class AnalyticCostModel:
         for c in classes:
             scale = fitted[("class", c)]
             if scale > 0:  # time scale s means efficiency ÷ s
-                compute[c] /= scale
-                memory[c] /= scale
+                for op_class in (compute if c == "*" else [c]):
+                    compute[op_class] /= scale
+                    memory[op_class] /= scale
         efficiency = replace(self.efficiency, compute=compute, memory=memory,
                              kernel_overhead_s=fitted.get(("overhead", False), 0.0),
                              backward_kernel_overhead_s=fitted.get(("overhead", True), 0.0))

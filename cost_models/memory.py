@@ -81,7 +81,8 @@ GPU_CONTEXT_BYTES = 512 * 2**20
 recent drivers; an allowance, not a measurement)."""
 
 FRAGMENTATION = 0.05
-"""Caching-allocator fragmentation allowance: 5% on top of the live tensors."""
+"""Fragmentation allowance of PyTorch's CUDA caching allocator: 5% on top of the live tensors.
+The CPU allocator returns freed memory at once and gets none."""
 
 OPTIMIZER_STEP_TEMPORARIES = 1.0
 """Temporaries of the optimizer step, in optimizer-state copies of the parameters: the foreach
@@ -239,9 +240,9 @@ def stage_memory(
         live = dict(weights_bytes=weight_bytes(num_params, weight_dtype), kv_cache_bytes=kv_cache,
                     activations_bytes=_inference_peak(costs, nodes))
         transient = largest_output
-    workspace = transient + FRAGMENTATION * sum(live.values())
+    workspace = transient
     if device_kind == "gpu":
-        workspace += GPU_CONTEXT_BYTES
+        workspace += FRAGMENTATION * sum(live.values()) + GPU_CONTEXT_BYTES
     return MemoryBreakdown(**live, workspace_bytes=workspace)
 
 
