@@ -37,7 +37,7 @@ OP_CLASSES = ("matmul", "conv", "attention", "norm", "softmax", "embedding", "in
 
 _CLASS_BY_ATEN = [  # first match on the ATen op name wins, checked in this order
     ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
-    ("matmul", ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_scaled_mm")),
+    ("matmul", ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_scaled_mm", "grouped_mm")),
     ("conv", ("convolution", "conv1d", "conv2d", "conv3d", "conv_transpose")),
     ("norm", ("layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm")),
     ("softmax", ("softmax", "log_softmax")),
@@ -135,12 +135,14 @@ def _saved_names(template: tuple[tuple[str, int, int], ...], node: fx.Node) -> d
 
 
 class _ByteCounter(TorchDispatchMode):
-    """Adds up bytes read and written and kernels launched by every non-view ATen op."""
+    """Adds up bytes read and written and kernels launched by every non-view op, and the FLOPs
+    of grouped matmuls (mixture-of-experts layers), which the FLOP counter does not know."""
 
     def __init__(self) -> None:
         super().__init__()
         self.bytes = 0
         self.kernels = 0
+        self.grouped_mm_flops = 0
         self.ops: list[str] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -149,8 +151,21 @@ class _ByteCounter(TorchDispatchMode):
         self.ops.append(name)
         if not _is_free(func, name):
             self.kernels += 1
-            self.bytes += _bytes_of((args, kwargs)) + _bytes_of(out)
+            if name in _GATHERS:  # reads only the gathered rows of the table, and the indices
+                indices = [t for t in pytree.tree_leaves((args, kwargs))
+                           if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+                self.bytes += 2 * _bytes_of(out) + _bytes_of(indices)
+            else:
+                self.bytes += _bytes_of((args, kwargs)) + _bytes_of(out)
+        if "grouped_mm" in name and isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+            # Every row of the input meets one expert's (K × N) weight: 2·rows·K·N, whatever the split.
+            rows = args[0].shape[:-1].numel()
+            self.grouped_mm_flops += 2 * rows * args[0].shape[-1] * out.shape[-1]
         return out
+
+
+_GATHERS = frozenset({"embedding", "index_select", "gather", "index", "take"})
+"""Ops that read rows of a table picked by indices, not the whole table."""
 
 
 def _is_free(func: Any, name: str) -> bool:
@@ -183,7 +198,7 @@ def _measure(node: fx.Node, gm: fx.GraphModule, needs_grad: Mapping[str, bool],
     cost: dict[str, Any] = dict(
         op_class=_classify(fwd_bytes.ops) if fwd_bytes.kernels else "view",
         dtype=_compute_dtype(args, kwargs, out),
-        fwd_flops=fwd_flops.get_total_flops(),
+        fwd_flops=fwd_flops.get_total_flops() + fwd_bytes.grouped_mm_flops,
         fwd_bytes=fwd_bytes.bytes,
         fwd_kernels=fwd_bytes.kernels,
         output_bytes=_bytes_of(out),
@@ -194,7 +209,15 @@ def _measure(node: fx.Node, gm: fx.GraphModule, needs_grad: Mapping[str, bool],
         bwd_flops, bwd_bytes = FlopCounterMode(display=False), _ByteCounter()
         with bwd_flops, bwd_bytes:
             _backward(out, wrt)
-        cost.update(bwd_flops=bwd_flops.get_total_flops(), bwd_bytes=bwd_bytes.bytes, bwd_kernels=bwd_bytes.kernels)
+        cost.update(bwd_flops=bwd_flops.get_total_flops() + bwd_bytes.grouped_mm_flops, bwd_bytes=bwd_bytes.bytes,
+                    bwd_kernels=bwd_bytes.kernels)
+        if wrt and cost["fwd_flops"] and not cost["bwd_flops"]:
+            # A custom op whose autograd formula does not run here (e.g. a grouped matmul
+            # fallback): its backward computes one gradient per differentiable operand, each as
+            # costly as the forward.
+            operands = sum(1 for t in wrt if t.requires_grad)
+            cost.update(bwd_flops=operands * cost["fwd_flops"], bwd_bytes=operands * cost["fwd_bytes"],
+                        bwd_kernels=operands * cost["fwd_kernels"])
         template = _saved_template(saved, inputs, out, state)
     if _is_sdpa(node):
         fused, fused_saved = _fused_attention(args, kwargs, out, inputs, training)
@@ -247,7 +270,7 @@ def node_inputs(node: fx.Node, gm: fx.GraphModule, needs_grad: Mapping[str, bool
                     return v
                 t = _like(v, device)
                 if needs_grad.get(arg.name) and t.is_floating_point():
-                    t.requires_grad_(True)
+                    t = t.requires_grad_(True).clone()  # not a leaf, so in-place ops may write it
                 owners[id(t)] = (t, (kind, positions[arg.name]))
                 return t
 

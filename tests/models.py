@@ -173,6 +173,16 @@ def tiny_llama_config(**overrides: Any):
     return LlamaConfig(**values)
 
 
+def tiny_mixtral_config(**overrides: Any):
+    from transformers import MixtralConfig
+
+    values = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=96,
+                  max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    values.update(overrides)
+    return MixtralConfig(**values)
+
+
 def _ids(batch: int, seq: int, vocab: int, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
@@ -225,6 +235,13 @@ def llama(device: str = "cpu") -> Built:
     return model, (ids,), {"attention_mask": torch.ones_like(ids)}
 
 
+def mixtral(device: str = "cpu") -> Built:
+    from transformers import MixtralForCausalLM
+
+    model = _build(lambda: MixtralForCausalLM(tiny_mixtral_config()), device)
+    return model, (_ids(2, 16, 96, torch.device(device)),), {}
+
+
 REGISTRY: dict[str, Callable[..., Built]] = {
     "mlp": mlp,
     "rescnn": rescnn,
@@ -234,5 +251,6 @@ REGISTRY: dict[str, Callable[..., Built]] = {
     "dataclass_out": dataclass_out,
     "gpt2": gpt2,
     "llama": llama,
+    "mixtral": mixtral,
 }
 """Every model the suite runs each execution path on."""

@@ -121,6 +121,18 @@ def test_activation_bytes_count_a_shared_tensor_once():
     assert kept == 4 * 4 * 8
 
 
+def test_mixture_of_experts_grouped_matmuls_are_priced():
+    model, args, _ = models.mixtral("meta")
+    traced, costs = priced(model, *args)
+    cfg = model.config
+    routed = [c for n, c in costs.items() if "grouped_mm" in traced.nodes[n].target]
+    assert routed and all(c.op_class == "matmul" for c in routed)
+    tokens = args[0].numel() * cfg.num_experts_per_tok  # every token visits top-k experts
+    per_layer = 2 * tokens * cfg.hidden_size * 3 * cfg.intermediate_size  # gate, up and down
+    assert sum(c.fwd_flops for c in routed) == cfg.num_hidden_layers * per_layer
+    assert all(c.bwd_flops == 2 * c.fwd_flops for c in routed)  # input and expert weight gradients
+
+
 def test_gpt2_forward_flops_match_the_textbook_formula():
     model, inputs = presets.build("gpt2", batch=1, seq=256)
     traced, costs = priced(model, *inputs)
@@ -324,3 +336,10 @@ def test_cost_models_never_imports_autosplit():
 
     code = "import sys, cost_models; assert not [m for m in sys.modules if m.startswith('autosplit')]"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_an_embedding_reads_the_rows_it_gathers_not_the_table():
+    _, costs = priced(nn.Embedding(50_000, 64), spec((4, 8), dtype=torch.long))
+    lookup = only(costs, "embedding")
+    assert lookup.fwd_bytes == 2 * 4 * 8 * 64 * 4 + 4 * 8 * 8  # rows read and written, indices
+    assert lookup.bwd_bytes >= 50_000 * 64 * 4  # the weight's gradient is written whole

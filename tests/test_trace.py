@@ -12,7 +12,7 @@ import autosplit
 import models
 from autosplit import InputSignatureError, TraceError, capture, spec
 
-HF = {"gpt2", "llama"}
+HF = {"gpt2", "llama", "mixtral"}
 
 
 def assert_same_outputs(got, want):
