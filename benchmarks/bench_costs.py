@@ -36,6 +36,7 @@ from cost_models import AnalyticCostModel, Cluster, ProfiledCostModel, Sample, c
 
 CALIBRATION_SIZES = [(2, 64), (8, 128), (2, 256)]
 VALIDATION_SIZES = [(4, 64), (4, 128), (4, 256), (8, 256), (1, 512)]
+BLOCK_ROUNDS = 15
 
 
 def pricing_speed() -> tuple[str, dict]:
@@ -72,41 +73,65 @@ def gpt2(batch: int, seq: int):
 
 def block_accuracy() -> tuple[list[str], dict]:
     cpu = cpu_device()
-    profiler = ProfiledCostModel("cpu", warmup=3, repeats=21, cache_dir="", progress=False)
-    # Per op class on single ops (diverse enough to tell classes apart), then one overall
-    # scale and the per-kernel overheads on whole blocks (which run ops back to back).
+    profiler = ProfiledCostModel("cpu", warmup=3, repeats=15, cache_dir="", progress=False)
+    # Per op class on single ops (diverse enough to tell classes apart)...
     calibrated = AnalyticCostModel()
     for batch, seq in CALIBRATION_SIZES:
         model, ids = gpt2(batch, seq)
         traced = capture(model, (ids,))
         calibrated = profiler.calibrate(calibrated, traced.graph_module, price_graph(traced.graph_module), cpu)
-    samples = [sample for size in CALIBRATION_SIZES for _, _, sample in _measured_blocks(profiler, cpu, *size)]
+    # ...then every block of every size timed in interleaved rounds, so that a slow spell of this
+    # shared machine slows calibration and validation blocks alike...
+    blocks = [(size, name, costs, call) for size in CALIBRATION_SIZES + VALIDATION_SIZES
+              for name, costs, call in _blocks(*size)]
+    measured = _interleaved_medians([call for *_, call in blocks], rounds=BLOCK_ROUNDS)
+    # ...and one overall scale and the per-kernel overheads fitted on the calibration sizes' blocks.
+    samples = [Sample(costs, cpu, fwd_s, bwd_s) for (size, _, costs, _), (fwd_s, bwd_s) in zip(blocks, measured)
+               if size in CALIBRATION_SIZES]
     calibrated = calibrated.calibrate(samples, per_class=False)
     errors, rows = [], []
-    for batch, seq in VALIDATION_SIZES:
-        for name, costs, sample in _measured_blocks(profiler, cpu, batch, seq):
-            measured = sample.fwd_s + sample.bwd_s
-            predicted = sum(calibrated.time(c, cpu).total_s for c in costs)
-            error = abs(predicted - measured) / measured
-            errors.append(error)
-            rows.append(f"| {batch}×{seq} | {name} | {measured * 1e3:.2f} | {predicted * 1e3:.2f} | {error:.1%} |")
+    for ((batch, seq), name, costs, _), (fwd_s, bwd_s) in zip(blocks, measured):
+        if (batch, seq) in CALIBRATION_SIZES:
+            continue
+        predicted = sum(calibrated.time(c, cpu).total_s for c in costs)
+        error = abs(predicted - (fwd_s + bwd_s)) / (fwd_s + bwd_s)
+        errors.append(error)
+        rows.append(f"| {batch}×{seq} | {name} | {(fwd_s + bwd_s) * 1e3:.2f} | {predicted * 1e3:.2f} | {error:.1%} |")
     return rows, dict(median_error=statistics.median(errors), max_error=max(errors), blocks=len(errors),
                       efficiency=calibrated.efficiency)
 
 
-def _measured_blocks(profiler: ProfiledCostModel, cpu, batch: int, seq: int):
-    """Each transformer block of the GPT-2 graph at batch × seq: (name, its ops' costs, Sample)."""
+def _blocks(batch: int, seq: int):
+    """Each transformer block of the GPT-2 graph at batch × seq: (name, its ops' costs, a call
+    of its subgraph on recorded inputs)."""
     model, ids = gpt2(batch, seq)
     traced = capture(model, (ids,))
     costs = price_graph(traced.graph_module)
-    blocks = OpGraph.from_traced(traced).coarsen()
+    graph = OpGraph.from_traced(traced).coarsen()
     values = _all_values(traced.graph_module, ids)
-    for name in [b for b in blocks if blocks[b]["module_path"].startswith("transformer.h.")]:
-        members = list(blocks[name]["members"])
-        _, call = _block_callable(traced.graph_module, members, values)
-        measured = profiler.measure_callable(call)
-        block_costs = tuple(costs[m] for m in members)
-        yield name, block_costs, Sample(block_costs, cpu, measured.fwd_s, measured.bwd_s)
+    for name in [b for b in graph if graph[b]["module_path"].startswith("transformer.h.")]:
+        members = list(graph[name]["members"])
+        yield name, tuple(costs[m] for m in members), _block_callable(traced.graph_module, members, values)
+
+
+def _interleaved_medians(calls, *, rounds: int, warmup: int = 2) -> list[tuple[float, float]]:
+    """Median forward and backward seconds of every call, timing each once per round."""
+    times: list[list[tuple[float, float]]] = [[] for _ in calls]
+    for r in range(warmup + rounds):
+        for i, call in enumerate(calls):
+            with torch.no_grad():
+                start = time.perf_counter()
+                call()
+                fwd_s = time.perf_counter() - start
+            outputs = [t for t in torch.utils._pytree.tree_leaves(call())
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
+            grads = [torch.randn_like(t) for t in outputs]
+            start = time.perf_counter()
+            torch.autograd.backward(outputs, grads)
+            bwd_s = time.perf_counter() - start
+            if r >= warmup:
+                times[i].append((fwd_s, bwd_s))
+    return [(statistics.median(f for f, _ in t), statistics.median(b for _, b in t)) for t in times]
 
 
 def _all_values(gm: fx.GraphModule, *args) -> dict[str, object]:
@@ -124,8 +149,8 @@ def _all_values(gm: fx.GraphModule, *args) -> dict[str, object]:
 
 
 def _block_callable(gm: fx.GraphModule, members: list[str], values: dict[str, object]):
-    """The block's nodes as their own GraphModule, and a call of it on the recorded inputs
-    (floating inputs require grad, as activations do in training)."""
+    """A call of the block's nodes, as their own GraphModule, on the recorded inputs (floating
+    inputs require grad, as activations do in training)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     block, inputs, _ = fuse_as_graphmodule(gm, [nodes[m] for m in members], "Block")  # gm is left as is
     args = []
@@ -134,7 +159,7 @@ def _block_callable(gm: fx.GraphModule, members: list[str], values: dict[str, ob
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             v = v.detach().requires_grad_(True)
         args.append(v)
-    return block, lambda: block(*args)
+    return lambda: block(*args)
 
 
 def peak_memory() -> tuple[str, dict]:
@@ -200,10 +225,12 @@ def main() -> None:
         "### Block time on this CPU",
         "",
         "A 4-layer GPT-2 (d=256, fp32) on this CPU. Every transformer block is measured as a whole: its",
-        "captured subgraph run eagerly, median of 21 runs, forward and backward. Calibration at batch×seq = "
+        f"captured subgraph run eagerly, forward and backward, median of {BLOCK_ROUNDS} rounds in which every",
+        "block of every size runs once (so a slow spell of this shared machine hits all alike).",
+        "Calibration at batch×seq = "
         + ", ".join(f"{b}×{s}" for b, s in CALIBRATION_SIZES) + ":",
         "per-class efficiencies from single-op profiles (`ProfiledCostModel.calibrate`), then one overall",
-        "scale and the per-kernel overheads from the blocks (`calibrate(..., per_class=False)`). The",
+        "scale and the per-kernel overheads from those sizes' blocks (`calibrate(..., per_class=False)`). The",
         "calibrated model then predicts (the sum of each block's ops, forward + backward) the blocks at",
         "the other sizes below, none of which it was calibrated on.",
         "",
