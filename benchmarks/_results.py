@@ -15,12 +15,9 @@ def machine() -> str:
     """One line: CPU model, cores, memory, Python, torch and transformers versions, date."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from cost_models.devices import cpu_model_name
+
+    cpu = cpu_model_name()
     try:
         with open("/proc/meminfo") as f:
             mem_gib = int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) / 2**20

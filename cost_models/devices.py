@@ -585,7 +585,7 @@ def _cpu_spec(peak_flops: dict[str, float], bandwidth_bytes_per_s: float, *, sou
         peak_flops=peak_flops,
         memory_bandwidth_bytes_per_s=bandwidth_bytes_per_s,
         kind="cpu",
-        vendor_name=_cpu_model_name(),
+        vendor_name=cpu_model_name(),
         pcie_generation=CPU_PCIE_GENERATION,
         source=source,
     )
@@ -599,7 +599,8 @@ def _host_memory_bytes() -> int:
         return CPU_FALLBACK_MEMORY_BYTES
 
 
-def _cpu_model_name() -> str:
+def cpu_model_name() -> str:
+    """The host CPU's model name (``/proc/cpuinfo``), or what the platform module knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from cost_models.analytic import AnalyticCostModel, OpTime, Sample
+from cost_models.devices import cpu_model_name
 from cost_models.ops import OpCost, call_node, module_state, needs_grad_of, node_inputs, signature
 
 logger = logging.getLogger(__name__)
@@ -203,13 +203,7 @@ def _device_name(device: torch.device) -> str:
     """What identifies the hardware: the GPU's name, or the CPU model and thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} x{torch.get_num_threads()} threads"
+    return f"{cpu_model_name()} x{torch.get_num_threads()} threads"
 
 
 def _digest(key: str, training: bool) -> str:
