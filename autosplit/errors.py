@@ -13,3 +13,7 @@ class TraceError(AutosplitError):
 
 class InputSignatureError(AutosplitError, TypeError):
     """The example inputs do not fit the model's forward signature."""
+
+
+class InfeasibleError(AutosplitError):
+    """No split of the model fits the cluster's memory; the message says what would."""

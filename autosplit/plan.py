@@ -1,0 +1,147 @@
+"""The Plan: which part of the model runs where, what it costs, and how sure the solver is.
+
+    plan = autosplit.solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    plan.bottleneck_s, plan.stages[0].devices, plan.solver.status
+    Plan.load(plan.save("plan.json")) == plan        # JSON with a format version
+
+A plan is plain data: it names fx nodes and modules, never holds tensors or modules, and carries
+the fingerprint of the graph it was made for, so it cannot be applied to another model by mistake.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Peak memory of a stage by kind, in bytes."""
+
+    weights_bytes: float = 0.0
+    grads_bytes: float = 0.0
+    optimizer_bytes: float = 0.0
+    activations_bytes: float = 0.0
+    workspace_bytes: float = 0.0
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes + self.workspace_bytes
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: a contiguous part of the graph on one device (or a tensor-parallel group)."""
+
+    index: int
+    devices: tuple[str, ...]
+    """Device names with their rank in the cluster, e.g. ``("h100-sxm:3",)``."""
+    nodes: tuple[str, ...]
+    """fx node names, in graph order."""
+    modules: tuple[str, ...]
+    """The first and the last module the stage runs (qualified names)."""
+    param_count: int
+    """Parameters whose storage lives on this stage."""
+    compute_s: float
+    """Compute time per microbatch (forward + backward when training)."""
+    comm_in_s: float
+    """Time to receive from the previous stage per microbatch (and send gradients back)."""
+    comm_out_s: float
+    """Time to send to the next stage per microbatch (and receive gradients back)."""
+    memory: StageMemory
+    memory_capacity_bytes: float
+    """What the stage may use: device memory minus the headroom."""
+
+    @property
+    def time_s(self) -> float:
+        return self.compute_s + self.comm_in_s + self.comm_out_s
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory.total_bytes
+
+
+@dataclass(frozen=True)
+class SolverReport:
+    status: str
+    """``OPTIMAL`` (proven for the cut granularity searched) or ``FEASIBLE``."""
+    gap: float
+    """Relative gap between the plan's bottleneck and the best proven bound."""
+    wall_s: float
+    bound_s: float
+    """The best lower bound on the bottleneck the solver proved."""
+    method: str = ""
+    """What found the plan, e.g. ``cp-sat blocks + dp refinement``."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A partition of a model's graph into pipeline stages over a cluster's devices."""
+
+    stages: tuple[Stage, ...]
+    bottleneck_s: float
+    """Time per microbatch of the slowest stage: the pipeline's steady-state period."""
+    lower_bound_s: float
+    """max(total work ÷ combined device speed, heaviest indivisible block on the fastest device)."""
+    step_s: float
+    """Predicted time of one step: (microbatches + stages − 1) × bottleneck."""
+    bubble_fraction: float
+    """(stages − 1) ÷ (microbatches + stages − 1): idle share of the pipeline."""
+    samples_per_s: float
+    tokens_per_s: float | None
+    mode: str
+    schedule: str
+    microbatches: int
+    solver: SolverReport
+    fingerprint: str
+    """Fingerprint of the op graph the plan was made for (``OpGraph.fingerprint``)."""
+    cluster: str
+    """The cluster, as ``Cluster.parse`` reads it."""
+    options: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def stage_of(self) -> dict[str, int]:
+        """fx node name → stage index."""
+        return {node: stage.index for stage in self.stages for node in stage.nodes}
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for stage, raw in zip(self.stages, data["stages"]):
+            raw["memory_bytes"] = stage.memory_bytes
+            raw["time_s"] = stage.time_s
+        return data
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the plan as JSON; returns the path."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        return os.fspath(path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"plan format version {version!r} is not supported by this autosplit "
+                             f"(it reads version {FORMAT_VERSION}); make the plan again with this version")
+        stages = []
+        for raw in data["stages"]:
+            raw = {k: v for k, v in raw.items() if k not in ("memory_bytes", "time_s")}
+            raw["memory"] = StageMemory(**raw["memory"])
+            for key in ("devices", "nodes", "modules"):
+                raw[key] = tuple(raw[key])
+            stages.append(Stage(**raw))
+        fields = {k: v for k, v in data.items() if k not in ("stages", "solver")}
+        return cls(stages=tuple(stages), solver=SolverReport(**data["solver"]), **fields)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        """Read a plan written by :meth:`save`."""
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

@@ -1,0 +1,910 @@
+"""Balanced pipeline cuts under memory: exact DP on chains, OR-Tools CP-SAT on block graphs.
+
+    plan = solve(graph, Cluster.parse("4xh100"), SolverOptions(microbatches=8),
+                 costs=price_graph(traced.graph_module), parameters=traced.parameters)
+
+The problem. Every op gets a stage; stage(u) ≤ stage(v) for every edge u → v, so the stages form a
+pipeline. A stage's time per microbatch is the compute of its ops on its device plus the time to
+receive the tensors crossing its input boundary and send those crossing its output boundary
+over the actual link — a tensor used k stages later is relayed across all k hops, and paid on
+each. Training doubles the traffic (gradients flow back). The slowest stage sets the pipeline's
+period: minimize it, then the total traffic. Each stage's memory — weights, gradients and
+optimizer state of the parameters it owns, saved activations of the microbatches in flight under
+the schedule, workspace — must fit its device minus the headroom.
+
+How it is solved, coarse to fine:
+
+1. Blocks (``OpGraph.coarsen``: a transformer layer, an embedding, a head) in topological order
+   form a chain of units. ``chain_dp`` finds the best split into contiguous intervals exactly
+   (linear partition by dynamic programming over cut positions, with link costs and memory).
+   With mixed devices it tries every distinct order of the devices along the pipeline.
+2. CP-SAT assigns a stage to every block of the block DAG (booleans ``stage[b] == s``,
+   precedence on every edge, crossing indicators per tensor and hop, memory per stage), warm
+   started with the DP answer, and proves optimality or reports its gap. It can find splits a
+   single chain order cannot (parallel branches) and is what certifies the answer.
+3. Refinement: whole-layer cuts cannot balance a GPT-2 whose head is a quarter of the work; the
+   DP is run again over op-level cut positions inside the blocks next to each cut.
+
+Deterministic: fixed worker count with interleaved search, deterministic time limits, fixed seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from autosplit.errors import InfeasibleError
+from autosplit.graph import INPUT, OUTPUT, OpGraph
+from autosplit.plan import Plan, SolverReport, Stage, StageMemory
+from cost_models import AnalyticCostModel, Cluster, OpCost
+from cost_models.memory import (
+    FRAGMENTATION,
+    GPU_CONTEXT_BYTES,
+    MODES,
+    SCHEDULES,
+    TRAINING_PRECISIONS,
+    microbatches_in_flight,
+    stage_memory,
+    training_state_bytes,
+    weight_bytes,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """How to split: stage count, schedule, memory rules, limits and constraints."""
+
+    stages: int | None = None
+    """Number of pipeline stages; default: one per device of the cluster."""
+    mode: str = "train"
+    """``"train"`` (forward + backward, optimizer state) or ``"infer"`` (forward only)."""
+    schedule: str = "1f1b"
+    """``"gpipe"`` (all microbatches in flight) or ``"1f1b"`` (stage s holds S − s)."""
+    microbatches: int = 1
+    """Microbatches per step; the traced graph is one microbatch."""
+    memory_headroom: float = 0.1
+    """Share of every device's memory left free, e.g. 0.1 for 10%."""
+    precision: str = "bf16-mixed"
+    """Training state per parameter (see ``cost_models.memory.TRAINING_PRECISIONS``)."""
+    optimizer: str = "adamw"
+    weight_dtype: str = "bf16"
+    """Inference weights: a dtype or a quantized format (``"int4"``)."""
+    time_limit_s: float = 10.0
+    """Deterministic time limit of each CP-SAT solve (about seconds)."""
+    workers: int = 2
+    """CP-SAT workers; the search is interleaved, so the result does not depend on timing."""
+    seed: int = 0
+    pin: Mapping[str, int] = field(default_factory=dict)
+    """``{"module.path": stage}``: every op of that module runs on that stage."""
+    no_split: tuple[str, ...] = ()
+    """Module class names (``"GPT2Attention"``) or qualified paths never cut inside."""
+    refine: bool = True
+    """Try op-level cuts inside the blocks next to each cut."""
+    samples_per_microbatch: int = 1
+    """Batch size of the traced graph, for the predicted throughput."""
+    tokens_per_sample: int | None = None
+    """Sequence length, for tokens per second."""
+
+    def __post_init__(self) -> None:
+        if self.stages is not None and (not isinstance(self.stages, int) or self.stages < 1):
+            raise ValueError(f"stages must be a positive int, e.g. 4; got {self.stages!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, e.g. 'train'; got {self.mode!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, e.g. '1f1b'; got {self.schedule!r}")
+        if not isinstance(self.microbatches, int) or self.microbatches < 1:
+            raise ValueError(f"microbatches must be a positive int, e.g. 8; got {self.microbatches!r}")
+        if not 0 <= self.memory_headroom < 1:
+            raise ValueError(f"memory_headroom must be in [0, 1), e.g. 0.1; got {self.memory_headroom!r}")
+        if self.precision not in TRAINING_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}; got {self.precision!r}")
+        if not self.time_limit_s > 0 or self.workers < 1:
+            raise ValueError(f"time_limit_s and workers must be positive, e.g. 10.0 and 2; "
+                             f"got {self.time_limit_s!r}, {self.workers!r}")
+        object.__setattr__(self, "no_split", tuple(self.no_split))
+        object.__setattr__(self, "pin", dict(self.pin))
+
+
+# --------------------------------------------------------------------------- the chain problem
+
+
+@dataclass
+class Chain:
+    """Ops in a topological order with everything the interval formulations need, as arrays.
+
+    Position k is the cut between op k−1 and op k (0 and n are the ends).
+    """
+
+    ops: list[str]
+    """fx node names of the compute and weight ops, in chain order."""
+    time_s: dict[str, np.ndarray]
+    """Prefix sums of op time per microbatch, by device type: ``time_s[t][k]`` = ops < k."""
+    state_bytes: np.ndarray
+    """Prefix sums of the per-parameter training state (or inference weights) first used."""
+    param_count: np.ndarray
+    """Prefix sums of the parameters first used."""
+    activation_bytes: np.ndarray
+    """Prefix sums of saved-for-backward bytes per microbatch (0 for inference)."""
+    cross_bytes: np.ndarray
+    """Activation bytes crossing each cut position, per microbatch (length n + 1)."""
+    cross_count: np.ndarray
+    """Number of tensors crossing each cut position (each pays the link latency)."""
+    largest_output_bytes: float
+    pins: np.ndarray
+    """Stage every op is pinned to, −1 for none."""
+    block_starts: list[int]
+    """Positions where a block starts (always valid cut positions)."""
+    block_names: list[str]
+    forbidden: set[int]
+    """Cut positions inside a no-split module."""
+    replicated: dict[str, tuple[str, ...]]
+    """Values computed from the model inputs alone → those inputs; recomputed where read."""
+
+    @property
+    def n(self) -> int:
+        return len(self.ops)
+
+
+def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], parameters: Mapping[str, Any],
+                times_by_type: Mapping[str, Mapping[str, Any]], options: SolverOptions) -> Chain:
+    """Lay the blocks' ops (of the op-level ``graph``) out in one topological order and compute
+    the prefix sums."""
+    train = options.mode == "train"
+    ops, block_starts, block_names = [], [], []
+    for block in blocks.order:
+        if blocks[block]["kind"] in (INPUT, OUTPUT):
+            continue
+        block_starts.append(len(ops))
+        block_names.append(block)
+        ops.extend(blocks[block]["members"])
+    n = len(ops)
+    position = {op: k for k, op in enumerate(ops)}
+    infos = blocks.infos
+
+    def prefix(values: Sequence[float]) -> np.ndarray:
+        out = np.zeros(n + 1)
+        np.cumsum(values, out=out[1:])
+        return out
+
+    time_s = {}
+    for device_type, times in times_by_type.items():
+        time_s[device_type] = prefix([(times[op].total_s if train else times[op].fwd_s) if op in times else 0.0
+                                      for op in ops])
+    per_param = _state_bytes_per_param(options)
+    seen: set[str] = set()
+    state, params = np.zeros(n), np.zeros(n)
+    for k, op in enumerate(ops):
+        for name in infos[op].reads:
+            if name in parameters and name not in seen:
+                seen.add(name)
+                numel = math.prod(parameters[name].shape)
+                params[k] += numel
+                state[k] += per_param * numel
+    activations = [costs[op].saved_bytes if train and op in costs else 0.0 for op in ops]
+
+    # Every activation is live from its producer to its last reader; each cut in between
+    # carries it. Model inputs are produced before the first op. Values computed from the inputs
+    # alone (masks, position ids) are recomputed by every stage that reads them, so the inputs
+    # they come from travel instead. Weights read on several stages go straight from their owner
+    # to each reader once per step, which `evaluate` prices; they do not ride along the chain.
+    replicated = replicable(graph)
+    cross = np.zeros(n + 2)
+    count = np.zeros(n + 2)
+    last_read: dict[str, int] = {}
+    for v in ops:
+        for u in graph.dag.predecessors(v):
+            for source in replicated.get(u, (u,)):
+                last_read[source] = max(last_read.get(source, -1), position[v])
+    for producer, last in last_read.items():
+        info = infos[producer]
+        if info.op == "get_attr" or producer in replicated:
+            continue
+        start = position[producer] + 1 if producer in position else 0
+        if last < start:
+            continue
+        cross[start] += info.output_bytes
+        cross[last + 1] -= info.output_bytes
+        count[start] += 1
+        count[last + 1] -= 1
+    cross = np.cumsum(cross)[: n + 1]
+    count = np.cumsum(count)[: n + 1]
+
+    pins = np.full(n, -1)
+    for path, stage in options.pin.items():
+        matched = [k for k, op in enumerate(ops) if _under(infos[op].module_path, path)
+                   or (infos[op].op == "get_attr" and any(_under(r.rpartition(".")[0], path) for r in infos[op].reads))]
+        if not matched:
+            raise ValueError(f"pin names module {path!r}, which runs no op of this model; "
+                             f"pin takes qualified module names such as 'transformer.h.0'")
+        pins[matched] = stage
+    forbidden: set[int] = set()
+    for rule in options.no_split:
+        spans: dict[str, list[int]] = {}
+        for k, op in enumerate(ops):
+            for site in infos[op].scope:
+                path = site.partition("@")[0]
+                cls = blocks.module_types.get(path, "").rsplit(".", 1)[-1]
+                if rule in (path, cls):
+                    spans.setdefault(site, []).append(k)
+        for ks in spans.values():
+            forbidden.update(range(min(ks) + 1, max(ks) + 1))
+    largest = max((costs[op].output_bytes for op in ops if op in costs), default=0)
+    return Chain(ops, time_s, prefix(state), prefix(params), prefix(activations), cross, count,
+                 float(largest), pins, block_starts, block_names, forbidden, replicated)
+
+
+_RANDOM = ("dropout", "rand", "bernoulli", "normal", "multinomial", "uniform", "exponential")
+
+
+def replicable(graph: OpGraph) -> dict[str, tuple[str, ...]]:
+    """Values that depend on the model inputs only (no weight, no randomness, no in-place
+    write): each maps to the inputs it is computed from. A stage that reads such a value
+    recomputes it from those inputs instead of receiving it: an attention mask of
+    batch × seq² costs nothing to rebuild from the ids it came from."""
+    found: dict[str, tuple[str, ...]] = {}
+    for name in graph.order:
+        info = graph.infos[name]
+        if info.op == "placeholder":
+            continue
+        if info.op not in ("call_function", "call_method") or any(r in info.target for r in _RANDOM) \
+                or _writes_in_place(info.target):
+            continue
+        preds = list(graph.dag.predecessors(name))  # none: a constant such as arange(seq)
+        if not all(p in found or graph.infos[p].op == "placeholder" for p in preds):
+            continue
+        sources = set()
+        for p in preds:
+            sources.update(found.get(p, (p,)))
+        found[name] = tuple(sorted(sources))
+    return found
+
+
+def _writes_in_place(target: str) -> bool:
+    parts = target.split(".")
+    name = parts[1] if parts[0] == "aten" and len(parts) > 1 else parts[-1]
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def _state_bytes_per_param(options: SolverOptions) -> float:
+    if options.mode == "train":
+        return training_state_bytes(1, precision=options.precision, optimizer=options.optimizer).total_bytes
+    return weight_bytes(1, options.weight_dtype)
+
+
+# --------------------------------------------------------------------------- devices along the pipeline
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which device runs each stage, what it may hold, and the links between consecutive stages."""
+
+    ranks: tuple[int, ...]
+    types: tuple[str, ...]
+    capacity_bytes: tuple[float, ...]
+    gpu: tuple[bool, ...]
+    hop_s_per_byte: tuple[float, ...]
+    """1 / bandwidth of the link from stage s to s + 1 (length S − 1)."""
+    hop_latency_s: tuple[float, ...]
+
+    @classmethod
+    def of(cls, cluster: Cluster, ranks: Sequence[int], headroom: float) -> "Layout":
+        devices = [cluster.devices[r] for r in ranks]
+        links = [cluster.link(a, b) for a, b in zip(ranks, ranks[1:])]
+        return cls(tuple(ranks), tuple(d.name for d in devices),
+                   tuple(d.memory_bytes * (1 - headroom) for d in devices), tuple(d.kind == "gpu" for d in devices),
+                   tuple(1 / link.bandwidth_bytes_per_s for link in links), tuple(link.latency_s for link in links))
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+
+def layouts(cluster: Cluster, stages: int, headroom: float, limit: int = 48) -> list[Layout]:
+    """Candidate device orders along the pipeline: every distinct order of the devices' kinds
+    (by type and host) when there are at most ``limit``, else the cluster's order and its
+    orders by speed."""
+    if stages > len(cluster):
+        raise ValueError(f"{stages} stages need at least {stages} devices; the cluster {cluster} has {len(cluster)}")
+    kinds = [(d.name, h) for d, h in zip(cluster.devices, cluster.hosts)]
+    if len(set(kinds)) == 1 or len(set(d.name for d in cluster.devices)) == 1 and len(set(cluster.hosts)) == 1:
+        return [Layout.of(cluster, range(stages), headroom)]
+    orders: list[tuple[int, ...]] = []
+    if _multiset_permutations_count(kinds) <= limit:
+        for sequence in sorted(set(itertools.permutations(kinds))):
+            pool = {k: [r for r, kk in enumerate(kinds) if kk == k] for k in set(kinds)}
+            orders.append(tuple(pool[k].pop(0) for k in sequence))
+    else:
+        speed = [d.flops_for("fp32") for d in cluster.devices]
+        orders = [tuple(range(len(cluster))), tuple(sorted(range(len(cluster)), key=lambda r: -speed[r])),
+                  tuple(sorted(range(len(cluster)), key=lambda r: speed[r]))]
+    unique = sorted({order[:stages] for order in orders})
+    return [Layout.of(cluster, order, headroom) for order in unique]
+
+
+def _multiset_permutations_count(items: Sequence[Any]) -> int:
+    count = math.factorial(len(items))
+    for item in set(items):
+        count //= math.factorial(items.count(item))
+    return count
+
+
+# --------------------------------------------------------------------------- stage costs
+
+
+class StageModel:
+    """Time and memory of a stage [i, j) of a chain on a layout, vectorized over i."""
+
+    def __init__(self, chain: Chain, layout: Layout, options: SolverOptions, cluster: Cluster):
+        self.chain, self.layout, self.options, self.cluster = chain, layout, options, cluster
+        train = options.mode == "train"
+        self.directions = 2 if train else 1
+        S = len(layout)
+        self.in_flight = [microbatches_in_flight(options.schedule, num_stages=S, stage=s, microbatches=options.microbatches)
+                          if train else 1 for s in range(S)]
+        self.transient = (2 if train else 1) * chain.largest_output_bytes
+        per_value = TRAINING_PRECISIONS[options.precision].state_bytes
+        from cost_models.memory import OPTIMIZER_STATES, OPTIMIZER_STEP_TEMPORARIES
+        states = OPTIMIZER_STATES.get(options.optimizer.lower(), 0)
+        self.step_bytes_per_param = per_value * OPTIMIZER_STEP_TEMPORARIES if train and states else 0.0
+        self.other_pins = []
+        for s in range(S):
+            other = (chain.pins >= 0) & (chain.pins != s)
+            self.other_pins.append(np.concatenate([[0], np.cumsum(other)]))
+        self.pin_span = []
+        for s in range(S):
+            where = np.nonzero(chain.pins == s)[0]
+            self.pin_span.append((int(where.min()), int(where.max())) if len(where) else None)
+
+    def cluster_link(self, a: int, b: int):
+        """The link between the devices of stages a and b."""
+        return self.cluster.link(self.layout.ranks[a], self.layout.ranks[b])
+
+    def comm_s(self, k: np.ndarray | int, hop: int) -> np.ndarray | float:
+        """Seconds per microbatch to move what crosses cut position(s) ``k`` over hop ``hop``."""
+        c = self.chain
+        return (c.cross_bytes[k] * self.layout.hop_s_per_byte[hop]
+                + c.cross_count[k] * self.layout.hop_latency_s[hop]) * self.directions
+
+    def time_s(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
+        c, S = self.chain, len(self.layout)
+        t = c.time_s[self.layout.types[s]]
+        total = t[j] - t[i]
+        if s > 0:
+            total = total + self.comm_s(i, s - 1)
+        if s < S - 1:
+            total = total + self.comm_s(j, s)
+        return total
+
+    def memory_bytes(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
+        """Peak bytes of the stage: the larger of backward (activations and transients live)
+        and the optimizer step (activations freed, step temporaries live)."""
+        c = self.chain
+        gpu = self.layout.gpu[s]
+        state = c.state_bytes[j] - c.state_bytes[i]
+        activations = (c.activation_bytes[j] - c.activation_bytes[i]) * self.in_flight[s]
+        scale = 1 + (FRAGMENTATION if gpu else 0.0)
+        backward = scale * (state + activations) + self.transient
+        step = scale * state + (c.param_count[j] - c.param_count[i]) * self.step_bytes_per_param
+        return np.maximum(backward, step) + (GPU_CONTEXT_BYTES if gpu else 0.0)
+
+    def allowed(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
+        ok = self.memory_bytes(s, i, j) <= self.layout.capacity_bytes[s]
+        ok &= (self.other_pins[s][j] - self.other_pins[s][i]) == 0
+        span = self.pin_span[s]
+        if span is not None:
+            ok &= (i <= span[0]) & (j > span[1])
+        return ok
+
+
+# --------------------------------------------------------------------------- exact DP over cut positions
+
+
+def chain_dp(model: StageModel, candidates: Sequence[int]) -> tuple[float, list[int]] | None:
+    """The best split of the chain into len(layout) non-empty intervals whose ends lie in
+    ``candidates`` (which include 0 and n): minimal bottleneck, then minimal traffic.
+
+    f[s][j] = min over i of max(f[s − 1][i], time of stage s on [i, j)), O(S · |candidates|²),
+    vectorized over i. Returns (bottleneck seconds, cut positions) or None if nothing fits.
+    """
+    c = np.array(sorted(set(candidates)))
+    n = model.chain.n
+    assert c[0] == 0 and c[-1] == n
+    S = len(model.layout)
+    inf = math.inf
+    best = np.full((S, len(c)), inf)
+    traffic = np.full((S, len(c)), inf)
+    back = np.full((S, len(c)), -1, dtype=np.int64)
+    for s in range(S):
+        for jj in range(1, len(c)):
+            j = int(c[jj])
+            if s == S - 1 and j != n:
+                continue
+            if s == 0:
+                ii = np.array([0])
+            else:
+                ii = np.arange(1, jj)
+                ii = ii[np.isfinite(best[s - 1][ii])]
+                if not len(ii):
+                    continue
+            i = c[ii]
+            ok = model.allowed(s, i, j)
+            if not ok.any():
+                continue
+            ii, i = ii[ok], i[ok]
+            stage = model.time_s(s, i, j)
+            comm = stage - (model.chain.time_s[model.layout.types[s]][j] - model.chain.time_s[model.layout.types[s]][i])
+            if s == 0:
+                value, moved = stage, comm
+            else:
+                value, moved = np.maximum(best[s - 1][ii], stage), traffic[s - 1][ii] + comm
+            lowest = value.min()
+            ties = np.nonzero(value <= lowest * (1 + 1e-9) + 1e-15)[0]
+            k = ties[np.argmin(moved[ties])]
+            best[s][jj], traffic[s][jj], back[s][jj] = value[k], moved[k], ii[k]
+    if not np.isfinite(best[S - 1][-1]):
+        return None
+    cuts, jj = [], len(c) - 1
+    for s in range(S - 1, 0, -1):
+        jj = int(back[s][jj])
+        cuts.append(int(c[jj]))
+    return float(best[S - 1][-1]), sorted(cuts)
+
+
+# --------------------------------------------------------------------------- CP-SAT over the block DAG
+
+
+@dataclass
+class CpResult:
+    assignment: list[int]
+    """Stage of every block, in chain order."""
+    bottleneck_s: float
+    status: str
+    bound_s: float
+    wall_s: float
+
+
+def cp_sat_blocks(model: StageModel, blocks: OpGraph, graph: OpGraph, hint: Sequence[int] | None,
+                  options: SolverOptions) -> CpResult | None:
+    """Assign a stage to every block (any DAG split, not only chain intervals), minimizing the
+    bottleneck, then the traffic. Returns None when CP-SAT finds no feasible assignment."""
+    chain, layout = model.chain, model.layout
+    S, B = len(layout), len(chain.block_names)
+    bounds = chain.block_starts + [chain.n]
+    block_of_op = np.zeros(chain.n, dtype=np.int64)
+    for b in range(B):
+        block_of_op[bounds[b]:bounds[b + 1]] = b
+    position = {op: k for k, op in enumerate(chain.ops)}
+
+    # Integer ticks: the total work of the slowest device type spread over ~10^6 ticks.
+    total = max(chain.time_s[t][-1] for t in set(layout.types))
+    tick_s = max(total, 1e-12) / 1e6
+    ticks = lambda seconds: int(round(seconds / tick_s))  # noqa: E731
+
+    m = cp_model.CpModel()
+    y = [[m.new_bool_var(f"y{b}_{s}") for s in range(S)] for b in range(B)]
+    x = [m.new_int_var(0, S - 1, f"x{b}") for b in range(B)]
+    for b in range(B):
+        m.add_exactly_one(y[b])
+        m.add(x[b] == sum(s * y[b][s] for s in range(S)))
+    for s in range(S):
+        m.add(sum(y[b][s] for b in range(B)) >= 1)
+        span = model.pin_span[s]
+        if span is not None:
+            for b in set(block_of_op[span[0]:span[1] + 1].tolist()):
+                m.add(y[b][s] == 1)
+    for b in range(B):
+        pinned = {int(p) for p in chain.pins[bounds[b]:bounds[b + 1]] if p >= 0}
+        if len(pinned) > 1:
+            raise ValueError(f"block {chain.block_names[b]} holds ops pinned to stages {sorted(pinned)}: "
+                             "pin whole blocks (e.g. a layer) to one stage")
+
+    # Tensors between blocks, grouped by (producer block, consumer blocks, weight): producer −1
+    # stands for the model's inputs, which enter at stage 0.
+    groups: dict[tuple[int, tuple[int, ...]], list[float]] = {}
+    for producer, readers in _readers(graph, chain).items():
+        p_block = int(block_of_op[position[producer]]) if producer in position else -1
+        consumers = tuple(sorted({int(block_of_op[r]) for r in readers} - {p_block}))
+        if not consumers:
+            continue
+        entry = groups.setdefault((p_block, consumers), [0.0, 0])
+        entry[0] += graph.infos[producer].output_bytes
+        entry[1] += 1
+    for u, v in blocks_dag_edges(chain, graph, block_of_op):
+        m.add(x[u] <= x[v])
+
+    stage_terms: list[list[Any]] = [[] for _ in range(S)]
+    comm_terms: list[Any] = []
+    for (p, consumers), (nbytes, count) in groups.items():
+        for hop in range(S - 1):
+            seconds = (nbytes * layout.hop_s_per_byte[hop] + count * layout.hop_latency_s[hop]) * model.directions
+            cost = ticks(seconds)
+            if cost == 0:
+                continue
+            cross = m.new_bool_var("")
+            beyond = m.new_bool_var("")
+            for c in consumers:
+                for s in range(hop + 1, S):
+                    m.add_implication(y[c][s], beyond)
+            up_to = 1 if p < 0 else sum(y[p][s] for s in range(hop + 1))
+            m.add(cross >= up_to + beyond - 1)
+            stage_terms[hop].append(cost * cross)
+            stage_terms[hop + 1].append(cost * cross)
+            comm_terms.append(cost * cross)
+
+    bottleneck = m.new_int_var(0, ticks(total) * 4 + 10**6, "bottleneck")
+    mib = 2**20
+    for s in range(S):
+        t = chain.time_s[layout.types[s]]
+        compute = [ticks(t[bounds[b + 1]] - t[bounds[b]]) * y[b][s] for b in range(B)]
+        m.add(bottleneck >= sum(compute) + sum(stage_terms[s]))
+        # Memory in MiB, rounded up per block (conservative).
+        gpu = layout.gpu[s]
+        scale = 1 + (FRAGMENTATION if gpu else 0.0)
+        fixed = model.transient + (GPU_CONTEXT_BYTES if gpu else 0.0)
+        capacity = int((layout.capacity_bytes[s] - fixed) // mib)
+        state = [chain.state_bytes[bounds[b + 1]] - chain.state_bytes[bounds[b]] for b in range(B)]
+        act = [(chain.activation_bytes[bounds[b + 1]] - chain.activation_bytes[bounds[b]]) * model.in_flight[s]
+               for b in range(B)]
+        m.add(sum(math.ceil(scale * (state[b] + act[b]) / mib) * y[b][s] for b in range(B)) <= capacity)
+        step = [(chain.param_count[bounds[b + 1]] - chain.param_count[bounds[b]]) * model.step_bytes_per_param
+                for b in range(B)]
+        capacity_step = int((layout.capacity_bytes[s] - (GPU_CONTEXT_BYTES if gpu else 0.0)) // mib)
+        m.add(sum(math.ceil((scale * state[b] + step[b]) / mib) * y[b][s] for b in range(B)) <= capacity_step)
+    if hint is not None:
+        for b in range(B):
+            for s in range(S):
+                m.add_hint(y[b][s], hint[b] == s)
+    m.minimize(bottleneck)
+
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = options.workers
+    solver.parameters.interleave_search = True
+    solver.parameters.random_seed = options.seed
+    solver.parameters.max_deterministic_time = options.time_limit_s
+    solver.parameters.max_time_in_seconds = options.time_limit_s * 4
+    start = time.perf_counter()
+    status = solver.solve(m)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    best, bound, proven = solver.objective_value, solver.best_objective_bound, status == cp_model.OPTIMAL
+    # Second phase: the same bottleneck, least traffic.
+    m.add(bottleneck <= int(round(best)))
+    m.clear_hints()
+    for b in range(B):
+        for s in range(S):
+            m.add_hint(y[b][s], bool(solver.value(y[b][s])))
+    first = [[bool(solver.value(y[b][s])) for s in range(S)] for b in range(B)]
+    if comm_terms:
+        m.minimize(sum(comm_terms))
+        status2 = solver.solve(m)
+    else:
+        status2 = cp_model.UNKNOWN
+    chosen = ([[bool(solver.value(y[b][s])) for s in range(S)] for b in range(B)]
+              if status2 in (cp_model.OPTIMAL, cp_model.FEASIBLE) else first)
+    assignment = [row.index(True) for row in chosen]
+    return CpResult(assignment, best * tick_s, "OPTIMAL" if proven else "FEASIBLE", bound * tick_s,
+                    time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- evaluating an assignment
+
+
+def _readers(graph: OpGraph, chain: Chain) -> dict[str, list[int]]:
+    """Chain positions reading every activation that travels along the pipeline (inputs
+    included; values recomputed from inputs are replaced by those inputs; weights excluded)."""
+    position = {op: k for k, op in enumerate(chain.ops)}
+    readers: dict[str, list[int]] = {}
+    for v in chain.ops:
+        for u in graph.dag.predecessors(v):
+            if graph.infos[u].op == "get_attr":
+                continue
+            for source in chain.replicated.get(u, (u,)):
+                readers.setdefault(source, []).append(position[v])
+    return {u: r for u, r in readers.items() if u not in chain.replicated}
+
+
+def blocks_dag_edges(chain: Chain, graph: OpGraph, block_of_op: np.ndarray) -> set[tuple[int, int]]:
+    """Precedence between blocks: every op-level edge between two different blocks."""
+    position = {op: k for k, op in enumerate(chain.ops)}
+    edges = set()
+    for u, v in graph.dag.edges:
+        if u in position and v in position:
+            a, b = int(block_of_op[position[u]]), int(block_of_op[position[v]])
+            if a != b:
+                edges.add((a, b))
+    return edges
+
+
+def _weight_readers(graph: OpGraph, chain: Chain) -> dict[str, list[int]]:
+    position = {op: k for k, op in enumerate(chain.ops)}
+    readers: dict[str, list[int]] = {}
+    for u in graph.order:
+        if graph.infos[u].op == "get_attr":
+            readers[u] = sorted(position[v] for v in graph.dag.successors(u) if v in position)
+    return {u: r for u, r in readers.items() if r}
+
+
+def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> tuple[list[float], list[float], list[float]]:
+    """Compute, incoming and outgoing traffic seconds per stage of any op → stage assignment
+    (chain order): every value travels from its producer's stage to its last reader's, hop by hop."""
+    chain, layout = model.chain, model.layout
+    S = len(layout)
+    position = {op: k for k, op in enumerate(chain.ops)}
+    compute = [0.0] * S
+    for k, s in enumerate(stage_of_op):
+        t = chain.time_s[layout.types[s]]
+        compute[s] += t[k + 1] - t[k]
+    comm_in, comm_out = [0.0] * S, [0.0] * S
+    for producer, readers in _readers(graph, chain).items():
+        first = stage_of_op[position[producer]] if producer in position else 0
+        last = max(stage_of_op[r] for r in readers)
+        nbytes = graph.infos[producer].output_bytes
+        for hop in range(first, last):
+            seconds = (nbytes * layout.hop_s_per_byte[hop] + layout.hop_latency_s[hop]) * model.directions
+            comm_out[hop] += seconds
+            comm_in[hop + 1] += seconds
+    # A weight read on several stages lives with its first reader and goes straight to each
+    # other reader once per step (its gradient comes back): amortized over the microbatches.
+    for weight, readers in _weight_readers(graph, chain).items():
+        owner = stage_of_op[readers[0]]
+        nbytes = graph.infos[weight].output_bytes * model.directions / model.options.microbatches
+        for other in sorted({stage_of_op[r] for r in readers} - {owner}):
+            link = model.cluster_link(owner, other)
+            seconds = nbytes / link.bandwidth_bytes_per_s + link.latency_s
+            comm_out[owner] += seconds
+            comm_in[other] += seconds
+    return compute, comm_in, comm_out
+
+
+def _assignment_from_cuts(n: int, cuts: Sequence[int]) -> list[int]:
+    stages, s, bounds = [], 0, list(cuts) + [n]
+    for k in range(n):
+        while k >= bounds[s]:
+            s += 1
+        stages.append(s)
+    return stages
+
+
+def _refinement_candidates(chain: Chain, cuts: Sequence[int]) -> list[int]:
+    """Block boundaries, plus every op position inside the blocks on either side of each cut."""
+    bounds = chain.block_starts + [chain.n]
+    candidates = set(bounds)
+    for cut in cuts:
+        b = bounds.index(cut) if cut in bounds else max(i for i, start in enumerate(bounds) if start <= cut)
+        for neighbour in (b - 1, b):
+            if 0 <= neighbour < len(chain.block_starts):
+                candidates.update(range(bounds[neighbour], bounds[neighbour + 1] + 1))
+    return sorted(candidates - chain.forbidden)
+
+
+# --------------------------------------------------------------------------- solve
+
+
+def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None, *,
+          costs: Mapping[str, OpCost], parameters: Mapping[str, Any],
+          cost_model: AnalyticCostModel | None = None) -> Plan:
+    """Split ``graph`` into pipeline stages over ``cluster`` (see the module docstring).
+
+    Args:
+        graph: the op-level graph (``OpGraph.from_traced``), traced at the microbatch size.
+        cluster: the devices, in the order of the cluster description.
+        options: stage count, schedule, memory and solver settings.
+        costs: ``cost_models.price_graph`` of the graph's module.
+        parameters: ``Traced.parameters`` (canonical name → shape, dtype).
+        cost_model: turns costs into seconds per device type; default: the analytic roofline.
+
+    Raises:
+        InfeasibleError: no split fits the devices' memory; says what would.
+
+    Example:
+        >>> plan = solve(OpGraph.from_traced(traced), Cluster.parse("4xh100"),
+        ...              SolverOptions(microbatches=8), costs=costs, parameters=traced.parameters)
+    """
+    options = options or SolverOptions()
+    start = time.perf_counter()
+    stages = options.stages or len(cluster)
+    cost_model = cost_model or AnalyticCostModel()
+    blocks = graph.coarsen()
+    types = {d.name: d for d in cluster.devices}
+    times = {name: cost_model.times(costs, device) for name, device in types.items()}
+    chain = build_chain(graph, blocks, costs, parameters, times, options)
+    if stages > chain.n:
+        raise ValueError(f"{stages} stages need at least {stages} ops; this graph has {chain.n}: use fewer stages")
+    for path, stage in options.pin.items():
+        if not 0 <= stage < stages:
+            raise ValueError(f"pin puts {path!r} on stage {stage}, but there are {stages} stages (0..{stages - 1})")
+
+    # 1. Block-level DP on every candidate device order; keep the best order.
+    block_cuts = sorted(set(chain.block_starts + [chain.n]) - chain.forbidden | {0, chain.n})
+    best: tuple[float, StageModel, list[int]] | None = None
+    for layout in layouts(cluster, stages, options.memory_headroom):
+        model = StageModel(chain, layout, options, cluster)
+        found = chain_dp(model, block_cuts)
+        if found is None and options.refine:  # a block may be too big for any device: cut inside
+            found = chain_dp(model, sorted(set(range(chain.n + 1)) - chain.forbidden))
+        if found is not None and (best is None or found[0] < best[0] * (1 - 1e-9)):
+            best = (found[0], model, found[1])
+    if best is None:
+        raise _infeasible(chain, cluster, stages, options)
+    dp_bottleneck, model, dp_cuts = best
+
+    # 2. CP-SAT on the block DAG, warm-started with the DP split when it falls on block bounds.
+    bounds = chain.block_starts + [chain.n]
+    hint = None
+    if all(c in bounds for c in dp_cuts):
+        stage_of_start = _assignment_from_cuts(chain.n, dp_cuts)
+        hint = [stage_of_start[start] for start in chain.block_starts]
+    cp = cp_sat_blocks(model, blocks, graph, hint, options)
+    candidates: list[tuple[float, list[int], str]] = [(dp_bottleneck, _assignment_from_cuts(chain.n, dp_cuts), "dp")]
+    if cp is not None:
+        per_op = [cp.assignment[b] for b in range(len(chain.block_starts))
+                  for _ in range(bounds[b + 1] - bounds[b])]
+        candidates.append((_bottleneck(model, graph, per_op), per_op, "cp-sat"))
+
+    # 3. Op-level refinement around the cuts of the best interval split.
+    if options.refine:
+        monotone = [c for c in candidates if all(a <= b for a, b in zip(c[1], c[1][1:]))]
+        for bottleneck, assignment, _ in monotone:
+            cuts = [k for k in range(1, chain.n) if assignment[k] != assignment[k - 1]]
+            refined = chain_dp(model, _refinement_candidates(chain, cuts))
+            if refined is not None:
+                candidates.append((refined[0], _assignment_from_cuts(chain.n, refined[1]), "dp refinement"))
+    bottleneck, assignment, method = min(candidates, key=lambda c: (c[0], c[2] != "cp-sat"))
+    if cp is not None:
+        status, bound_s = cp.status, cp.bound_s
+    else:
+        status, bound_s = "FEASIBLE", 0.0
+    return _plan(graph, chain, model, cluster, options, assignment, costs, status, bound_s, method,
+                 time.perf_counter() - start)
+
+
+def _bottleneck(model: StageModel, graph: OpGraph, assignment: Sequence[int]) -> float:
+    compute, comm_in, comm_out = evaluate(model, graph, assignment)
+    return max(c + i + o for c, i, o in zip(compute, comm_in, comm_out))
+
+
+def lower_bound_s(model: StageModel) -> float:
+    """max(total work ÷ combined speed of the stages' devices, heaviest op on the fastest device).
+
+    On identical devices the S − 1 cuts add their unavoidable traffic: every cut carries at
+    least what crosses the cheapest cut position, paid by the stages on both sides, so the
+    average stage — and hence the slowest — takes at least (work + 2 (S − 1) · that) ÷ S.
+    """
+    chain, layout = model.chain, model.layout
+    S = len(layout)
+    work = [chain.time_s[t][-1] for t in layout.types]
+    combined = 1 / sum(1 / w for w in work) if all(w > 0 for w in work) else 0.0
+    if S > 1 and len(set(layout.types)) == 1:
+        positions = np.array(sorted(set(range(1, chain.n)) - chain.forbidden))
+        if len(positions):
+            cheapest = min(float(np.min(model.comm_s(positions, hop))) for hop in range(S - 1))
+            combined = (work[0] + 2 * (S - 1) * cheapest) / S
+    per_op = np.min(np.stack([np.diff(chain.time_s[t]) for t in set(layout.types)]), axis=0)
+    return max(combined, float(per_op.max()) if len(per_op) else 0.0)
+
+
+def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, options: SolverOptions,
+          assignment: list[int], costs: Mapping[str, OpCost], status: str, cp_bound_s: float, method: str,
+          wall_s: float) -> Plan:
+    layout = model.layout
+    S = len(layout)
+    compute, comm_in, comm_out = evaluate(model, graph, assignment)
+    stage_ops: list[list[str]] = [[] for _ in range(S)]
+    for op, s in zip(chain.ops, assignment):
+        stage_ops[s].append(op)
+    order = {name: k for k, name in enumerate(graph.infos)}
+    params = np.diff(chain.param_count)
+    stage_list = []
+    for s in range(S):
+        nodes = set(stage_ops[s])
+        todo = [u for op in stage_ops[s] for u in graph.dag.predecessors(op) if u in chain.replicated]
+        while todo:  # values rebuilt from the inputs on this stage, and what they are built from
+            u = todo.pop()
+            if u not in nodes:
+                nodes.add(u)
+                todo.extend(p for p in graph.dag.predecessors(u) if p in chain.replicated)
+        nodes = sorted(nodes, key=order.__getitem__)
+        if s == 0:
+            nodes = [n for n in graph.order if graph[n]["kind"] == INPUT] + nodes
+        if s == S - 1:
+            nodes = nodes + [n for n in graph.order if graph[n]["kind"] == OUTPUT]
+        owned = int(sum(params[k] for k, st in enumerate(assignment) if st == s))
+        memory = stage_memory(owned, costs, [n for n in nodes if n in costs], mode=options.mode,
+                              precision=options.precision, optimizer=options.optimizer,
+                              weight_dtype=options.weight_dtype, schedule=options.schedule, num_stages=S, stage=s,
+                              microbatches=options.microbatches, device_kind="gpu" if layout.gpu[s] else "cpu")
+        modules = [graph.infos[n].module_path for n in nodes if graph.infos[n].module_path]
+        stage_list.append(Stage(
+            index=s,
+            devices=(f"{layout.types[s]}:{layout.ranks[s]}",),
+            nodes=tuple(nodes),
+            modules=(modules[0], modules[-1]) if modules else ("", ""),
+            param_count=owned,
+            compute_s=compute[s],
+            comm_in_s=comm_in[s],
+            comm_out_s=comm_out[s],
+            memory=StageMemory(weights_bytes=memory.weights_bytes, grads_bytes=memory.grads_bytes,
+                               optimizer_bytes=memory.optimizer_bytes,
+                               activations_bytes=memory.activations_bytes + memory.kv_cache_bytes,
+                               workspace_bytes=memory.workspace_bytes),
+            memory_capacity_bytes=layout.capacity_bytes[s],
+        ))
+    bottleneck = max(st.time_s for st in stage_list)
+    bound = lower_bound_s(model)
+    m = options.microbatches
+    step = (m + S - 1) * bottleneck
+    samples = m * options.samples_per_microbatch / step if step > 0 else 0.0
+    proven_bound = max(bound, cp_bound_s if method == "cp-sat" else bound)
+    gap = max(0.0, (bottleneck - proven_bound) / bottleneck) if bottleneck > 0 else 0.0
+    report = SolverReport(status=status, gap=gap, wall_s=wall_s, bound_s=proven_bound,
+                          method={"dp": "block dp", "cp-sat": "cp-sat blocks", "dp refinement": "cp-sat blocks + dp refinement"}[method])
+    logger.info("plan: bottleneck %.4g s (lower bound %.4g s) by %s in %.2f s", bottleneck, bound, report.method, wall_s)
+    return Plan(
+        stages=tuple(stage_list),
+        bottleneck_s=bottleneck,
+        lower_bound_s=bound,
+        step_s=step,
+        bubble_fraction=(S - 1) / (m + S - 1),
+        samples_per_s=samples,
+        tokens_per_s=samples * options.tokens_per_sample if options.tokens_per_sample else None,
+        mode=options.mode,
+        schedule=options.schedule,
+        microbatches=m,
+        solver=report,
+        fingerprint=graph.fingerprint(),
+        cluster=str(cluster),
+        options=_jsonable(dataclasses.asdict(options)),
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _infeasible(chain: Chain, cluster: Cluster, stages: int, options: SolverOptions) -> InfeasibleError:
+    """The memory the model needs, what the cluster offers, and what would fit."""
+    gib = 2**30
+    count = chain.param_count[-1]
+    devices = cluster.devices[:stages]
+    have = sum(d.memory_bytes * (1 - options.memory_headroom) for d in devices)
+    largest = max(devices, key=lambda d: d.memory_bytes)
+    state = chain.state_bytes[-1]
+    activations = chain.activation_bytes[-1] * (options.microbatches if options.schedule == "gpipe" else 1)
+    overhead = sum(GPU_CONTEXT_BYTES if d.kind == "gpu" else 0 for d in devices)
+    need = state + activations + overhead
+    per_device = largest.memory_bytes * (1 - options.memory_headroom) - (GPU_CONTEXT_BYTES if largest.kind == "gpu" else 0)
+    enough = max(stages + 1, math.ceil((state + activations) / max(per_device, 1)))
+    what = (f"{options.mode} at {options.precision} with {options.optimizer}" if options.mode == "train"
+            else f"inference with {options.weight_dtype} weights")
+    tips = [f"at least {enough} × {largest.name}"]
+    if options.mode == "train":
+        tips.append(f"mode='infer' (weights alone: {weight_bytes(count, 'bf16') / gib:.1f} GiB in bf16)")
+        if options.precision != "bf16":
+            tips.append(f"precision='bf16' ({training_state_bytes(count, precision='bf16', optimizer=options.optimizer).total_bytes / gib:.1f} GiB of state)")
+    else:
+        tips.append(f"weight_dtype='int4' ({weight_bytes(count, 'int4') / gib:.1f} GiB of weights)")
+    if activations > 0.1 * need:
+        tips.append("a smaller batch, or more microbatches with schedule='1f1b'")
+    return InfeasibleError(
+        f"the model does not fit: {what} needs about {need / gib:.1f} GiB "
+        f"({state / gib:.1f} GiB of weights and training state for {count / 1e9:.2f}B parameters, "
+        f"{activations / gib:.1f} GiB of activations), but {stages} × {devices[0].name if len(set(d.name for d in devices)) == 1 else 'devices'} "
+        f"offer {have / gib:.1f} GiB after {options.memory_headroom:.0%} headroom; use " + ", or ".join(tips) + "."
+    )

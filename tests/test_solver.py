@@ -1,0 +1,261 @@
+"""The solver: exact DP against brute force, CP-SAT against the DP, DAGs with skips, mixed devices,
+memory, pins, infeasibility, determinism, and the Plan's JSON round trip."""
+
+import dataclasses
+import itertools
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import models
+from autosplit import OpGraph, capture, presets, spec
+from autosplit.plan import Plan
+from autosplit.solver import (
+    Chain,
+    InfeasibleError,
+    Layout,
+    SolverOptions,
+    StageModel,
+    _assignment_from_cuts,
+    build_chain,
+    chain_dp,
+    cp_sat_blocks,
+    evaluate,
+    replicable,
+    solve,
+)
+from cost_models import AnalyticCostModel, Cluster, get_device, price_graph
+
+
+def synthetic_chain(times, cross, state=None):
+    n = len(times)
+    prefix = lambda v: np.concatenate([[0.0], np.cumsum(v)])  # noqa: E731
+    return Chain(
+        ops=[f"op{k}" for k in range(n)], time_s={"h100-sxm": prefix(times)},
+        state_bytes=prefix(state if state is not None else [0.0] * n), param_count=prefix([0.0] * n),
+        activation_bytes=prefix([0.0] * n), cross_bytes=np.array([0.0] + list(cross) + [0.0]),
+        cross_count=np.array([0.0] + [1.0] * (n - 1) + [0.0]), largest_output_bytes=0.0,
+        pins=np.full(n, -1), block_starts=list(range(n)), block_names=[f"op{k}" for k in range(n)],
+        forbidden=set(), replicated={})
+
+
+def brute_force(model, n, stages):
+    best = math.inf
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        bounds = [0, *cuts, n]
+        worst = 0.0
+        for s in range(stages):
+            i, j = bounds[s], bounds[s + 1]
+            if not model.allowed(s, np.array([i]), j)[0]:
+                worst = math.inf
+                break
+            worst = max(worst, float(model.time_s(s, np.array([i]), j)[0]))
+        best = min(best, worst)
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 9).flatmap(lambda n: st.tuples(
+    st.lists(st.floats(0.001, 1.0), min_size=n, max_size=n),
+    st.lists(st.floats(0.0, 5e10), min_size=n - 1, max_size=n - 1),
+    st.integers(1, min(n, 4)))))
+def test_chain_dp_equals_brute_force(case):
+    times, cross, stages = case
+    chain = synthetic_chain(times, cross)
+    cluster = Cluster.parse(f"{stages}xh100")
+    model = StageModel(chain, Layout.of(cluster, range(stages), 0.1), SolverOptions(), cluster)
+    found = chain_dp(model, range(chain.n + 1))
+    assert found is not None
+    assert found[0] == pytest.approx(brute_force(model, chain.n, stages), rel=1e-9)
+    assignment = _assignment_from_cuts(chain.n, found[1])
+    assert sorted(set(assignment)) == list(range(stages))
+
+
+def test_chain_dp_respects_memory():
+    chain = synthetic_chain([1.0] * 6, [0.0] * 5, state=[30 * 2**30] * 6)  # 30 GiB per op
+    cluster = Cluster.parse("3xh100")
+    model = StageModel(chain, Layout.of(cluster, range(3), 0.1), SolverOptions(), cluster)
+    bottleneck, cuts = chain_dp(model, range(7))
+    assert cuts == [2, 4]  # two ops (60 GiB) fit in 72 GiB, three would not
+    tight = StageModel(chain, Layout.of(cluster, range(3), 0.5), SolverOptions(), cluster)
+    assert chain_dp(tight, range(7)) is None  # 40 GiB usable: one op each is 3 stages for 6 ops
+
+
+def widths_model(widths):
+    layers = [nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+    return nn.Sequential(*layers)
+
+
+def priced(model, *inputs):
+    traced = capture(model, inputs)
+    return traced, OpGraph.from_traced(traced), price_graph(traced.graph_module)
+
+
+def block_model(graph, costs, traced, cluster, options):
+    blocks = graph.coarsen()
+    times = {d.name: AnalyticCostModel().times(costs, d) for d in cluster.devices}
+    chain = build_chain(graph, blocks, costs, traced.parameters, times, options)
+    return blocks, chain, StageModel(chain, Layout.of(cluster, range(options.stages or len(cluster)), 0.1),
+                                     options, cluster)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.sampled_from([64, 256, 1024, 2048]), min_size=4, max_size=8), st.integers(2, 3))
+def test_cp_sat_reaches_the_dp_optimum_on_chains(widths, stages):
+    traced, graph, costs = priced(widths_model(widths), spec((512, widths[0])))
+    cluster = Cluster.parse(f"{stages}xh100")
+    options = SolverOptions(refine=False, time_limit_s=5)
+    blocks, chain, model = block_model(graph, costs, traced, cluster, options)
+    dp = chain_dp(model, chain.block_starts + [chain.n])
+    cp = cp_sat_blocks(model, blocks, graph, None, options)
+    assert cp is not None and cp.status == "OPTIMAL"
+    bounds = chain.block_starts + [chain.n]
+    per_op = [cp.assignment[b] for b in range(len(chain.block_starts)) for _ in range(bounds[b + 1] - bounds[b])]
+    compute, comm_in, comm_out = evaluate(model, graph, per_op)
+    cp_bottleneck = max(map(sum, zip(compute, comm_in, comm_out)))
+    assert cp_bottleneck == pytest.approx(dp[0], rel=1e-4)
+
+
+class Skips(nn.Module):
+    """A U-Net-like chain: the first layer's output is added back at the end."""
+
+    def __init__(self, d=256, depth=5):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(depth))
+
+    def forward(self, x):
+        first = self.layers[0](x)
+        h = first
+        for layer in self.layers[1:]:
+            h = torch.relu(layer(h))
+        return h + first
+
+
+def test_small_dags_match_brute_force_and_skips_are_paid_on_every_hop():
+    traced, graph, costs = priced(Skips(), spec((256, 256)))
+    cluster = Cluster.parse("3xh100")
+    options = SolverOptions(refine=False)
+    blocks, chain, model = block_model(graph, costs, traced, cluster, options)
+    cp = cp_sat_blocks(model, blocks, graph, None, options)
+    bounds = chain.block_starts + [chain.n]
+    B = len(chain.block_starts)
+
+    def per_op(assignment):
+        return [assignment[b] for b in range(B) for _ in range(bounds[b + 1] - bounds[b])]
+
+    def bottleneck(assignment):
+        return max(map(sum, zip(*evaluate(model, graph, per_op(assignment)))))
+
+    position = {op: k for k, op in enumerate(chain.ops)}
+    block_of = {op: b for b in range(B) for op in chain.ops[bounds[b]:bounds[b + 1]]}
+    edges = {(block_of[u], block_of[v]) for u, v in graph.dag.edges
+             if u in position and v in position and block_of[u] != block_of[v]}
+    best = min(bottleneck(a) for a in itertools.product(range(3), repeat=B)
+               if set(a) == {0, 1, 2} and all(a[u] <= a[v] for u, v in edges))
+    assert bottleneck(cp.assignment) == pytest.approx(best, rel=1e-4)
+    # The skip from layer 0 to the final add crosses both hops when the ends are on stages 0 and 2.
+    plan = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    skip_bytes = 256 * 256 * 4
+    stage_of = plan.stage_of()
+    assert stage_of["layers_0"] == 0 and stage_of["add"] == 2
+    relay = plan.stages[1]
+    link = cluster.link(0, 1)
+    per_hop_s = 2 * (skip_bytes / link.bandwidth_bytes_per_s + link.latency_s)  # forward + backward
+    assert relay.comm_in_s >= per_hop_s and relay.comm_out_s >= per_hop_s
+
+
+def test_a_fast_and_a_slow_device_share_work_by_speed():
+    traced, graph, costs = priced(widths_model([4096] * 13), spec((2048, 4096)))
+    cluster = Cluster.parse("h100+l4")
+    plan = solve(graph, cluster, SolverOptions(), costs=costs, parameters=traced.parameters)
+    by_device = {stage.devices[0].split(":")[0]: stage for stage in plan.stages}
+    fast, slow = by_device["h100-sxm"], by_device["l4"]
+    work = lambda stage: sum(costs[n].fwd_flops + costs[n].bwd_flops for n in stage.nodes if n in costs)  # noqa: E731
+    speed_ratio = get_device("h100").flops_for(torch.float32) / get_device("l4").flops_for(torch.float32)
+    assert work(fast) / work(slow) == pytest.approx(speed_ratio, rel=0.35)
+    # Either order of the two devices along the pipeline was tried; the slow one may come first.
+    assert plan.stages[0].devices != plan.stages[1].devices
+
+
+def small_gpu(name, memory_gib):
+    base = get_device("h100")
+    return dataclasses.replace(base, name=name, memory_bytes=int(memory_gib * 2**30), aliases=(), vendor_name="")
+
+
+def test_memory_limits_and_pins_hold():
+    model, args, _ = models.tied_lm()
+    traced, graph, costs = priced(model, *args)
+    cluster = Cluster.parse("3xh100")
+    plan = solve(graph, cluster, SolverOptions(pin={"blocks.1": 2, "embed": 0}), costs=costs,
+                 parameters=traced.parameters)
+    stage_of = plan.stage_of()
+    for name, info in graph.infos.items():
+        if info.module_path.startswith("blocks.1") and name in stage_of:
+            assert stage_of[name] == 2
+    for stage in plan.stages:
+        assert stage.memory_bytes <= stage.memory_capacity_bytes
+    with pytest.raises(ValueError, match="pin names module 'nope'"):
+        solve(graph, cluster, SolverOptions(pin={"nope": 0}), costs=costs, parameters=traced.parameters)
+    with pytest.raises(ValueError, match="stage 5, but there are 3 stages"):
+        solve(graph, cluster, SolverOptions(pin={"embed": 5}), costs=costs, parameters=traced.parameters)
+
+
+def test_every_op_and_parameter_is_assigned_exactly_once():
+    model, args, kwargs = models.gpt2()
+    traced, graph, costs = priced(model, *args)
+    plan = solve(graph, Cluster.parse("3xh100"), SolverOptions(microbatches=4), costs=costs,
+                 parameters=traced.parameters)
+    assert sum(s.param_count for s in plan.stages) == traced.parameter_count()
+    assert [s.index for s in plan.stages] == [0, 1, 2]
+    rebuilt = replicable(graph)  # masks and position ids are rebuilt on every stage that reads them
+    seen = Counter(n for s in plan.stages for n in s.nodes)
+    for name in graph.compute_nodes():
+        assert seen[name] >= 1 if name in rebuilt else seen[name] == 1, name
+    assert any(seen[name] > 1 for name in rebuilt)
+
+
+def test_infeasible_memory_says_what_would_fit():
+    model, inputs = presets.build("gpt2", batch=1, seq=64)
+    traced, graph, costs = priced(model, *inputs)
+    tiny = Cluster.from_specs([small_gpu("gpu-2mb", 0.6 + 0.002)] * 2)
+    with pytest.raises(InfeasibleError) as error:
+        solve(graph, tiny, SolverOptions(), costs=costs, parameters=traced.parameters)
+    message = str(error.value)
+    assert "the model does not fit" in message and "GiB" in message and "use at least" in message
+    assert "mode='infer'" in message
+
+
+def test_plans_are_deterministic_and_round_trip_through_json(tmp_path):
+    model, args, _ = models.llama()
+    traced, graph, costs = priced(model, *args)
+    cluster = Cluster.parse("2x2xh100")
+    options = SolverOptions(microbatches=4, samples_per_microbatch=2, tokens_per_sample=16)
+    first = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    second = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    strip = lambda plan: {k: v for k, v in plan.to_dict().items() if k != "solver"}  # noqa: E731
+    assert strip(first) == strip(second)
+    assert first.solver.status in ("OPTIMAL", "FEASIBLE") and 0 <= first.solver.gap < 1
+    assert first.bubble_fraction == pytest.approx(3 / 7)
+    assert first.tokens_per_s == pytest.approx(first.samples_per_s * 16)
+    assert first.fingerprint == graph.fingerprint()
+    again = Plan.load(first.save(tmp_path / "plan.json"))
+    assert again == first
+    with pytest.raises(ValueError, match="format version"):
+        Plan.from_dict({**first.to_dict(), "format_version": 99})
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        SolverOptions(schedule="zb")
+    with pytest.raises(ValueError, match="microbatches must be a positive int"):
+        SolverOptions(microbatches=0)
+    with pytest.raises(ValueError, match="memory_headroom"):
+        SolverOptions(memory_headroom=1.5)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        SolverOptions(precision="fp12")
