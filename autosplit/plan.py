@@ -16,22 +16,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from cost_models.memory import MemoryBreakdown
+
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class StageMemory:
-    """Peak memory of a stage by kind, in bytes."""
-
-    weights_bytes: float = 0.0
-    grads_bytes: float = 0.0
-    optimizer_bytes: float = 0.0
-    activations_bytes: float = 0.0
-    workspace_bytes: float = 0.0
-
-    @property
-    def total_bytes(self) -> float:
-        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes + self.workspace_bytes
 
 
 @dataclass(frozen=True)
@@ -53,7 +40,8 @@ class Stage:
     """Time to receive from the previous stage per microbatch (and send gradients back)."""
     comm_out_s: float
     """Time to send to the next stage per microbatch (and receive gradients back)."""
-    memory: StageMemory
+    memory: MemoryBreakdown
+    """Peak memory by kind (weights, gradients, optimizer state, activations, workspace)."""
     memory_capacity_bytes: float
     """What the stage may use: device memory minus the headroom."""
 
@@ -133,7 +121,7 @@ class Plan:
         stages = []
         for raw in data["stages"]:
             raw = {k: v for k, v in raw.items() if k not in ("memory_bytes", "time_s")}
-            raw["memory"] = StageMemory(**raw["memory"])
+            raw["memory"] = MemoryBreakdown(**raw["memory"])
             for key in ("devices", "nodes", "modules"):
                 raw[key] = tuple(raw[key])
             stages.append(Stage(**raw))

@@ -43,7 +43,7 @@ from ortools.sat.python import cp_model
 
 from autosplit.errors import InfeasibleError
 from autosplit.graph import INPUT, OUTPUT, OpGraph
-from autosplit.plan import Plan, SolverReport, Stage, StageMemory
+from autosplit.plan import Plan, SolverReport, Stage
 from cost_models import AnalyticCostModel, Cluster, OpCost
 from cost_models.memory import (
     FRAGMENTATION,
@@ -836,10 +836,7 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
             compute_s=compute[s],
             comm_in_s=comm_in[s],
             comm_out_s=comm_out[s],
-            memory=StageMemory(weights_bytes=memory.weights_bytes, grads_bytes=memory.grads_bytes,
-                               optimizer_bytes=memory.optimizer_bytes,
-                               activations_bytes=memory.activations_bytes + memory.kv_cache_bytes,
-                               workspace_bytes=memory.workspace_bytes),
+            memory=memory,
             memory_capacity_bytes=layout.capacity_bytes[s],
         ))
     bottleneck = max(st.time_s for st in stage_list)
