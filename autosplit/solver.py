@@ -477,9 +477,14 @@ class CpResult:
 
 
 def cp_sat_blocks(model: StageModel, blocks: OpGraph, graph: OpGraph, hint: Sequence[int] | None,
-                  options: SolverOptions) -> CpResult | None:
+                  options: SolverOptions, hint_s: float | None = None) -> CpResult | None:
     """Assign a stage to every block (any DAG split, not only chain intervals), minimizing the
-    bottleneck, then the traffic. Returns None when CP-SAT finds no feasible assignment."""
+    bottleneck, then the traffic. Returns None when CP-SAT finds no feasible assignment.
+
+    ``hint`` (a stage per block) with its bottleneck ``hint_s`` bounds the search from above; the
+    lower bound of the problem bounds it from below. When CP-SAT proves the hint optimal, the
+    hint is kept: it already has the least traffic among the chain splits of that bottleneck.
+    """
     chain, layout = model.chain, model.layout
     S, B = len(layout), len(chain.block_names)
     bounds = chain.block_starts + [chain.n]
@@ -544,7 +549,10 @@ def cp_sat_blocks(model: StageModel, blocks: OpGraph, graph: OpGraph, hint: Sequ
             stage_terms[hop + 1].append(cost * cross)
             comm_terms.append(cost * cross)
 
-    bottleneck = m.new_int_var(0, ticks(total) * 4 + 10**6, "bottleneck")
+    slack = 2 * (B + len(groups)) + 10  # rounding of every term to whole ticks
+    lowest = max(0, ticks(lower_bound_s(model)) - slack)
+    highest = ticks(hint_s) + slack if hint_s is not None else ticks(total) * 4 + 10**6
+    bottleneck = m.new_int_var(lowest, max(highest, lowest), "bottleneck")
     mib = 2**20
     for s in range(S):
         t = chain.time_s[layout.types[s]]
@@ -580,6 +588,8 @@ def cp_sat_blocks(model: StageModel, blocks: OpGraph, graph: OpGraph, hint: Sequ
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
     best, bound, proven = solver.objective_value, solver.best_objective_bound, status == cp_model.OPTIMAL
+    if proven and hint is not None and hint_s is not None and best * tick_s >= hint_s * (1 - 1e-6) - slack * tick_s:
+        return CpResult(list(hint), hint_s, "OPTIMAL", min(bound * tick_s, hint_s), time.perf_counter() - start)
     # Second phase: the same bottleneck, least traffic.
     m.add(bottleneck <= int(round(best)))
     m.clear_hints()
@@ -692,6 +702,9 @@ def _refinement_candidates(chain: Chain, cuts: Sequence[int]) -> list[int]:
 
 # --------------------------------------------------------------------------- solve
 
+FULL_DP_WORK = 6e7
+"""Stages × ops² up to which the refinement searches every op position (about a second)."""
+
 
 def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None, *,
           costs: Mapping[str, OpCost], parameters: Mapping[str, Any],
@@ -747,19 +760,23 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     if all(c in bounds for c in dp_cuts):
         stage_of_start = _assignment_from_cuts(chain.n, dp_cuts)
         hint = [stage_of_start[start] for start in chain.block_starts]
-    cp = cp_sat_blocks(model, blocks, graph, hint, options)
+    cp = cp_sat_blocks(model, blocks, graph, hint, options, dp_bottleneck if hint is not None else None)
     candidates: list[tuple[float, list[int], str]] = [(dp_bottleneck, _assignment_from_cuts(chain.n, dp_cuts), "dp")]
     if cp is not None:
         per_op = [cp.assignment[b] for b in range(len(chain.block_starts))
                   for _ in range(bounds[b + 1] - bounds[b])]
         candidates.append((_bottleneck(model, graph, per_op), per_op, "cp-sat"))
 
-    # 3. Op-level refinement around the cuts of the best interval split.
+    # 3. Op-level refinement: every op position when the DP over all of them is affordable
+    #    (exact among all contiguous splits), else the positions around each cut.
     if options.refine:
         monotone = [c for c in candidates if all(a <= b for a, b in zip(c[1], c[1][1:]))]
-        for bottleneck, assignment, _ in monotone:
+        everywhere = stages * chain.n**2 <= FULL_DP_WORK
+        for bottleneck, assignment, _ in monotone[: 1 if everywhere else None]:
             cuts = [k for k in range(1, chain.n) if assignment[k] != assignment[k - 1]]
-            refined = chain_dp(model, _refinement_candidates(chain, cuts))
+            positions = sorted(set(range(chain.n + 1)) - chain.forbidden) if everywhere \
+                else _refinement_candidates(chain, cuts)
+            refined = chain_dp(model, positions)
             if refined is not None:
                 candidates.append((refined[0], _assignment_from_cuts(chain.n, refined[1]), "dp refinement"))
     bottleneck, assignment, method = min(candidates, key=lambda c: (c[0], c[2] != "cp-sat"))

@@ -7,17 +7,23 @@ Baselines, each turned into an op → stage assignment and priced with `solver.e
   `deepspeed.runtime.utils.partition_uniform`); blocks before the layers go to the first stage,
   after them to the last;
 - parameters: DeepSpeed `partition_method="parameters"` (`partition_balanced` over the blocks'
-  parameter counts), which is PiPPy's equal-size split in spirit.
+  parameter counts), which is PiPPy's equal-size split in spirit;
+- accelerate: `infer_auto_device_map` with `get_balanced_memory` (the library's "balanced" map);
+- transformers: `device_map="auto"` as `from_pretrained` computes it (`_get_device_map`).
+  accelerate only places modules on GPUs torch reports; on a machine without GPUs the benchmark
+  has torch.cuda report the stage count during those calls.
 
-    pip install deepspeed
+    pip install accelerate deepspeed
     python benchmarks/bench_solver.py        # prints and records into benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -79,10 +85,12 @@ def main() -> None:
         "(NVLink), bf16; the same cost model prices every column. Training: bf16 mixed precision, AdamW,",
         "1F1B; the 70B model is planned for inference (its training state does not fit 8 × 80 GB).",
         "`vs best baseline` is the best baseline's bottleneck ÷ autosplit's. Baselines: DeepSpeed's",
-        "`partition_uniform` over the repeated layers and `partition_balanced` over blocks' parameter counts.",
+        "`partition_uniform` over the repeated layers and `partition_balanced` over blocks' parameter counts;",
+        "accelerate's balanced `infer_auto_device_map` and transformers' `device_map=\"auto\"` (told the GPUs",
+        "exist: this machine has none), their module → device maps read as stages.",
         "",
-        "| model | step | stages | autosplit | uniform | parameters | vs best baseline | status | solve s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | step | stages | autosplit | uniform | parameters | accelerate | transformers | vs best baseline | status | solve s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "Time to plan a Llama-70B shape from a built meta model (capture + price, then solve):",
@@ -152,7 +160,59 @@ def parameters(model, graph, chain, stages):
     return _per_op(chain, block_stage)
 
 
-BASELINES = {"uniform": uniform, "parameters": parameters}
+def _from_device_map(model, graph, chain, device_map, stages):
+    """Stage of every op from a module → device map: an op of a module that holds parameters
+    takes that module's device (longest prefix wins); parameterless modules placed elsewhere
+    (rotary tables, glue) run where the op before them runs. Kept monotone along the chain."""
+    owners = {name.rpartition(".")[0] for name, _ in model.named_parameters()}
+    keys = [k for k in sorted(device_map, key=len, reverse=True)
+            if any(o == k or o.startswith(k + ".") or k == "" for o in owners)]
+    assignment, previous = [], 0
+    for op in chain.ops:
+        info = graph.infos[op]
+        path = info.module_path or (info.reads[0].rpartition(".")[0] if info.reads else "")
+        device = next((device_map[k] for k in keys if k == "" or path == k or path.startswith(k + ".")), None)
+        if info.op == "get_attr" or not isinstance(device, int):
+            device = previous if not isinstance(device, int) else device
+        previous = max(previous, device)
+        assignment.append(previous)
+    return assignment
+
+
+@contextlib.contextmanager
+def _pretend_gpus(count):
+    """accelerate only places modules on GPUs that torch reports; this machine has none, so
+    torch.cuda reports ``count`` during the call. The placement logic is the library's own."""
+    with mock.patch("torch.cuda.device_count", return_value=count), \
+            mock.patch("torch.cuda.is_available", return_value=True):
+        yield
+
+
+def _capacity(stages):
+    return {i: int(80 * 2**30 * 0.9) for i in range(stages)}  # H100 80 GB with 10% headroom
+
+
+def accelerate_balanced(model, graph, chain, stages):
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = getattr(model, "_no_split_modules", None)
+    with _pretend_gpus(stages):
+        budget = get_balanced_memory(model, max_memory=_capacity(stages), no_split_module_classes=no_split)
+        device_map = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split)
+    return _from_device_map(model, graph, chain, device_map, stages)
+
+
+def transformers_auto(model, graph, chain, stages):
+    from transformers.integrations.accelerate import _get_device_map
+
+    with _pretend_gpus(stages):
+        device_map = _get_device_map(model, "auto", _capacity(stages), None)
+    return _from_device_map(model, graph, chain, device_map, stages)
+
+
+BASELINES = {"uniform": uniform, "parameters": parameters, "accelerate": accelerate_balanced,
+             "transformers": transformers_auto}
 
 
 if __name__ == "__main__":

@@ -259,3 +259,18 @@ def test_options_are_validated():
         SolverOptions(memory_headroom=1.5)
     with pytest.raises(ValueError, match="precision must be one of"):
         SolverOptions(precision="fp12")
+
+
+def test_no_split_modules_are_never_cut():
+    model, args, _ = models.gpt2()
+    traced, graph, costs = priced(model, *args)
+    plan = solve(graph, Cluster.parse("4xh100"), SolverOptions(no_split=("GPT2Attention", "transformer.h.1.mlp")),
+                 costs=costs, parameters=traced.parameters)
+    stage_of = plan.stage_of()
+    groups = {}
+    for name, info in graph.infos.items():
+        for site in info.scope:
+            path = site.partition("@")[0]
+            if path.endswith(".attn") or path == "transformer.h.1.mlp":
+                groups.setdefault(site, set()).add(stage_of.get(name))
+    assert groups and all(len(stages - {None}) == 1 for stages in groups.values())
