@@ -679,7 +679,8 @@ def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> t
     return compute, comm_in, comm_out
 
 
-def _assignment_from_cuts(n: int, cuts: Sequence[int]) -> list[int]:
+def assignment_from_cuts(n: int, cuts: Sequence[int]) -> list[int]:
+    """The stage of each of ``n`` chain positions, given the positions where stages start."""
     stages, s, bounds = [], 0, list(cuts) + [n]
     for k in range(n):
         while k >= bounds[s]:
@@ -758,10 +759,10 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     bounds = chain.block_starts + [chain.n]
     hint = None
     if all(c in bounds for c in dp_cuts):
-        stage_of_start = _assignment_from_cuts(chain.n, dp_cuts)
+        stage_of_start = assignment_from_cuts(chain.n, dp_cuts)
         hint = [stage_of_start[start] for start in chain.block_starts]
     cp = cp_sat_blocks(model, blocks, graph, hint, options, dp_bottleneck if hint is not None else None)
-    candidates: list[tuple[float, list[int], str]] = [(dp_bottleneck, _assignment_from_cuts(chain.n, dp_cuts), "dp")]
+    candidates: list[tuple[float, list[int], str]] = [(dp_bottleneck, assignment_from_cuts(chain.n, dp_cuts), "dp")]
     if cp is not None:
         per_op = [cp.assignment[b] for b in range(len(chain.block_starts))
                   for _ in range(bounds[b + 1] - bounds[b])]
@@ -778,7 +779,7 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
                 else _refinement_candidates(chain, cuts)
             refined = chain_dp(model, positions)
             if refined is not None:
-                candidates.append((refined[0], _assignment_from_cuts(chain.n, refined[1]), "dp refinement"))
+                candidates.append((refined[0], assignment_from_cuts(chain.n, refined[1]), "dp refinement"))
     bottleneck, assignment, method = min(candidates, key=lambda c: (c[0], c[2] != "cp-sat"))
     if cp is not None:
         status, bound_s = cp.status, cp.bound_s

@@ -22,7 +22,7 @@ from autosplit.solver import (
     Layout,
     SolverOptions,
     StageModel,
-    _assignment_from_cuts,
+    assignment_from_cuts,
     build_chain,
     chain_dp,
     cp_sat_blocks,
@@ -73,7 +73,7 @@ def test_chain_dp_equals_brute_force(case):
     found = chain_dp(model, range(chain.n + 1))
     assert found is not None
     assert found[0] == pytest.approx(brute_force(model, chain.n, stages), rel=1e-9)
-    assignment = _assignment_from_cuts(chain.n, found[1])
+    assignment = assignment_from_cuts(chain.n, found[1])
     assert sorted(set(assignment)) == list(range(stages))
 
 
