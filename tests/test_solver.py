@@ -274,3 +274,14 @@ def test_no_split_modules_are_never_cut():
             if path.endswith(".attn") or path == "transformer.h.1.mlp":
                 groups.setdefault(site, set()).add(stage_of.get(name))
     assert groups and all(len(stages - {None}) == 1 for stages in groups.values())
+
+
+def test_a_solver_time_out_still_returns_the_best_plan_found_with_its_gap():
+    model, args, _ = models.gpt2()
+    traced, graph, costs = priced(model, *args)
+    cluster = Cluster.parse("4xh100")
+    rushed = solve(graph, cluster, SolverOptions(time_limit_s=1e-9), costs=costs, parameters=traced.parameters)
+    patient = solve(graph, cluster, SolverOptions(), costs=costs, parameters=traced.parameters)
+    assert rushed.solver.status == "FEASIBLE" and patient.solver.status == "OPTIMAL"
+    assert 0 <= rushed.solver.gap < 1 and rushed.solver.bound_s <= rushed.bottleneck_s
+    assert rushed.bottleneck_s == pytest.approx(patient.bottleneck_s, rel=0.05)  # the DP split stands
