@@ -200,20 +200,12 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
     replicated = replicable(graph)
     cross = np.zeros(n + 2)
     count = np.zeros(n + 2)
-    last_read: dict[str, int] = {}
-    for v in ops:
-        for u in graph.dag.predecessors(v):
-            for source in replicated.get(u, (u,)):
-                last_read[source] = max(last_read.get(source, -1), position[v])
-    for producer, last in last_read.items():
-        info = infos[producer]
-        if info.op == "get_attr" or producer in replicated:
-            continue
-        start = position[producer] + 1 if producer in position else 0
+    for producer, readers in travelling_readers(graph, ops, replicated).items():
+        start, last = position[producer] + 1 if producer in position else 0, max(readers)
         if last < start:
             continue
-        cross[start] += info.output_bytes
-        cross[last + 1] -= info.output_bytes
+        cross[start] += infos[producer].output_bytes
+        cross[last + 1] -= infos[producer].output_bytes
         count[start] += 1
         count[last + 1] -= 1
     cross = np.cumsum(cross)[: n + 1]
@@ -476,7 +468,7 @@ class CpResult:
     wall_s: float
 
 
-def cp_sat_blocks(model: StageModel, blocks: OpGraph, graph: OpGraph, hint: Sequence[int] | None,
+def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
                   options: SolverOptions, hint_s: float | None = None) -> CpResult | None:
     """Assign a stage to every block (any DAG split, not only chain intervals), minimizing the
     bottleneck, then the traffic. Returns None when CP-SAT finds no feasible assignment.
@@ -519,7 +511,7 @@ def cp_sat_blocks(model: StageModel, blocks: OpGraph, graph: OpGraph, hint: Sequ
     # Tensors between blocks, grouped by (producer block, consumer blocks, weight): producer −1
     # stands for the model's inputs, which enter at stage 0.
     groups: dict[tuple[int, tuple[int, ...]], list[float]] = {}
-    for producer, readers in _readers(graph, chain).items():
+    for producer, readers in travelling_readers(graph, chain.ops, chain.replicated).items():
         p_block = int(block_of_op[position[producer]]) if producer in position else -1
         consumers = tuple(sorted({int(block_of_op[r]) for r in readers} - {p_block}))
         if not consumers:
@@ -612,18 +604,20 @@ def cp_sat_blocks(model: StageModel, blocks: OpGraph, graph: OpGraph, hint: Sequ
 # --------------------------------------------------------------------------- evaluating an assignment
 
 
-def _readers(graph: OpGraph, chain: Chain) -> dict[str, list[int]]:
-    """Chain positions reading every activation that travels along the pipeline (inputs
-    included; values recomputed from inputs are replaced by those inputs; weights excluded)."""
-    position = {op: k for k, op in enumerate(chain.ops)}
+def travelling_readers(graph: OpGraph, ops: Sequence[str], replicated: Mapping[str, tuple[str, ...]]
+                       ) -> dict[str, list[int]]:
+    """Chain positions reading every value that travels along the pipeline: activations and
+    model inputs. A value rebuilt from the inputs counts as read of those inputs; weights do
+    not travel (see `evaluate`)."""
+    position = {op: k for k, op in enumerate(ops)}
     readers: dict[str, list[int]] = {}
-    for v in chain.ops:
+    for v in ops:
         for u in graph.dag.predecessors(v):
             if graph.infos[u].op == "get_attr":
                 continue
-            for source in chain.replicated.get(u, (u,)):
+            for source in replicated.get(u, (u,)):
                 readers.setdefault(source, []).append(position[v])
-    return {u: r for u, r in readers.items() if u not in chain.replicated}
+    return {u: r for u, r in readers.items() if u not in replicated}
 
 
 def blocks_dag_edges(chain: Chain, graph: OpGraph, block_of_op: np.ndarray) -> set[tuple[int, int]]:
@@ -658,7 +652,7 @@ def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> t
         t = chain.time_s[layout.types[s]]
         compute[s] += t[k + 1] - t[k]
     comm_in, comm_out = [0.0] * S, [0.0] * S
-    for producer, readers in _readers(graph, chain).items():
+    for producer, readers in travelling_readers(graph, chain.ops, chain.replicated).items():
         first = stage_of_op[position[producer]] if producer in position else 0
         last = max(stage_of_op[r] for r in readers)
         nbytes = graph.infos[producer].output_bytes
@@ -761,7 +755,7 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     if all(c in bounds for c in dp_cuts):
         stage_of_start = assignment_from_cuts(chain.n, dp_cuts)
         hint = [stage_of_start[start] for start in chain.block_starts]
-    cp = cp_sat_blocks(model, blocks, graph, hint, options, dp_bottleneck if hint is not None else None)
+    cp = cp_sat_blocks(model, graph, hint, options, dp_bottleneck if hint is not None else None)
     candidates: list[tuple[float, list[int], str]] = [(dp_bottleneck, assignment_from_cuts(chain.n, dp_cuts), "dp")]
     if cp is not None:
         per_op = [cp.assignment[b] for b in range(len(chain.block_starts))

@@ -192,7 +192,11 @@ def _measure(node: fx.Node, gm: fx.GraphModule, needs_grad: Mapping[str, bool],
     try:
         with fwd_flops, fwd_bytes, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = call_node(node, module, state, args, kwargs)
-    except Exception as e:  # an op without a meta kernel: priced as free, and said so
+    except Exception as e:
+        if any(t.requires_grad for t, _ in inputs.values()):
+            # e.g. an integer result of float inputs (cumsum(dtype=int)): no gradient flows here
+            logger.debug("%s (%s) cannot run under autograd (%s); priced without backward", node.name, node.target, e)
+            return _measure(node, gm, {}, training)
         logger.warning("cannot price %s (%s) on meta, counting it as free: %s", node.name, node.target, e)
         return OpCost(output_bytes=_bytes_of(node.meta.get("val"))), ()
     cost: dict[str, Any] = dict(

@@ -113,7 +113,7 @@ def test_cp_sat_reaches_the_dp_optimum_on_chains(widths, stages):
     options = SolverOptions(refine=False, time_limit_s=5)
     blocks, chain, model = block_model(graph, costs, traced, cluster, options)
     dp = chain_dp(model, chain.block_starts + [chain.n])
-    cp = cp_sat_blocks(model, blocks, graph, None, options)
+    cp = cp_sat_blocks(model, graph, None, options)
     assert cp is not None and cp.status == "OPTIMAL"
     bounds = chain.block_starts + [chain.n]
     per_op = [cp.assignment[b] for b in range(len(chain.block_starts)) for _ in range(bounds[b + 1] - bounds[b])]
@@ -142,7 +142,7 @@ def test_small_dags_match_brute_force_and_skips_are_paid_on_every_hop():
     cluster = Cluster.parse("3xh100")
     options = SolverOptions(refine=False)
     blocks, chain, model = block_model(graph, costs, traced, cluster, options)
-    cp = cp_sat_blocks(model, blocks, graph, None, options)
+    cp = cp_sat_blocks(model, graph, None, options)
     bounds = chain.block_starts + [chain.n]
     B = len(chain.block_starts)
 
@@ -285,3 +285,19 @@ def test_a_solver_time_out_still_returns_the_best_plan_found_with_its_gap():
     assert rushed.solver.status == "FEASIBLE" and patient.solver.status == "OPTIMAL"
     assert 0 <= rushed.solver.gap < 1 and rushed.solver.bound_s <= rushed.bottleneck_s
     assert rushed.bottleneck_s == pytest.approx(patient.bottleneck_s, rel=0.05)  # the DP split stands
+
+
+@pytest.mark.parametrize("name", sorted(models.REGISTRY))
+def test_every_registry_model_gets_a_valid_plan(name):
+    model, args, kwargs = models.REGISTRY[name]("meta")
+    traced = capture(model, args, kwargs)
+    graph = OpGraph.from_traced(traced)
+    plan = solve(graph, Cluster.parse("2xh100"), SolverOptions(microbatches=2), costs=price_graph(traced.graph_module),
+                 parameters=traced.parameters)
+    stage_of = plan.stage_of()
+    rebuilt = replicable(graph)
+    for u, v in graph.dag.edges:  # every value flows forward along the pipeline
+        if u in stage_of and v in stage_of and u not in rebuilt and graph.infos[u].op != "get_attr":
+            assert stage_of[u] <= stage_of[v], (u, v)
+    assert sum(s.param_count for s in plan.stages) == traced.parameter_count()
+    assert plan.bottleneck_s >= plan.lower_bound_s * (1 - 1e-9)
