@@ -49,6 +49,8 @@ from cost_models.memory import (
     FRAGMENTATION,
     GPU_CONTEXT_BYTES,
     MODES,
+    OPTIMIZER_STATES,
+    OPTIMIZER_STEP_TEMPORARIES,
     SCHEDULES,
     TRAINING_PRECISIONS,
     microbatches_in_flight,
@@ -348,7 +350,6 @@ class StageModel:
                           if train else 1 for s in range(S)]
         self.transient = (2 if train else 1) * chain.largest_output_bytes
         per_value = TRAINING_PRECISIONS[options.precision].state_bytes
-        from cost_models.memory import OPTIMIZER_STATES, OPTIMIZER_STEP_TEMPORARIES
         states = OPTIMIZER_STATES.get(options.optimizer.lower(), 0)
         self.step_bytes_per_param = per_value * OPTIMIZER_STEP_TEMPORARIES if train and states else 0.0
         self.other_pins = []
