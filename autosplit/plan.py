@@ -11,6 +11,7 @@ the fingerprint of the graph it was made for, so it cannot be applied to another
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -93,6 +94,52 @@ class Plan:
     options: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
+    # ------------------------------------------------------------------ reading it
+
+    def table(self):
+        """The stages as a rich table: devices, first → last module, parameters, memory, time."""
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=f"{len(self.stages)}-stage {self.mode} plan on {self.cluster}")
+        for column, justify in [("stage", "right"), ("device", "left"), ("modules", "left"), ("params", "right"),
+                                ("memory", "right"), ("compute", "right"), ("comm in", "right"),
+                                ("comm out", "right")]:
+            table.add_column(column, justify=justify)
+        for stage in self.stages:
+            share = stage.memory_bytes / stage.memory_capacity_bytes if stage.memory_capacity_bytes else 0.0
+            first, last = stage.modules
+            table.add_row(
+                str(stage.index), ", ".join(stage.devices), escape(f"{first or '<root>'} → {last or '<root>'}"),
+                _count(stage.param_count), f"{stage.memory_bytes / 2**30:.1f} GiB ({share:.0%})",
+                _seconds(stage.compute_s), _seconds(stage.comm_in_s), _seconds(stage.comm_out_s),
+            )
+        return table
+
+    def summary(self) -> list[str]:
+        """Bottleneck against the bound, throughput, bubble, and how the solver fared."""
+        throughput = f"{self.samples_per_s:,.1f} samples/s"
+        if self.tokens_per_s:
+            throughput += f", {self.tokens_per_s:,.0f} tokens/s"
+        return [
+            f"bottleneck   {_seconds(self.bottleneck_s)} per microbatch, {self.bottleneck_s / self.lower_bound_s:.3f} × "
+            f"the lower bound ({_seconds(self.lower_bound_s)})" if self.lower_bound_s else
+            f"bottleneck   {_seconds(self.bottleneck_s)} per microbatch",
+            f"throughput   {throughput}; step {_seconds(self.step_s)} with {self.microbatches} microbatches "
+            f"({self.schedule}), bubble {self.bubble_fraction:.1%}",
+            f"solver       {self.solver.status} by {self.solver.method}, gap {self.solver.gap:.2%}, "
+            f"{self.solver.wall_s:.2f} s",
+        ]
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=140, record=True, file=io.StringIO())
+        console.print(self.table())
+        for line in self.summary():
+            console.print(line, soft_wrap=True, highlight=False)
+        return console.export_text()
+
     def stage_of(self) -> dict[str, int]:
         """fx node name → stage index."""
         return {node: stage.index for stage in self.stages for node in stage.nodes}
@@ -133,3 +180,18 @@ class Plan:
         """Read a plan written by :meth:`save`."""
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(int(n))
+
+
+def _seconds(s: float) -> str:
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.0f} µs"

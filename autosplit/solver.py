@@ -839,7 +839,8 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
                               precision=options.precision, optimizer=options.optimizer,
                               weight_dtype=options.weight_dtype, schedule=options.schedule, num_stages=S, stage=s,
                               microbatches=options.microbatches, device_kind="gpu" if layout.gpu[s] else "cpu")
-        modules = [graph.infos[n].module_path for n in nodes if graph.infos[n].module_path]
+        modules = [graph.infos[n].module_path for n in nodes
+                   if graph.infos[n].module_path and graph.infos[n].op.startswith("call_")]
         stage_list.append(Stage(
             index=s,
             devices=(f"{layout.types[s]}:{layout.ranks[s]}",),

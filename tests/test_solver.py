@@ -301,3 +301,19 @@ def test_every_registry_model_gets_a_valid_plan(name):
             assert stage_of[u] <= stage_of[v], (u, v)
     assert sum(s.param_count for s in plan.stages) == traced.parameter_count()
     assert plan.bottleneck_s >= plan.lower_bound_s * (1 - 1e-9)
+
+
+def test_a_plan_prints_as_a_table_with_a_summary():
+    model, args, _ = models.gpt2()
+    traced, graph, costs = priced(model, *args)
+    plan = solve(graph, Cluster.parse("3xh100"), SolverOptions(microbatches=4, samples_per_microbatch=2,
+                                                              tokens_per_sample=16),
+                 costs=costs, parameters=traced.parameters)
+    text = str(plan)
+    assert "3-stage train plan on 3xh100-sxm" in text
+    for stage in plan.stages:
+        assert f"h100-sxm:{stage.index}" in text and f"{stage.modules[0]} → {stage.modules[1]}" in text
+    assert plan.stages[0].modules[0] in ("transformer", "transformer.wte")  # the first op, not a weight
+    assert plan.stages[-1].modules[1] == "lm_head"
+    assert "× the lower bound" in text and "tokens/s" in text and "bubble 33.3%" in text
+    assert f"{plan.solver.status} by {plan.solver.method}" in text
