@@ -13,6 +13,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ from torch import nn
 from autosplit import presets
 from autosplit.errors import AutosplitError
 from autosplit.graph import COMPUTE, OpGraph
+from autosplit.plan import human_count
 from autosplit.trace import TRACERS, Traced, capture, spec
 
 logger = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ def _run_trace(args: argparse.Namespace) -> int:
     console.print(block_table(traced, blocks))
     elapsed_s = time.perf_counter() - start
     summary = [
-        f"model        {traced.model_type.rsplit('.', 1)[-1]}: {_count(traced.parameter_count())} parameters "
+        f"model        {traced.model_type.rsplit('.', 1)[-1]}: {human_count(traced.parameter_count())} parameters "
         f"({_size(traced.parameter_bytes())}) on {traced.device}",
         f"graph        {len(graph)} ops in {len(blocks)} blocks, captured by {traced.tracer} in {elapsed_s:.1f} s",
         f"fingerprint  {graph.fingerprint()}",
@@ -127,25 +129,11 @@ def block_table(traced: Traced, blocks: OpGraph):
         attrs = blocks[name]
         new = [r for r in attrs["reads"] if r in traced.parameters and r not in seen]
         seen.update(new)
-        params = sum(_numel(traced.parameters[r].shape) for r in new)
+        params = sum(math.prod(traced.parameters[r].shape) for r in new)
         ops = sum(1 for m in attrs["members"] if blocks.infos[m].op.startswith("call_"))
-        table.add_row(str(i), escape(name), attrs["module_type"].rsplit(".", 1)[-1], str(ops), _count(params),
+        table.add_row(str(i), escape(name), attrs["module_type"].rsplit(".", 1)[-1], str(ops), human_count(params),
                       _size(blocks.boundary([name]).out_bytes))
     return table
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n) if n else "-"
 
 
 def _size(n: int) -> str:

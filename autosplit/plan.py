@@ -111,7 +111,7 @@ class Plan:
             first, last = stage.modules
             table.add_row(
                 str(stage.index), ", ".join(stage.devices), escape(f"{first or '<root>'} → {last or '<root>'}"),
-                _count(stage.param_count), f"{stage.memory_bytes / 2**30:.1f} GiB ({share:.0%})",
+                human_count(stage.param_count), f"{stage.memory_bytes / 2**30:.1f} GiB ({share:.0%})",
                 _seconds(stage.compute_s), _seconds(stage.comm_in_s), _seconds(stage.comm_out_s),
             )
         return table
@@ -182,7 +182,8 @@ class Plan:
             return cls.from_dict(json.load(f))
 
 
-def _count(n: float) -> str:
+def human_count(n: float) -> str:
+    """A count in K, M or B: ``human_count(124_439_808)`` is ``'124M'``."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             return f"{n / scale:.3g}{unit}"
