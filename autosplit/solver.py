@@ -88,8 +88,8 @@ class SolverOptions:
     seed: int = 0
     pin: Mapping[str, int] = field(default_factory=dict)
     """``{"module.path": stage}``: every op of that module runs on that stage."""
-    no_split: tuple[str, ...] = ()
-    """Module class names (``"GPT2Attention"``) or qualified paths never cut inside."""
+    no_split: tuple[type | str, ...] = ()
+    """Module classes (``GPT2Attention`` or its name) or qualified paths never cut inside."""
     refine: bool = True
     """Try op-level cuts inside the blocks next to each cut."""
     samples_per_microbatch: int = 1
@@ -113,7 +113,11 @@ class SolverOptions:
         if not self.time_limit_s > 0 or self.workers < 1:
             raise ValueError(f"time_limit_s and workers must be positive, e.g. 10.0 and 2; "
                              f"got {self.time_limit_s!r}, {self.workers!r}")
-        object.__setattr__(self, "no_split", tuple(self.no_split))
+        no_split = tuple(rule.__name__ if isinstance(rule, type) else rule for rule in self.no_split)
+        if not all(isinstance(rule, str) for rule in no_split):
+            raise TypeError(f"no_split takes module classes or names, e.g. (GPT2Attention, 'model.layers.0'); "
+                            f"got {self.no_split!r}")
+        object.__setattr__(self, "no_split", no_split)
         object.__setattr__(self, "pin", dict(self.pin))
 
 

@@ -259,12 +259,16 @@ def test_options_are_validated():
         SolverOptions(memory_headroom=1.5)
     with pytest.raises(ValueError, match="precision must be one of"):
         SolverOptions(precision="fp12")
+    with pytest.raises(TypeError, match="no_split takes module classes or names"):
+        SolverOptions(no_split=(3,))
 
 
 def test_no_split_modules_are_never_cut():
     model, args, _ = models.gpt2()
     traced, graph, costs = priced(model, *args)
-    plan = solve(graph, Cluster.parse("4xh100"), SolverOptions(no_split=("GPT2Attention", "transformer.h.1.mlp")),
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    plan = solve(graph, Cluster.parse("4xh100"), SolverOptions(no_split=(GPT2Attention, "transformer.h.1.mlp")),
                  costs=costs, parameters=traced.parameters)
     stage_of = plan.stage_of()
     groups = {}
