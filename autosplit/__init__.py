@@ -3,9 +3,11 @@
 The public surface is small; everything not listed in ``__all__`` is internal.
 """
 
+from autosplit.api import autosplit, plan
 from autosplit.errors import AutosplitError, InfeasibleError, InputSignatureError, TraceError
 from autosplit.graph import OpGraph
 from autosplit.plan import Plan
+from autosplit.rewrite import PlanMismatchError, SplitModule
 from autosplit.solver import SolverOptions, solve
 from autosplit.trace import TensorSpec, Traced, capture, spec
 
@@ -15,11 +17,15 @@ __all__ = [
     "InputSignatureError",
     "OpGraph",
     "Plan",
+    "PlanMismatchError",
     "SolverOptions",
+    "SplitModule",
     "TensorSpec",
     "TraceError",
     "Traced",
+    "autosplit",
     "capture",
+    "plan",
     "solve",
     "spec",
 ]

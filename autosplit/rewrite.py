@@ -1,0 +1,232 @@
+"""Apply a Plan in one process: a module whose stages run on their devices.
+
+    split = split_module(model, traced, plan, ["cuda:0", "cuda:1"])
+    loss = loss_fn(split(x), y.to(split.output_device)); loss.backward(); opt.step()
+
+The captured graph is copied node by node. Every node runs on its stage's device; a value read
+on another stage is moved there once (``Tensor.to``, so autograd carries its gradient back);
+weights and buffers are moved, once, to the stage that reads them first and sent from there to
+any other stage that reads them (a tied embedding and head stay one parameter). Device
+arguments baked into the graph (``arange(..., device=cpu)``) are pointed at the stage's device.
+The module keeps the model's own submodules, so parameter names, ``state_dict`` keys, optimizers
+and checkpoints are the model's.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+
+from autosplit.errors import AutosplitError
+from autosplit.graph import OpGraph
+from autosplit.plan import Plan
+from autosplit.trace import Traced
+
+logger = logging.getLogger(__name__)
+
+
+class PlanMismatchError(AutosplitError):
+    """The plan was made for another graph than the model's."""
+
+
+def transfer(value: Any, device: torch.device) -> Any:
+    """Move every tensor in ``value`` to ``device`` (other values pass through)."""
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, value)
+
+
+def call_module_on(module: nn.Module, device: torch.device, *args: Any, **kwargs: Any) -> Any:
+    """Call ``module`` with its parameters and buffers sent to ``device`` (a module shared by
+    stages on different devices lives on one of them)."""
+    state = {name: t.to(device) for name, t in list(module.named_parameters()) + list(module.named_buffers())}
+    return torch.func.functional_call(module, state, args, kwargs)
+
+
+class SplitModule(nn.Module):
+    """The model split over devices by a Plan; parameters keep their original names."""
+
+    def __init__(self, model: nn.Module, graph_module: fx.GraphModule | None, plan: Plan | None,
+                 devices: Sequence[torch.device], output_device: torch.device):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, parameter in model.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+        for name, buffer in model.named_buffers(recurse=False):
+            self.register_buffer(name, buffer)
+        self.__dict__["graph_module"] = graph_module  # shares the submodules; not one of them
+        self.__dict__["_build"] = None
+        self.plan = plan
+        self.devices = list(devices)
+        self.output_device = output_device
+
+    def build_on_first_call(self, build: Any) -> None:
+        """Plan and split with the first batch: ``build(args, kwargs)`` then :meth:`attach`."""
+        self.__dict__["_build"] = build
+
+    def attach(self, built: "SplitModule") -> None:
+        """Take over the graph, plan and devices of ``built`` (a split of the same model)."""
+        self.__dict__["graph_module"] = built.graph_module
+        self.plan, self.devices, self.output_device = built.plan, built.devices, built.output_device
+        self.train(self.training)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.graph_module is None:
+            build, self.__dict__["_build"] = self._build, None
+            if build is None:
+                raise RuntimeError("this SplitModule has no plan: build it with autosplit.autosplit()")
+            build(args, kwargs)
+        return self.graph_module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "SplitModule":
+        super().train(mode)
+        if self.graph_module is not None:
+            for module in self.graph_module.modules():  # the graph's own containers of our layers too
+                module.training = mode
+        return self
+
+
+def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence[torch.device | str],
+                 output_device: torch.device | str | None = None) -> SplitModule:
+    """Build the :class:`SplitModule` of ``model`` for ``plan`` on ``devices`` (one per stage).
+
+    Raises:
+        PlanMismatchError: the plan was made for another graph.
+        ValueError: the number of devices differs from the number of stages.
+    """
+    devices = [torch.device(d) for d in devices]
+    if len(devices) != len(plan.stages):
+        raise ValueError(f"the plan has {len(plan.stages)} stages but {len(devices)} devices were given: "
+                         f"pass one device per stage, e.g. {[f'cuda:{i}' for i in range(len(plan.stages))]}")
+    _check_fingerprint(traced, plan)
+    gm = traced.graph_module
+    stage_of = _stages_of_nodes(gm, plan)
+    moves = _state_moves(model, gm, stage_of, devices)
+    output_device = torch.device(output_device) if output_device is not None else devices[-1]
+    graph = _rewrite(gm, stage_of, devices, output_device, traced)
+    _move_state(moves)
+    split = fx.GraphModule(gm, graph, class_name="SplitGraph")
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(split, attr, getattr(gm, attr))
+    return SplitModule(model, split, plan, devices, output_device)
+
+
+def _check_fingerprint(traced: Traced, plan: Plan) -> None:
+    graph = OpGraph.from_traced(traced)
+    if graph.fingerprint() == plan.fingerprint:
+        return
+    planned = [n for stage in plan.stages for n in stage.nodes]
+    missing = next((n for n in planned if n not in traced.nodes), None)
+    detail = f"the plan's node {missing!r} is not in this model's graph" if missing else \
+        "the nodes have the same names but differ in ops, shapes or owners"
+    raise PlanMismatchError(
+        f"this plan was made for another graph (fingerprint {plan.fingerprint}, this model's is "
+        f"{graph.fingerprint()}): {detail}. Plan again for this model and these input shapes.")
+
+
+def _stages_of_nodes(gm: fx.GraphModule, plan: Plan) -> dict[str, int]:
+    """Stage of every node: the plan's, the first stage for inputs, the last for the output.
+    A node the plan lists on several stages (an input-derived mask) runs on the first of them."""
+    stage_of: dict[str, int] = {}
+    for stage in plan.stages:
+        for name in stage.nodes:
+            stage_of.setdefault(name, stage.index)
+    last = len(plan.stages) - 1
+    for node in gm.graph.nodes:
+        if node.name not in stage_of:
+            stage_of[node.name] = 0 if node.op == "placeholder" else last
+    return stage_of
+
+
+def _state_moves(model: nn.Module, gm: fx.GraphModule, stage_of: dict[str, int],
+                 devices: list[torch.device]) -> list[tuple[torch.Tensor, torch.device]]:
+    """Where every parameter and buffer goes: the device of the first stage that reads it."""
+    target: dict[int, tuple[torch.Tensor, torch.device]] = {}
+    for node in gm.graph.nodes:
+        tensors: list[torch.Tensor] = []
+        if node.op == "get_attr":
+            value = _fetch(gm, node.target)
+            tensors = [value] if isinstance(value, torch.Tensor) else []
+        elif node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            tensors = list(module.parameters()) + list(module.buffers())
+        for t in tensors:
+            target.setdefault(id(t), (t, devices[stage_of[node.name]]))
+    for t in list(model.parameters()) + list(model.buffers()):  # never read: keep with stage 0
+        target.setdefault(id(t), (t, devices[0]))
+    return list(target.values())
+
+
+def _move_state(moves: list[tuple[torch.Tensor, torch.device]]) -> None:
+    """Move every tensor in place (``.data``), so parameters stay the same objects; if any move
+    fails, every tensor goes back where it was."""
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for tensor, device in moves:
+            if tensor.device != device:
+                done.append((tensor, tensor.data))
+                tensor.data = tensor.data.to(device)
+    except Exception:
+        for tensor, original in done:
+            tensor.data = original
+        raise
+
+
+def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], devices: list[torch.device],
+             output_device: torch.device, traced: Traced) -> fx.Graph:
+    graph = fx.Graph(owning_module=gm)
+    graph._codegen = gm.graph._codegen
+    copied: dict[fx.Node, fx.Node] = {}
+    moved: dict[tuple[str, int], fx.Node] = {}
+    module_home: dict[str, int] = {}
+
+    def value_on(source: fx.Node, stage: int) -> fx.Node:
+        """The copy of ``source`` as seen by ``stage``: moved once per stage that reads it."""
+        if stage_of[source.name] == stage:
+            return copied[source]
+        key = (source.name, stage)
+        if key not in moved:
+            moved[key] = graph.call_function(transfer, (copied[source], devices[stage]))
+        return moved[key]
+
+    for node in gm.graph.nodes:
+        stage = stage_of[node.name]
+        if node.op == "output":
+            copied[node] = graph.output(fx.node.map_arg(node.args[0], lambda n: graph.call_function(
+                transfer, (copied[n], output_device))) if node.args else None)
+            continue
+        if node.op in ("placeholder", "get_attr"):
+            copied[node] = graph.node_copy(node, lambda n: copied[n])
+            continue
+        if node.op == "call_module":
+            home = module_home.setdefault(node.target, stage)
+            if home != stage:  # the module's weights live on another stage's device
+                args = fx.node.map_arg(node.args, lambda n: value_on(n, stage))
+                kwargs = fx.node.map_arg(node.kwargs, lambda n: value_on(n, stage))
+                get = graph.get_attr(node.target)
+                copied[node] = graph.call_function(call_module_on, (get, devices[stage], *args), kwargs)
+                copied[node].meta = dict(node.meta)
+                continue
+        new = graph.node_copy(node, lambda n: value_on(n, stage))
+        new.args = _on_device(new.args, devices[stage])
+        new.kwargs = _on_device(new.kwargs, devices[stage])
+        copied[node] = new
+    graph.lint()
+    return graph
+
+
+def _on_device(value: Any, device: torch.device) -> Any:
+    """Point device arguments baked into the graph at the stage's device."""
+    return pytree.tree_map(lambda x: device if isinstance(x, torch.device) else x, value)
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

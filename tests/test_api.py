@@ -1,0 +1,64 @@
+"""autosplit.autosplit and autosplit.plan: one call to split, an unchanged training loop."""
+
+import copy
+
+import pytest
+import torch
+
+import autosplit
+import models
+from autosplit import Plan, spec
+
+
+def test_one_line_makes_a_training_loop_multi_device():
+    model, args, _ = models.tied_lm()
+    reference = copy.deepcopy(model)
+    sm = autosplit.autosplit(model, devices=2, example_inputs=args)
+    assert isinstance(sm, autosplit.SplitModule) and len(sm.plan.stages) == 2
+    assert sm.output_device == torch.device("cpu")  # no accelerator here: CPU devices
+    (x,) = args
+    opt, ref_opt = torch.optim.AdamW(sm.parameters(), lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    for _ in range(3):
+        for module, optimizer in ((sm, opt), (reference, ref_opt)):
+            loss = module(x)["logits"].square().mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, p), q in zip(sm.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_without_example_inputs_the_first_batch_plans_the_split():
+    model, args, _ = models.mlp()
+    reference = copy.deepcopy(model)
+    sm = autosplit.autosplit(model, devices=3)
+    assert sm.plan is None
+    torch.testing.assert_close(sm(*args), reference(*args))
+    assert len(sm.plan.stages) == 3
+
+
+def test_plan_touches_no_device_and_a_saved_plan_rebuilds_the_same_split(tmp_path):
+    model, args, _ = models.gpt2("meta")
+    plan = autosplit.plan(model, cluster="4xh100", example_inputs=(spec((2, 16), dtype=torch.long),))
+    assert all(p.is_meta for p in model.parameters()) and len(plan.stages) == 4
+    real, real_args, _ = models.gpt2()
+    first = autosplit.autosplit(real, devices=2, example_inputs=real_args)
+    again = autosplit.autosplit(real, devices=2, example_inputs=real_args,
+                                plan=Plan.load(first.plan.save(tmp_path / "p.json")))
+    assert again.plan == first.plan
+    assert [s.nodes for s in again.plan.stages] == [s.nodes for s in first.plan.stages]
+
+
+def test_bad_arguments_get_one_clear_error():
+    model, args, _ = models.mlp()
+    with pytest.raises(TypeError, match="unknown option.*schedule"):
+        autosplit.autosplit(model, devices=2, example_inputs=args, shedule="1f1b")
+    with pytest.raises(ValueError, match="devices must be at least 1"):
+        autosplit.autosplit(model, devices=0)
+    with pytest.raises(ValueError, match="plan\\(\\) needs example inputs"):
+        autosplit.plan(model, devices=2)
+    with pytest.raises(ValueError, match="needs real example tensors"):
+        autosplit.autosplit(model, devices=2, example_inputs=(spec((4, 16)),))
+    with pytest.raises(ValueError, match="microbatches > 1"):
+        autosplit.autosplit(model, devices=2, example_inputs=args, microbatches=4)
