@@ -26,7 +26,7 @@ from autosplit import presets
 from autosplit.errors import AutosplitError
 from autosplit.graph import COMPUTE, OpGraph
 from autosplit.plan import human_count
-from autosplit.trace import TRACERS, Traced, capture, spec
+from autosplit.trace import TRACERS, TensorSpec, Traced, capture, spec
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
-    except (AutosplitError, ValueError, TypeError, ImportError, FileNotFoundError) as e:
+    except (AutosplitError, ValueError, TypeError, ImportError, FileNotFoundError) as e:  # noqa: B014
         if args.debug:
             raise
         message = str(e).strip().replace("\n", " ") if not isinstance(e, AutosplitError) else str(e).strip()
@@ -52,14 +52,29 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autosplit", description="Split a PyTorch model over several devices.")
     commands = parser.add_subparsers(dest="command", required=True)
     trace = commands.add_parser("trace", help="capture a model and print its graph, block by block")
-    trace.add_argument("model", help=f"a preset ({', '.join(presets.PRESETS)}), package.module:factory, "
-                                     "or path/to/file.py:factory")
-    trace.add_argument("--batch", type=int, default=1, help="batch size of the token-id input (presets)")
-    trace.add_argument("--seq", type=int, default=None, help="sequence length (presets; default: the model's longest)")
+    plan = commands.add_parser("plan", help="plan the split of a model over devices and print it")
+    for command in (trace, plan):
+        command.add_argument("model", help=f"a preset ({', '.join(presets.PRESETS)}), package.module:factory, "
+                                           "or path/to/file.py:factory")
+        command.add_argument("--batch", type=int, default=1, help="batch size of one microbatch (presets)")
+        command.add_argument("--seq", type=int, default=None,
+                             help="sequence length (presets; default: the model's longest)")
+        command.add_argument("--verbose", action="store_true", help="log progress and details")
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     trace.add_argument("--tracer", choices=TRACERS, default="auto", help="which tracer to use")
-    trace.add_argument("--verbose", action="store_true", help="log progress and details")
-    trace.add_argument("--debug", action="store_true", help="show the traceback of an error")
     trace.set_defaults(run=_run_trace)
+    plan.add_argument("--devices", type=int, default=None, help="number of devices (of --gpu, or local)")
+    where = plan.add_mutually_exclusive_group()
+    where.add_argument("--gpu", help="device kind for --devices, e.g. h100, a100-80gb, rtx4090")
+    where.add_argument("--cluster", help='the whole cluster, e.g. "2x8xh100" or "rtx4090+rtx3090"')
+    plan.add_argument("--mode", choices=("train", "infer"), default="train")
+    plan.add_argument("--dtype", default="bf16", help="dtype the model computes in: fp32, bf16, fp16")
+    plan.add_argument("--optimizer", default="adamw", help="sgd, sgd-momentum, adam, adamw (training)")
+    plan.add_argument("--precision", default=None, help="training state per parameter (default: from --dtype)")
+    plan.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b")
+    plan.add_argument("--microbatches", type=int, default=1)
+    plan.add_argument("--json", metavar="FILE", help="write the plan as JSON")
+    plan.set_defaults(run=_run_plan)
     return parser
 
 
@@ -112,6 +127,52 @@ def _run_trace(args: argparse.Namespace) -> int:
     ]
     for line in summary:
         console.print(line, soft_wrap=True, highlight=False)
+    return 0
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from autosplit.solver import SolverOptions, solve
+    from cost_models import Cluster, get_device, price_graph
+
+    if args.dtype not in _DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, e.g. bf16; got {args.dtype!r}")
+    if args.cluster:
+        cluster = Cluster.parse(args.cluster)
+    elif args.gpu:
+        cluster = Cluster.parse(f"{args.devices or 1}x{get_device(args.gpu).name}")
+    else:
+        cluster = Cluster.local(args.devices)
+    dtype = _DTYPES[args.dtype]
+    precision = args.precision or ("fp32" if dtype == torch.float32 else "bf16-mixed")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a file or a pipe: room for the whole table
+    start = time.perf_counter()
+    with console.status("building the model", spinner="dots") if console.is_terminal else _nothing():
+        model, inputs = load_model(args.model, batch=args.batch, seq=args.seq)
+        model = model.to(dtype)
+    with console.status("capturing and pricing", spinner="dots") if console.is_terminal else _nothing():
+        traced = capture(model, inputs)
+        costs = price_graph(traced.graph_module, training=args.mode == "train")
+    seq = next((x.shape[1] for x in inputs if isinstance(x, TensorSpec) and len(x.shape) == 2), None)
+    options = SolverOptions(mode=args.mode, schedule=args.schedule, microbatches=args.microbatches,
+                            precision=precision, optimizer=args.optimizer, weight_dtype=args.dtype,
+                            samples_per_microbatch=args.batch, tokens_per_sample=seq)
+    with console.status(f"solving for {cluster}", spinner="dots") if console.is_terminal else _nothing():
+        plan = solve(OpGraph.from_traced(traced), cluster, options, costs=costs, parameters=traced.parameters)
+    console.print(plan.table())
+    for line in plan.summary():
+        console.print(line, soft_wrap=True, highlight=False)
+    console.print(f"planned in {time.perf_counter() - start:.1f} s", highlight=False)
+    if args.json:
+        plan.save(args.json)
+        console.print(f"plan written to {args.json}", highlight=False)
     return 0
 
 

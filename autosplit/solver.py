@@ -843,7 +843,7 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
                               precision=options.precision, optimizer=options.optimizer,
                               weight_dtype=options.weight_dtype, schedule=options.schedule, num_stages=S, stage=s,
                               microbatches=options.microbatches, device_kind="gpu" if layout.gpu[s] else "cpu")
-        modules = [graph.infos[n].module_path for n in nodes
+        modules = [graph.infos[n].module_path for n in sorted(stage_ops[s], key=order.__getitem__)
                    if graph.infos[n].module_path and graph.infos[n].op.startswith("call_")]
         stage_list.append(Stage(
             index=s,

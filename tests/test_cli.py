@@ -69,3 +69,30 @@ def test_example_capture_on_meta_runs():
     assert done.returncode == 0, done.stderr
     assert "gpt2: 0.1B parameters" in done.stdout and "12 layers of" in done.stdout
     assert "passes on 0.2 MiB of activations" in done.stdout
+
+
+def test_plan_a_preset_prints_the_stages_and_writes_json(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "plan.json"
+    assert main(["plan", "gpt2", "--devices", "4", "--gpu", "h100", "--seq", "128", "--batch", "4",
+                 "--microbatches", "8", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "4-stage train plan on 4xh100-sxm" in out and "× the lower bound" in out and "tokens/s" in out
+    for rank in range(4):
+        assert f"h100-sxm:{rank}" in out
+    data = json.loads(path.read_text())
+    stage = data["stages"][0]
+    assert {"devices", "modules", "compute_s", "memory_bytes"} <= set(stage)
+    assert data["bottleneck_s"] >= data["lower_bound_s"] > 0
+    assert data["solver"]["status"] in ("OPTIMAL", "FEASIBLE") and data["solver"]["wall_s"] > 0
+
+
+def test_plan_errors_are_one_line():
+    done = subprocess.run([sys.executable, "-m", "autosplit", "plan", "gpt2-xl", "--devices", "1", "--gpu", "rtx3090",
+                           "--seq", "1024"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "does not fit" in done.stderr and "use at least" in done.stderr
+    bad = subprocess.run([sys.executable, "-m", "autosplit", "plan", "gpt2", "--gpu", "h1000"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "h1000" in bad.stderr and "Traceback" not in bad.stderr
