@@ -96,3 +96,20 @@ def test_plan_errors_are_one_line():
     bad = subprocess.run([sys.executable, "-m", "autosplit", "plan", "gpt2", "--gpu", "h1000"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "h1000" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_example_train_loop_prints_equal_losses():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_loop.py"), "--devices", "2",
+                           "--steps", "3"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 3 and "2-stage train plan" in done.stdout
+
+
+def test_example_plan_from_a_laptop_runs(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "plan_70b_from_laptop.py"),
+                           "--preset", "llama-7b", "--seq", "512", "--cluster", "4xh100",
+                           "--json", str(tmp_path / "p.json")],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "4-stage infer plan on 4xh100-sxm" in done.stdout and (tmp_path / "p.json").exists()
