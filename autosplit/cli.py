@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="plan the split of a model over devices and print it")
     for command in (trace, plan):
         command.add_argument("model", help=f"a preset ({', '.join(presets.PRESETS)}), package.module:factory, "
-                                           "or path/to/file.py:factory")
+                                           "path/to/file.py:factory, or a Hugging Face config.json")
         command.add_argument("--batch", type=int, default=1, help="batch size of one microbatch (presets)")
         command.add_argument("--seq", type=int, default=None,
                              help="sequence length (presets; default: the model's longest)")
@@ -83,6 +83,8 @@ def load_model(target: str, *, batch: int, seq: int | None) -> tuple[nn.Module, 
 
     A factory returns a model (fed token ids of ``batch`` × ``seq``) or ``(model, example_inputs)``.
     """
+    if target.endswith(".json"):
+        return _from_config_file(target, batch=batch, seq=seq)
     if ":" not in target:
         return presets.build(target, batch=batch, seq=seq)
     location, _, name = target.rpartition(":")
@@ -104,6 +106,29 @@ def load_model(target: str, *, batch: int, seq: int | None) -> tuple[nn.Module, 
         inputs = made[1] if isinstance(made[1], tuple) else (made[1],)
         return made[0], inputs
     raise TypeError(f"{target} returned {type(made).__name__}; a factory returns a model or (model, example_inputs)")
+
+
+def _from_config_file(path: str, *, batch: int, seq: int | None) -> tuple[nn.Module, tuple[Any, ...]]:
+    """A Hugging Face ``config.json`` → its causal LM built on meta (no weights) and token ids."""
+    import json
+
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError('a config.json model needs transformers: pip install "autosplit[hf]"') from e
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    with open(path) as f:
+        values = json.load(f)
+    if "model_type" not in values:
+        raise ValueError(f"{path} has no 'model_type': it is not a Hugging Face model config")
+    values["use_cache"] = False
+    config = transformers.AutoConfig.for_model(**values)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    seq = seq or min(longest, 4096)
+    return model, (spec((batch, seq), dtype=torch.long, dims=("batch", "seq")),)
 
 
 def _run_trace(args: argparse.Namespace) -> int:

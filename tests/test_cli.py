@@ -113,3 +113,13 @@ def test_example_plan_from_a_laptop_runs(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     assert "4-stage infer plan on 4xh100-sxm" in done.stdout and (tmp_path / "p.json").exists()
+
+
+def test_plan_a_hugging_face_config_file(tmp_path, capsys):
+    import models
+
+    path = tmp_path / "config.json"
+    models.tiny_llama_config(num_hidden_layers=4).to_json_file(str(path))
+    assert main(["plan", str(path), "--devices", "2", "--gpu", "a100", "--seq", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "2-stage train plan on 2xa100-80gb" in out and "model.layers" in out

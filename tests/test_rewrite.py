@@ -32,7 +32,7 @@ def planned(name, stages):
     return model, reference, traced, plan, args, kwargs
 
 
-@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("stages", [2, 3, 4])
 @pytest.mark.parametrize("name", sorted(models.REGISTRY))
 def test_split_model_trains_exactly_like_the_original(name, stages):
     model, reference, traced, plan, args, kwargs = planned(name, stages)
@@ -79,3 +79,16 @@ def test_a_plan_for_another_model_or_device_count_is_refused():
     other_traced = capture(other, args)
     with pytest.raises(PlanMismatchError, match="made for another graph.*Plan again"):
         split_module(other, other_traced, plan, ["cpu", "cpu"])
+
+
+def test_checkpoints_load_either_way():
+    model, reference, traced, plan, args, _ = planned("tied_lm", 3)
+    split = split_module(model, traced, plan, ["cpu"] * 3)
+    fresh = models.REGISTRY["tied_lm"]()[0]
+    fresh.load_state_dict(split.state_dict())  # a split model's checkpoint loads into the original
+    torch.testing.assert_close(fresh(*args)["logits"], split(*args)["logits"])
+    torch.manual_seed(7)
+    other = models.TiedLM()
+    split.load_state_dict(other.state_dict())  # and the original's into the split model
+    torch.testing.assert_close(split(*args)["logits"], other(*args)["logits"])
+    assert split.head.weight is split.embed.weight  # still tied
