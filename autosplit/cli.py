@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b")
     plan.add_argument("--microbatches", type=int, default=1)
     plan.add_argument("--json", metavar="FILE", help="write the plan as JSON")
+    plan.add_argument("--plot", metavar="FILE.png", help="draw stage times, memory and the schedule")
     plan.set_defaults(run=_run_plan)
     return parser
 
@@ -198,6 +199,10 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.json:
         plan.save(args.json)
         console.print(f"plan written to {args.json}", highlight=False)
+    if args.plot:
+        from autosplit.plot import plot
+
+        console.print(f"plot written to {plot(plan, args.plot)}", highlight=False)
     return 0
 
 

@@ -123,3 +123,27 @@ def test_plan_a_hugging_face_config_file(tmp_path, capsys):
     assert main(["plan", str(path), "--devices", "2", "--gpu", "a100", "--seq", "32"]) == 0
     out = capsys.readouterr().out
     assert "2-stage train plan on 2xa100-80gb" in out and "model.layers" in out
+
+
+def test_plan_plot_draws_a_png_and_the_schedule_respects_its_rules(tmp_path, capsys):
+    from autosplit import Plan
+    from autosplit.plot import schedule
+
+    png, data = tmp_path / "plan.png", tmp_path / "plan.json"
+    assert main(["plan", "gpt2", "--devices", "4", "--gpu", "h100", "--seq", "128", "--microbatches", "6",
+                 "--json", str(data), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plan = Plan.load(data)
+    events = schedule(plan)
+    S, m = len(plan.stages), plan.microbatches
+    assert len(events) == 2 * S * m
+    for s in range(S):  # 1F1B: a stage never holds more than S - s microbatches' activations
+        held, peak = 0, 0
+        for _, _, kind, _, _ in sorted((e for e in events if e[0] == s), key=lambda e: e[3]):
+            held += 1 if kind == "F" else -1
+            peak = max(peak, held)
+        assert peak <= S - s
+    for stage, i, kind, start, _ in events:  # forwards wait for the stage before
+        if kind == "F" and stage > 0:
+            before = next(e for e in events if e[:3] == (stage - 1, i, "F"))
+            assert start >= before[4] - 1e-12
