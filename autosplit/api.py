@@ -8,14 +8,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from autosplit.graph import OpGraph
+from autosplit.pipeline import cut_microbatches
 from autosplit.plan import Plan
 from autosplit.rewrite import SplitModule, split_module
 from autosplit.solver import SolverOptions, solve
@@ -70,7 +73,7 @@ def plan(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, e
 
 
 def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, example_inputs: Any = None,
-              example_kwargs: dict[str, Any] | None = None, mode: str = "train", microbatches: int = 1,
+              example_kwargs: dict[str, Any] | None = None, mode: str = "train", microbatches: int | None = None,
               cluster: Cluster | str | None = None, plan: Plan | None = None, output_device: Any = None,
               **options: Any) -> SplitModule:
     """Split ``model`` over ``devices`` and return a module that trains like it.
@@ -78,21 +81,34 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     Without example inputs the split is planned on the first forward call, with that batch. With
     ``plan`` (e.g. ``Plan.load(path)``) that plan is applied instead of solving again.
 
+    With ``microbatches`` = m > 1 (default: the plan's, else 1) every call cuts its batch into m
+    equal microbatches along dimension 0 and runs the stages in a GPipe wavefront, so the devices
+    work at the same time; outputs are joined again, and outputs and gradients equal m = 1. The
+    split is captured and planned for one microbatch. Layers that couple the samples of a batch
+    (BatchNorm in training mode) are refused with m > 1.
+
     Example:
         >>> sm = autosplit(model, devices=2, example_inputs=(x,))
         >>> sm(x).sum().backward()
     """
-    if microbatches != 1:
-        raise ValueError("microbatches > 1 needs the pipelined runner, which is not available yet in one "
-                         "process: use microbatches=1 here (plan() takes microbatches for planning)")
+    if microbatches is None:
+        microbatches = plan.microbatches if plan is not None else 1
+    if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+        raise ValueError(f"microbatches must be a positive int, e.g. microbatches=4; got {microbatches!r}")
     resolved = resolve_devices(devices)
     _check_options(options)
-    split = SplitModule(model, None, plan, resolved, torch.device(output_device) if output_device else resolved[-1])
+    if options.setdefault("schedule", "gpipe") != "gpipe":
+        raise ValueError(f"schedule={options['schedule']!r}: in one process the stages run a GPipe wavefront "
+                         "(forward of every microbatch, then backward); leave schedule out or pass 'gpipe'")
+    split = SplitModule(model, None, plan, resolved, torch.device(output_device) if output_device else resolved[-1],
+                        microbatches)
 
     def build(args: tuple, kwargs: dict) -> None:
-        traced = capture(model, args, kwargs)
+        args, kwargs = first_microbatch(args, kwargs, microbatches)
+        with _mode(model, training=mode == "train"):
+            traced = capture(model, args, kwargs)
         chosen = plan if plan is not None else _solve(traced, resolved, cluster, mode, microbatches, options)
-        built = split_module(model, traced, chosen, resolved[: len(chosen.stages)], output_device)
+        built = split_module(model, traced, chosen, resolved[: len(chosen.stages)], output_device, microbatches)
         split.attach(built)
 
     if example_inputs is not None or example_kwargs:
@@ -103,6 +119,29 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     else:
         split.build_on_first_call(build)
     return split
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Put ``model`` in train or eval mode for the capture, then give every module its own mode
+    back. Captured in training mode, dropout and batch norm keep their rates and statistics
+    updates in the graph, and the split module switches them with ``train()``/``eval()``."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for module, was in modes:
+            module.training = was
+
+
+def first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tuple, dict]:
+    """The first of ``microbatches`` equal microbatches of a call's inputs (the batch itself for 1):
+    what a pipelined split is captured and planned with."""
+    if microbatches == 1:
+        return args, kwargs
+    flat, structure = pytree.tree_flatten((args, kwargs))
+    return pytree.tree_unflatten(cut_microbatches(flat, microbatches)[0], structure)
 
 
 def _solve(traced, devices, cluster, mode: str, microbatches: int, options: dict[str, Any]) -> Plan:

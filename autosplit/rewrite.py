@@ -15,6 +15,7 @@ and checkpoints are the model's.
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any, Sequence
 
 import torch
@@ -24,6 +25,8 @@ from torch import nn
 
 from autosplit.errors import AutosplitError
 from autosplit.graph import OpGraph
+from autosplit.modes import in_mode
+from autosplit.pipeline import MicrobatchError, Pipeline
 from autosplit.plan import Plan
 from autosplit.trace import Traced
 
@@ -50,7 +53,7 @@ class SplitModule(nn.Module):
     """The model split over devices by a Plan; parameters keep their original names."""
 
     def __init__(self, model: nn.Module, graph_module: fx.GraphModule | None, plan: Plan | None,
-                 devices: Sequence[torch.device], output_device: torch.device):
+                 devices: Sequence[torch.device], output_device: torch.device, microbatches: int = 1):
         super().__init__()
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -59,10 +62,15 @@ class SplitModule(nn.Module):
         for name, buffer in model.named_buffers(recurse=False):
             self.register_buffer(name, buffer)
         self.__dict__["graph_module"] = graph_module  # shares the submodules; not one of them
+        self.__dict__["_model"] = model  # owns the ops at the top of the graph (their train/eval flags)
+        self.training = model.training
         self.__dict__["_build"] = None
         self.plan = plan
         self.devices = list(devices)
         self.output_device = output_device
+        self.microbatches = microbatches
+        self.__dict__["_batch_norms"] = [name for name, m in model.named_modules()
+                                         if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def build_on_first_call(self, build: Any) -> None:
         """Plan and split with the first batch: ``build(args, kwargs)`` then :meth:`attach`."""
@@ -72,6 +80,7 @@ class SplitModule(nn.Module):
         """Take over the graph, plan and devices of ``built`` (a split of the same model)."""
         self.__dict__["graph_module"] = built.graph_module
         self.plan, self.devices, self.output_device = built.plan, built.devices, built.output_device
+        self.microbatches = built.microbatches
         self.train(self.training)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -80,10 +89,25 @@ class SplitModule(nn.Module):
             if build is None:
                 raise RuntimeError("this SplitModule has no plan: build it with autosplit.autosplit()")
             build(args, kwargs)
+        if self.microbatches > 1:
+            self._check_batch_coupling()
         return self.graph_module(*args, **kwargs)
+
+    def _check_batch_coupling(self) -> None:
+        """BatchNorm in training mode normalizes with the statistics of the batch it sees: per
+        microbatch they differ from the whole batch's, and so would outputs and running stats."""
+        coupled = [name for name in self._batch_norms if self.get_submodule(name).training]
+        if coupled:
+            raise MicrobatchError(
+                f"{coupled[0]} ({type(self.get_submodule(coupled[0])).__name__}"
+                f"{f' and {len(coupled) - 1} more' if len(coupled) > 1 else ''}) computes batch statistics in "
+                f"training mode, and with microbatches={self.microbatches} it would see {self.microbatches} "
+                "small batches instead of one, changing outputs and running statistics. Use microbatches=1, "
+                "put those layers in eval mode (frozen statistics), or replace them with GroupNorm/LayerNorm")
 
     def train(self, mode: bool = True) -> "SplitModule":
         super().train(mode)
+        self._model.training = mode
         if self.graph_module is not None:
             for module in self.graph_module.modules():  # the graph's own containers of our layers too
                 module.training = mode
@@ -91,13 +115,19 @@ class SplitModule(nn.Module):
 
 
 def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence[torch.device | str],
-                 output_device: torch.device | str | None = None) -> SplitModule:
+                 output_device: torch.device | str | None = None, microbatches: int = 1) -> SplitModule:
     """Build the :class:`SplitModule` of ``model`` for ``plan`` on ``devices`` (one per stage).
+
+    With ``microbatches`` > 1 each call cuts its batch into that many microbatches and runs the
+    stages in a GPipe wavefront (:mod:`autosplit.pipeline`); ``traced`` is then the capture of
+    one microbatch.
 
     Raises:
         PlanMismatchError: the plan was made for another graph.
         ValueError: the number of devices differs from the number of stages.
     """
+    if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+        raise ValueError(f"microbatches must be a positive int, e.g. microbatches=4; got {microbatches!r}")
     devices = [torch.device(d) for d in devices]
     if len(devices) != len(plan.stages):
         raise ValueError(f"the plan has {len(plan.stages)} stages but {len(devices)} devices were given: "
@@ -107,13 +137,34 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
     stage_of = _stages_of_nodes(gm, plan)
     moves = _state_moves(model, gm, stage_of, devices)
     output_device = torch.device(output_device) if output_device is not None else devices[-1]
-    graph = _rewrite(gm, stage_of, devices, output_device, traced)
-    _move_state(moves)
-    split = fx.GraphModule(gm, graph, class_name="SplitGraph")
+    placed: dict[fx.Node, int] = {}
+    in_modes: dict[str, nn.Module] = {}
+    graph = _rewrite(gm, stage_of, devices, output_device, placed, in_modes, _owners(model, traced))
+    split = fx.GraphModule(_targets(gm, graph, in_modes), graph, class_name="SplitGraph")
+    split.graph.lint()
+    if microbatches > 1:
+        split = _pipelined(split, placed, devices, microbatches)
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
             setattr(split, attr, getattr(gm, attr))
-    return SplitModule(model, split, plan, devices, output_device)
+    _move_state(moves)
+    return SplitModule(model, split, plan, devices, output_device, microbatches)
+
+
+def _pipelined(split: fx.GraphModule, placed: dict[fx.Node, int], devices: list[torch.device],
+               microbatches: int) -> fx.GraphModule:
+    """The split graph with its body replaced by a :class:`Pipeline` over the same stages: the
+    inputs and the output structure stay the split graph's."""
+    pipeline = Pipeline.from_graph(split, placed, devices, microbatches)
+    top = fx.Graph()
+    top._codegen = split.graph._codegen
+    inputs = [top.node_copy(n) for n in split.graph.nodes if n.op == "placeholder"]
+    call = top.call_module("pipeline", tuple(inputs))
+    output = next(n for n in split.graph.nodes if n.op == "output")
+    by_name = {name: top.call_function(operator.getitem, (call, j)) for j, name in enumerate(pipeline.results)}
+    top.output(fx.node.map_arg(output.args[0], lambda n: by_name[n.name]) if output.args else None)
+    top.lint()
+    return fx.GraphModule({"pipeline": pipeline}, top, class_name="PipelinedSplitGraph")
 
 
 def _check_fingerprint(traced: Traced, plan: Plan) -> None:
@@ -177,8 +228,29 @@ def _move_state(moves: list[tuple[torch.Tensor, torch.device]]) -> None:
         raise
 
 
+def _owners(model: nn.Module, traced: Traced) -> Any:
+    """The model's module that owns a node (the model itself for top-level ops)."""
+    modules = dict(model.named_modules())
+
+    def owner(node: fx.Node) -> nn.Module:
+        info = traced.nodes.get(node.name)
+        return modules.get(info.module_path, model) if info is not None else model
+    return owner
+
+
+def _targets(gm: fx.GraphModule, graph: fx.Graph, extra: dict[str, nn.Module]) -> dict[str, Any]:
+    """What the graph's ``get_attr`` and ``call_module`` nodes name: ``gm``'s objects plus ``extra``."""
+    return {**{n.target: _fetch(gm, n.target) for n in graph.nodes
+               if n.op in ("get_attr", "call_module") and n.target not in extra}, **extra}
+
+
 def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], devices: list[torch.device],
-             output_device: torch.device, traced: Traced) -> fx.Graph:
+             output_device: torch.device, placed: dict[fx.Node, int], in_modes: dict[str, nn.Module],
+             owner_of: Any) -> fx.Graph:
+    """The graph with every node on its stage's device; ``placed`` receives the stage of every
+    node that computes (a move belongs to the stage that reads the value), ``in_modes`` the
+    :class:`~autosplit.modes.InMode` modules that replace ops fixed to the capture's mode."""
+    last = len(devices) - 1
     graph = fx.Graph(owning_module=gm)
     graph._codegen = gm.graph._codegen
     copied: dict[fx.Node, fx.Node] = {}
@@ -192,13 +264,18 @@ def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], devices: list[torch.d
         key = (source.name, stage)
         if key not in moved:
             moved[key] = graph.call_function(transfer, (copied[source], devices[stage]))
+            placed[moved[key]] = stage
         return moved[key]
+
+    def to_output(source: fx.Node) -> fx.Node:
+        node = graph.call_function(transfer, (copied[source], output_device))
+        placed[node] = last
+        return node
 
     for node in gm.graph.nodes:
         stage = stage_of[node.name]
         if node.op == "output":
-            copied[node] = graph.output(fx.node.map_arg(node.args[0], lambda n: graph.call_function(
-                transfer, (copied[n], output_device))) if node.args else None)
+            copied[node] = graph.output(fx.node.map_arg(node.args[0], to_output) if node.args else None)
             continue
         if node.op in ("placeholder", "get_attr"):
             copied[node] = graph.node_copy(node, lambda n: copied[n])
@@ -211,12 +288,21 @@ def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], devices: list[torch.d
                 get = graph.get_attr(node.target)
                 copied[node] = graph.call_function(call_module_on, (get, devices[stage], *args), kwargs)
                 copied[node].meta = dict(node.meta)
+                placed[copied[node]] = stage
                 continue
-        new = graph.node_copy(node, lambda n: value_on(n, stage))
+        replacement = in_mode(node, owner_of(node))
+        if replacement is not None:
+            target = f"in_mode_{len(in_modes)}"
+            in_modes[target] = replacement
+            new = graph.create_node("call_module", target, fx.node.map_arg(node.args, lambda n: value_on(n, stage)),
+                                    fx.node.map_arg(node.kwargs, lambda n: value_on(n, stage)))
+            new.meta = dict(node.meta)
+        else:
+            new = graph.node_copy(node, lambda n: value_on(n, stage))
         new.args = _on_device(new.args, devices[stage])
         new.kwargs = _on_device(new.kwargs, devices[stage])
         copied[node] = new
-    graph.lint()
+        placed[new] = stage
     return graph
 
 

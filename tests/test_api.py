@@ -60,5 +60,9 @@ def test_bad_arguments_get_one_clear_error():
         autosplit.plan(model, devices=2)
     with pytest.raises(ValueError, match="needs real example tensors"):
         autosplit.autosplit(model, devices=2, example_inputs=(spec((4, 16)),))
-    with pytest.raises(ValueError, match="microbatches > 1"):
-        autosplit.autosplit(model, devices=2, example_inputs=args, microbatches=4)
+    with pytest.raises(ValueError, match="microbatches must be a positive int"):
+        autosplit.autosplit(model, devices=2, example_inputs=args, microbatches=0)
+    with pytest.raises(ValueError, match="GPipe wavefront"):
+        autosplit.autosplit(model, devices=2, example_inputs=args, microbatches=2, schedule="1f1b")
+    with pytest.raises(ValueError, match="batch of 4 cannot be cut into 3 equal microbatches"):
+        autosplit.autosplit(model, devices=2, example_inputs=args, microbatches=3)

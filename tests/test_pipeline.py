@@ -1,0 +1,155 @@
+"""Microbatch pipelining in one process, and train/eval behaviour fixed at capture made to follow
+the module's mode."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import autosplit
+import models
+from autosplit.pipeline import MicrobatchError, cut_microbatches
+
+
+def test_the_stages_run_in_a_wavefront_and_the_loop_is_unchanged():
+    model, (x,), _ = models.mlp()
+    x = torch.cat([x, -x])  # 8 samples, 4 microbatches of 2
+    reference = copy.deepcopy(model)
+    sm = autosplit.autosplit(model, devices=3, example_inputs=(x,), microbatches=4)
+    assert sm.microbatches == 4 and sm.plan.microbatches == 4 and sm.plan.schedule == "gpipe"
+    order = []
+    for s, stage in enumerate(sm.graph_module.pipeline.stages):
+        stage.register_forward_pre_hook(lambda mod, args, s=s: order.append(s))
+    opt, ref_opt = torch.optim.SGD(sm.parameters(), lr=0.1), torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(2):
+        for module, optimizer in ((sm, opt), (reference, ref_opt)):
+            loss = F.mse_loss(module(x), torch.ones(8, 8))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    # clock ticks 0..5: stage s runs microbatch t - s, so stage 0 starts microbatch 1 before stage 1 ends 0
+    assert order[:12] == [0, 0, 1, 0, 1, 2, 0, 1, 2, 1, 2, 2]
+    for (name, p), q in zip(sm.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_batch_norm_in_training_mode_is_refused_and_frozen_batch_norm_runs():
+    model, (x,), _ = models.rescnn()
+    x = torch.cat([x, x.flip(0)])
+    reference = copy.deepcopy(model).eval()
+    sm = autosplit.autosplit(model, devices=2, example_inputs=(x,), microbatches=2)
+    with pytest.raises(MicrobatchError, match="stem.1 \\(BatchNorm2d and 8 more\\).*microbatches=2.*eval mode"):
+        sm(x)
+    sm.eval()
+    torch.testing.assert_close(sm(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_that_cannot_be_joined_and_batches_that_cannot_be_cut_get_clear_errors():
+    class LossInside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x)).square().mean()
+
+    class NotBatchFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x)).sum(0)
+
+    x = torch.randn(4, 4)
+    with pytest.raises(MicrobatchError, match="returns a scalar.*compute the loss outside"):
+        autosplit.autosplit(LossInside(), devices=2, example_inputs=(x,), microbatches=2)(x)
+    with pytest.raises(MicrobatchError, match="shape \\(4,\\) per microbatch of 2.*not the batch"):
+        autosplit.autosplit(NotBatchFirst(), devices=2, example_inputs=(x,), microbatches=2)(x)
+    with pytest.raises(MicrobatchError, match="batch of 3 cannot be cut into 2"):
+        cut_microbatches([torch.randn(3, 4)], 2)
+    with pytest.raises(MicrobatchError, match="needs a tensor input with a batch dimension"):
+        cut_microbatches([1.0, torch.tensor(2.0)], 2)
+    flag, mask = 0.5, torch.ones(1, 4)  # not batched: every microbatch gets them whole
+    assert [chunk[1:] for chunk in cut_microbatches([torch.zeros(4, 2), flag, mask], 2)] == [[flag, mask]] * 2
+
+
+def test_keyword_inputs_and_hugging_face_outputs_are_cut_and_joined():
+    model, (ids,), _ = models.gpt2()
+    ids = torch.cat([ids, ids.flip(0)])
+    mask = torch.ones_like(ids)
+    model.eval()
+    reference = copy.deepcopy(model)
+    sm = autosplit.autosplit(model, devices=2, example_inputs=(ids,), example_kwargs={"attention_mask": mask},
+                             microbatches=2)
+    out = sm(ids, attention_mask=mask)
+    want = reference(ids, attention_mask=mask, use_cache=False)
+    assert type(out) is type(want)
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_captured_in_training_follows_train_and_eval():
+    model, (ids,), _ = models.gpt2()  # the registry's GPT-2 has no dropout; this one has it everywhere
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(models.tiny_gpt2_config(resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2)).eval()
+    reference = copy.deepcopy(model)
+    sm = autosplit.autosplit(model, devices=2, example_inputs=(ids,))
+    assert not sm.training and not model.training  # captured in training mode, the user's mode given back
+    torch.testing.assert_close(sm(ids).logits, reference(ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+    sm.train()
+    reference.train()
+    torch.manual_seed(3)
+    dropped = sm(ids).logits
+    torch.manual_seed(3)  # same ops in the same order: the same dropout masks
+    torch.testing.assert_close(dropped, reference(ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    sm.eval()
+    assert not torch.allclose(dropped, sm(ids).logits)
+
+
+def test_batch_norm_fixed_by_export_follows_train_and_eval():
+    class Gated(nn.Module):  # the branch on a shape makes symbolic_trace fail: export captures it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.dim() == 4:
+                x = F.relu(self.bn(self.conv(x)))
+            return self.head(F.dropout(x.mean((2, 3)), 0.3, self.training))
+
+    torch.manual_seed(0)
+    model, x = Gated(), torch.randn(4, 3, 8, 8)
+    reference = copy.deepcopy(model)
+    sm = autosplit.autosplit(model, devices=2, example_inputs=(x,))
+    assert sm.graph_module.in_mode_0 is not None  # the captured flags were replaced
+    for mode in (True, False, True):
+        sm.train(mode)
+        reference.train(mode)
+        torch.manual_seed(5)
+        out = sm(x)
+        torch.manual_seed(5)
+        torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
+        for (name, b), r in zip(sm.named_buffers(), reference.buffers(), strict=True):
+            torch.testing.assert_close(b, r, msg=name)  # running statistics updated in training only
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA device")
+def test_on_cuda_each_device_gets_a_stream_and_results_equal_one_microbatch():
+    devices = ["cuda:0", "cuda:1"] if torch.cuda.device_count() > 1 else ["cuda:0", "cuda:0"]
+    model, (ids,), _ = models.tied_lm("cuda:0")
+    ids = torch.cat([ids] * 4)
+    reference = copy.deepcopy(model)
+    sm = autosplit.autosplit(model, devices=devices, example_inputs=(ids,), microbatches=4)
+    out = sm(ids)["logits"]
+    out.square().mean().backward()
+    want = reference(ids)["logits"]
+    want.square().mean().backward()
+    torch.testing.assert_close(out, want.to(out.device), rtol=1e-5, atol=1e-5)
+    assert set(sm.graph_module.pipeline._streams) == {torch.device(d) for d in devices}
+    for (name, p), q in zip(sm.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad.to(p.device), rtol=1e-4, atol=1e-5, msg=name)
