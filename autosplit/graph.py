@@ -16,7 +16,7 @@ import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import networkx as nx
 
@@ -167,6 +167,16 @@ class OpGraph:
         on ``meta`` and the same model captured with real weights agree.
         """
         digest = hashlib.sha256()
+        for _, record in self._records():
+            digest.update(record)
+        return digest.hexdigest()[:16]
+
+    def node_digests(self) -> dict[str, str]:
+        """The fingerprint's part for each node, by name (layout-only ops have none): where two
+        graphs first differ, their digests first differ."""
+        return {name: hashlib.sha256(record).hexdigest()[:8] for name, record in self._records()}
+
+    def _records(self) -> Iterator[tuple[str, bytes]]:
         index: dict[str, int] = {}
         source: dict[str, str] = {}  # a skipped op stands for its input
         for name in self.order:
@@ -183,8 +193,7 @@ class OpGraph:
                 [[m.op, m.target, m.shapes, [str(d) for d in m.dtypes], m.module_path, m.reads]
                  for m in members if m.target not in _LAYOUT_ONLY],
             ]
-            digest.update(json.dumps(record).encode())
-        return digest.hexdigest()[:16]
+            yield name, json.dumps(record).encode()
 
     # ------------------------------------------------------------------ coarsening
 

@@ -92,6 +92,9 @@ class Plan:
     cluster: str
     """The cluster, as ``Cluster.parse`` reads it."""
     options: dict[str, Any] = field(default_factory=dict)
+    node_digests: dict[str, str] = field(default_factory=dict)
+    """Each node's part of the fingerprint (``OpGraph.node_digests``): names the first node
+    where a model differs from the one planned."""
     format_version: int = FORMAT_VERSION
 
     # ------------------------------------------------------------------ reading it

@@ -171,13 +171,25 @@ def _check_fingerprint(traced: Traced, plan: Plan) -> None:
     graph = OpGraph.from_traced(traced)
     if graph.fingerprint() == plan.fingerprint:
         return
-    planned = [n for stage in plan.stages for n in stage.nodes]
-    missing = next((n for n in planned if n not in traced.nodes), None)
-    detail = f"the plan's node {missing!r} is not in this model's graph" if missing else \
-        "the nodes have the same names but differ in ops, shapes or owners"
     raise PlanMismatchError(
         f"this plan was made for another graph (fingerprint {plan.fingerprint}, this model's is "
-        f"{graph.fingerprint()}): {detail}. Plan again for this model and these input shapes.")
+        f"{graph.fingerprint()}): {_first_difference(traced, graph, plan)}. Plan again for this model and "
+        "these input shapes.")
+
+
+def _first_difference(traced: Traced, graph: OpGraph, plan: Plan) -> str:
+    """Where the model's graph first departs from the planned one, in graph order."""
+    planned = plan.node_digests
+    for name, digest in graph.node_digests().items():
+        if planned and planned.get(name) != digest:
+            info = traced.nodes[name]
+            what = "is not in the plan" if name not in planned else "differs from the planned node of that name"
+            return (f"node {name!r} ({info.target} in {info.module_path or 'the model'}, output shapes "
+                    f"{', '.join(str(tuple(s)) for s in info.shapes) or 'none'}) {what}")
+    missing = next((n for stage in plan.stages for n in stage.nodes if n not in traced.nodes), None)
+    if missing:
+        return f"the plan's node {missing!r} is not in this model's graph"
+    return "the nodes have the same names but differ in ops, shapes or owners"
 
 
 def _stages_of_nodes(gm: fx.GraphModule, plan: Plan) -> dict[str, int]:

@@ -880,6 +880,7 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
         microbatches=m,
         solver=report,
         fingerprint=graph.fingerprint(),
+        node_digests=graph.node_digests(),
         cluster=str(cluster),
         options=_jsonable(dataclasses.asdict(options)),
     )

@@ -101,6 +101,10 @@ def test_a_plan_for_another_model_or_device_count_is_refused():
     other_traced = capture(other, args)
     with pytest.raises(PlanMismatchError, match="made for another graph.*Plan again"):
         split_module(other, other_traced, plan, ["cpu", "cpu"])
+    wider, args, _ = models.MLP(d_out=9), models.mlp()[1], None  # same node names, the last layer differs
+    with pytest.raises(PlanMismatchError, match=r"node 'layers_6' \(.* in layers.6, output shapes \(4, 9\)\) "
+                                                "differs from the planned node"):
+        split_module(wider, capture(wider, args), plan, ["cpu", "cpu"])
 
 
 def test_checkpoints_load_either_way():
