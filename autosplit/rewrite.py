@@ -14,6 +14,7 @@ and checkpoints are the model's.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 from typing import Any, Sequence
@@ -23,10 +24,10 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from autosplit.errors import AutosplitError
+from autosplit.errors import AutosplitError, InputSignatureError
 from autosplit.graph import OpGraph
 from autosplit.modes import in_mode
-from autosplit.pipeline import MicrobatchError, Pipeline
+from autosplit.pipeline import MicrobatchError, Pipeline, cut_microbatches
 from autosplit.plan import Plan
 from autosplit.trace import Traced
 
@@ -69,6 +70,7 @@ class SplitModule(nn.Module):
         self.devices = list(devices)
         self.output_device = output_device
         self.microbatches = microbatches
+        self.__dict__["_fixed_shapes"] = {}
         self.__dict__["_batch_norms"] = [name for name, m in model.named_modules()
                                          if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -81,6 +83,8 @@ class SplitModule(nn.Module):
         self.__dict__["graph_module"] = built.graph_module
         self.plan, self.devices, self.output_device = built.plan, built.devices, built.output_device
         self.microbatches = built.microbatches
+        self.__dict__["_fixed_shapes"] = built._fixed_shapes
+        self.__dict__["_signature"] = built.__dict__.get("_signature")
         self.train(self.training)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -89,9 +93,33 @@ class SplitModule(nn.Module):
             if build is None:
                 raise RuntimeError("this SplitModule has no plan: build it with autosplit.autosplit()")
             build(args, kwargs)
+        if self._fixed_shapes:
+            self._check_shapes(args, kwargs)
         if self.microbatches > 1:
             self._check_batch_coupling()
         return self.graph_module(*args, **kwargs)
+
+    def fix_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Refuse calls whose tensor inputs (one microbatch of them) differ from ``shapes``, by
+        argument name: a graph exported with these shapes computes with them fixed."""
+        self.__dict__["_fixed_shapes"] = dict(shapes)
+        self.__dict__["_signature"] = inspect.signature(self.graph_module.forward)
+
+    def _check_shapes(self, args: tuple, kwargs: dict) -> None:
+        try:
+            bound = self._signature.bind(*args, **kwargs).arguments
+        except TypeError:
+            return  # the graph's own call reports arguments that do not fit
+        values = cut_microbatches(list(bound.values()), self.microbatches)[0] if self.microbatches > 1 else \
+            list(bound.values())
+        for name, value in zip(bound, values):
+            expected = self._fixed_shapes.get(name)
+            if expected is not None and isinstance(value, torch.Tensor) and tuple(value.shape) != expected:
+                per = f" per microbatch (of {self.microbatches})" if self.microbatches > 1 else ""
+                raise InputSignatureError(
+                    f"input {name!r} has shape {tuple(value.shape)}{per}, but this split was captured by torch.export "
+                    f"for {expected}, and an exported graph keeps the shapes it was captured with. Pass inputs of "
+                    "that shape (e.g. drop_last=True in the DataLoader), or plan and split the model for this shape")
 
     def _check_batch_coupling(self) -> None:
         """BatchNorm in training mode normalizes with the statistics of the batch it sees: per
@@ -148,7 +176,11 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
         if hasattr(gm, attr):
             setattr(split, attr, getattr(gm, attr))
     _move_state(moves)
-    return SplitModule(model, split, plan, devices, output_device, microbatches)
+    result = SplitModule(model, split, plan, devices, output_device, microbatches)
+    if traced.tracer == "export":
+        result.fix_shapes({n.name: tuple(n.meta["val"].shape) for n in gm.graph.nodes
+                           if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)})
+    return result
 
 
 def _pipelined(split: fx.GraphModule, placed: dict[fx.Node, int], devices: list[torch.device],

@@ -153,3 +153,34 @@ def test_on_cuda_each_device_gets_a_stream_and_results_equal_one_microbatch():
     assert set(sm.graph_module.pipeline._streams) == {torch.device(d) for d in devices}
     for (name, p), q in zip(sm.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad.to(p.device), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("name", ["tied_lm", "gpt2"])
+def test_autocast_reaches_every_stage(name, microbatches):
+    model, (ids,), _ = models.REGISTRY[name]()
+    ids = torch.cat([ids, ids.flip(0)])
+    model.eval()
+    reference = copy.deepcopy(model)
+    sm = autosplit.autosplit(model, devices=2, example_inputs=(ids,), microbatches=microbatches)
+    kwargs = {"use_cache": False} if name == "gpt2" else {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = sm(ids), reference(ids, **kwargs)
+    logits, expected = out["logits"], want["logits"]
+    assert logits.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, expected, rtol=1e-2, atol=1e-2)
+    logits.float().square().mean().backward()
+    expected.float().square().mean().backward()
+    for (n, p), q in zip(sm.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=1e-3, msg=n)
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_an_exported_split_refuses_other_shapes_with_a_clear_error(microbatches):
+    model, (ids,), _ = models.gpt2()
+    ids = torch.cat([ids, ids.flip(0)])
+    sm = autosplit.autosplit(model.eval(), devices=2, example_inputs=(ids,), microbatches=microbatches)
+    sm(ids)
+    shape = "\\(4, 8\\)" if microbatches == 1 else "\\(2, 8\\) per microbatch \\(of 2\\)"
+    with pytest.raises(autosplit.InputSignatureError, match=f"'input_ids' has shape {shape}.*torch.export"):
+        sm(ids[:, :8])
