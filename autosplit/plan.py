@@ -128,7 +128,8 @@ class Plan:
             f"bottleneck   {_seconds(self.bottleneck_s)} per microbatch, {self.bottleneck_s / self.lower_bound_s:.3f} × "
             f"the lower bound ({_seconds(self.lower_bound_s)})" if self.lower_bound_s else
             f"bottleneck   {_seconds(self.bottleneck_s)} per microbatch",
-            f"throughput   {throughput}; step {_seconds(self.step_s)} with {self.microbatches} microbatches "
+            f"throughput   {throughput}; step {_seconds(self.step_s)} with {self.microbatches} "
+            f"microbatch{'es' if self.microbatches != 1 else ''} "
             f"({self.schedule}), bubble {self.bubble_fraction:.1%}",
             f"solver       {self.solver.status} by {self.solver.method}, gap {self.solver.gap:.2%}, "
             f"{self.solver.wall_s:.2f} s",
