@@ -133,6 +133,25 @@ class SplitModule(nn.Module):
                 "small batches instead of one, changing outputs and running statistics. Use microbatches=1, "
                 "put those layers in eval mode (frozen statistics), or replace them with GroupNorm/LayerNorm")
 
+    def to(self, *args: Any, **kwargs: Any) -> "SplitModule":
+        """Casts dtypes (``split.to(torch.bfloat16)``); moving to one device would undo the split."""
+        device, _, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None:
+            self._refuse_move(f"to({device})")
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device: Any = None) -> "SplitModule":
+        self._refuse_move("cuda()")
+
+    def cpu(self) -> "SplitModule":
+        self._refuse_move("cpu()")
+
+    def _refuse_move(self, call: str) -> None:
+        raise RuntimeError(
+            f"SplitModule.{call} would move every stage to one device and undo the split over "
+            f"{', '.join(map(str, self.devices))}: its parameters already live on their stages' devices. Cast dtypes "
+            "with .to(dtype); to run elsewhere, split again with autosplit(model, devices=...)")
+
     def train(self, mode: bool = True) -> "SplitModule":
         super().train(mode)
         self._model.training = mode

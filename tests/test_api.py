@@ -29,13 +29,14 @@ def test_one_line_makes_a_training_loop_multi_device():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_without_example_inputs_the_first_batch_plans_the_split():
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_without_example_inputs_the_first_batch_plans_the_split(microbatches):
     model, args, _ = models.mlp()
     reference = copy.deepcopy(model)
-    sm = autosplit.autosplit(model, devices=3)
+    sm = autosplit.autosplit(model, devices=3, microbatches=microbatches)
     assert sm.plan is None
     torch.testing.assert_close(sm(*args), reference(*args))
-    assert len(sm.plan.stages) == 3
+    assert len(sm.plan.stages) == 3 and sm.plan.microbatches == microbatches
 
 
 def test_plan_touches_no_device_and_a_saved_plan_rebuilds_the_same_split(tmp_path):

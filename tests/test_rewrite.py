@@ -118,3 +118,14 @@ def test_checkpoints_load_either_way():
     split.load_state_dict(other.state_dict())  # and the original's into the split model
     torch.testing.assert_close(split(*args)["logits"], other(*args)["logits"])
     assert split.head.weight is split.embed.weight  # still tied
+
+
+def test_moving_the_split_to_one_device_is_refused_and_dtype_casts_work():
+    model, reference, traced, plan, args, _ = planned("mlp", 2)
+    split = split_module(model, traced, plan, ["cpu", "cpu"])
+    for move in (lambda: split.to("cpu"), lambda: split.cuda(), lambda: split.cpu(),
+                 lambda: split.to(torch.device("cpu"), torch.float64)):
+        with pytest.raises(RuntimeError, match="undo the split.*Cast dtypes with .to\\(dtype\\)"):
+            move()
+    assert split.to(torch.float64) is split
+    torch.testing.assert_close(split(args[0].double()), reference.double()(args[0].double()))
