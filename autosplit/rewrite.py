@@ -180,6 +180,10 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
         raise ValueError(f"the plan has {len(plan.stages)} stages but {len(devices)} devices were given: "
                          f"pass one device per stage, e.g. {[f'cuda:{i}' for i in range(len(plan.stages))]}")
     _check_fingerprint(traced, plan)
+    weightless = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if weightless is not None or any(d.type == "meta" for d in devices):
+        raise ValueError(f"{weightless or 'a device'} is on meta: a split module runs real tensors. Load the weights "
+                         "first (model.to_empty(device=...) then load_state_dict), or only plan with autosplit.plan()")
     gm = traced.graph_module
     stage_of = _stages_of_nodes(gm, plan)
     moves = _state_moves(model, gm, stage_of, devices)

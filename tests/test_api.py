@@ -67,3 +67,10 @@ def test_bad_arguments_get_one_clear_error():
         autosplit.autosplit(model, devices=2, example_inputs=args, microbatches=2, schedule="1f1b")
     with pytest.raises(ValueError, match="batch of 4 cannot be cut into 3 equal microbatches"):
         autosplit.autosplit(model, devices=2, example_inputs=args, microbatches=3)
+
+
+def test_a_model_without_weights_is_planned_not_split():
+    model, args, _ = models.mlp("meta")
+    with pytest.raises(ValueError, match="layers.0.weight is on meta.*only plan with autosplit.plan"):
+        autosplit.autosplit(model, devices=2, example_inputs=(torch.randn(4, 16),))
+    assert all(p.is_meta for p in model.parameters())

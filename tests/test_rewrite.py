@@ -129,3 +129,24 @@ def test_moving_the_split_to_one_device_is_refused_and_dtype_casts_work():
             move()
     assert split.to(torch.float64) is split
     torch.testing.assert_close(split(args[0].double()), reference.double()(args[0].double()))
+
+
+def test_a_failed_move_leaves_every_parameter_where_it_was(monkeypatch):
+    model, reference, traced, plan, args, _ = planned("mlp", 2)
+    before = {name: (p, p.data_ptr()) for name, p in model.named_parameters()}
+    real_to, calls = torch.Tensor.to, []
+
+    def to_then_fail(self, *a, **k):  # the third tensor does not fit on its device
+        calls.append(a)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory")
+        return real_to(self, *a, **k).clone()
+
+    monkeypatch.setattr(torch.Tensor, "to", to_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        split_module(model, traced, plan, ["cpu", "cpu:0"])  # "cpu:0" is another device to the split
+    monkeypatch.undo()
+    assert len(calls) == 3  # two tensors had moved when the third failed
+    for name, p in model.named_parameters():
+        assert p is before[name][0] and p.data_ptr() == before[name][1], f"{name} was left moved"
+    torch.testing.assert_close(model(*args), reference(*args))
