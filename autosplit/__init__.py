@@ -4,7 +4,7 @@ The public surface is small; everything not listed in ``__all__`` is internal.
 """
 
 from autosplit.api import autosplit, plan
-from autosplit.errors import AutosplitError, InfeasibleError, InputSignatureError, TraceError
+from autosplit.errors import AutosplitError, InfeasibleError, InputSignatureError, MicrobatchError, TraceError
 from autosplit.graph import OpGraph
 from autosplit.plan import Plan
 from autosplit.rewrite import PlanMismatchError, SplitModule
@@ -15,6 +15,7 @@ __all__ = [
     "AutosplitError",
     "InfeasibleError",
     "InputSignatureError",
+    "MicrobatchError",
     "OpGraph",
     "Plan",
     "PlanMismatchError",

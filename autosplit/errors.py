@@ -17,3 +17,8 @@ class InputSignatureError(AutosplitError, TypeError):
 
 class InfeasibleError(AutosplitError):
     """No split of the model fits the cluster's memory; the message says what would."""
+
+
+class MicrobatchError(AutosplitError, ValueError):
+    """A batch that cannot be cut into microbatches, outputs that cannot be joined from them, or
+    layers that would compute differently per microbatch (batch statistics)."""

@@ -106,12 +106,14 @@ def in_mode(node: fx.Node, owner: nn.Module) -> InMode | None:
         stats = node.kwargs.get(stats_keyword, node.args[stats_index] if len(node.args) > stats_index else None)
         if isinstance(fixed(index, keyword), bool) and stats is not None:  # no running stats: always batch stats
             return InMode(target, owner, index, keyword, _follow)
-    elif target in (aten.add_.Tensor, aten.add_.Scalar) and _counts_batches(node):
+    elif target in (aten.add_.Tensor, aten.add_.Scalar) and _counts_batches(node, owner):
         return InMode(target, owner, 1, "other", _count_when_training)
     return None
 
 
-def _counts_batches(node: fx.Node) -> bool:
-    """``num_batches_tracked += 1`` of a batch norm, recorded by export in training mode."""
+def _counts_batches(node: fx.Node, owner: nn.Module) -> bool:
+    """A batch norm adding to one of its own buffers in place: the batch count that export
+    records in training mode (``num_batches_tracked += 1``)."""
     buffer = node.args[0] if node.args else None
-    return isinstance(buffer, fx.Node) and buffer.op == "get_attr" and str(buffer.target).endswith("num_batches_tracked")
+    return (isinstance(owner, nn.modules.batchnorm._BatchNorm) and isinstance(buffer, fx.Node)
+            and buffer.op == "get_attr")

@@ -24,9 +24,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-
-class MicrobatchError(ValueError):
-    """A batch that cannot be cut into microbatches, or outputs that cannot be joined."""
+from autosplit.errors import MicrobatchError
 
 
 def batch_size(values: Sequence[Any]) -> int | None:

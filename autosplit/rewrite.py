@@ -24,10 +24,10 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from autosplit.errors import AutosplitError, InputSignatureError
+from autosplit.errors import AutosplitError, InputSignatureError, MicrobatchError
 from autosplit.graph import OpGraph
 from autosplit.modes import in_mode
-from autosplit.pipeline import MicrobatchError, Pipeline, cut_microbatches
+from autosplit.pipeline import Pipeline, cut_microbatches
 from autosplit.plan import Plan
 from autosplit.trace import Traced
 

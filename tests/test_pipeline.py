@@ -10,7 +10,8 @@ from torch import nn
 
 import autosplit
 import models
-from autosplit.pipeline import MicrobatchError, cut_microbatches
+from autosplit import MicrobatchError
+from autosplit.pipeline import cut_microbatches
 
 
 def test_the_stages_run_in_a_wavefront_and_the_loop_is_unchanged():
