@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import operator
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -295,7 +295,7 @@ def _move_state(moves: list[tuple[torch.Tensor, torch.device]]) -> None:
         raise
 
 
-def _owners(model: nn.Module, traced: Traced) -> Any:
+def _owners(model: nn.Module, traced: Traced) -> Callable[[fx.Node], nn.Module]:
     """The model's module that owns a node (the model itself for top-level ops)."""
     modules = dict(model.named_modules())
 
@@ -313,7 +313,7 @@ def _targets(gm: fx.GraphModule, graph: fx.Graph, extra: dict[str, nn.Module]) -
 
 def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], devices: list[torch.device],
              output_device: torch.device, placed: dict[fx.Node, int], in_modes: dict[str, nn.Module],
-             owner_of: Any) -> fx.Graph:
+             owner_of: Callable[[fx.Node], nn.Module]) -> fx.Graph:
     """The graph with every node on its stage's device; ``placed`` receives the stage of every
     node that computes (a move belongs to the stage that reads the value), ``in_modes`` the
     :class:`~autosplit.modes.InMode` modules that replace ops fixed to the capture's mode."""
