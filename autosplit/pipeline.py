@@ -27,6 +27,9 @@ from torch import nn
 from autosplit.errors import MicrobatchError
 
 
+_COMPUTE = ("call_function", "call_method", "call_module")
+
+
 def batch_size(values: Sequence[Any]) -> int | None:
     """The batch size of flat inputs: dimension 0 of the first tensor that has dimensions."""
     return next((v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
@@ -83,17 +86,20 @@ class Pipeline(nn.Module):
         count = len(devices)
         output = next(n for n in graph.nodes if n.op == "output")
         results = _unique(n for n in output.all_input_nodes)
+        weights = [n.target for n in results if n.op == "get_attr"]
+        if weights:
+            raise MicrobatchError(f"the model returns its own weights ({', '.join(weights)}), which are not "
+                                  "per microbatch: use microbatches=1")
         readers: dict[fx.Node, set[int]] = {}
         for node in graph.nodes:
-            if node.op in ("call_function", "call_method", "call_module"):
+            if node.op in _COMPUTE:
                 for source in node.all_input_nodes:
                     readers.setdefault(source, set()).add(stage_of[node])
         stages, inputs, outputs = [], [], []
         for s in range(count):
             sub = fx.Graph()
             env: dict[fx.Node, fx.Node] = {}
-            members = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")
-                       and stage_of[n] == s]
+            members = [n for n in graph.nodes if n.op in _COMPUTE and stage_of[n] == s]
             reads = _unique(src for n in members for src in n.all_input_nodes
                             if src.op != "get_attr" and (src.op == "placeholder" or stage_of[src] != s))
             for source in reads:
@@ -114,10 +120,6 @@ class Pipeline(nn.Module):
             inputs.append([n.name for n in reads])
             outputs.append([n.name for n in sends])
         placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
-        weights = [n.target for n in results if n.op == "get_attr"]
-        if weights:
-            raise MicrobatchError(f"the model returns its own weights ({', '.join(weights)}), which are not "
-                                  "per microbatch: use microbatches=1")
         return cls(stages, inputs, outputs, placeholders, [n.name for n in results], devices, microbatches)
 
     def forward(self, *flat: Any) -> tuple[Any, ...]:
