@@ -18,11 +18,12 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from autosplit.graph import OpGraph
+from autosplit.modes import in_mode, written_flags
 from autosplit.pipeline import cut_microbatches
 from autosplit.plan import Plan
 from autosplit.rewrite import SplitModule, split_module
 from autosplit.solver import SolverOptions, solve
-from autosplit.trace import TensorSpec, capture
+from autosplit.trace import TensorSpec, Traced, capture
 from cost_models import Cluster, price_graph
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
         with _mode(model, training=mode == "train"):
             traced = capture(model, args, kwargs)
         chosen = plan if plan is not None else _solve(traced, resolved, cluster, mode, microbatches, options)
-        built = split_module(model, traced, chosen, resolved[: len(chosen.stages)], output_device, microbatches)
+        built = split_module(model, traced, chosen, resolved[: len(chosen.stages)], output_device, microbatches,
+                             _written_flags(model, traced, args, kwargs))
         split.attach(built)
 
     if example_inputs is not None or example_kwargs:
@@ -119,6 +121,16 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     else:
         split.build_on_first_call(build)
     return split
+
+
+def _written_flags(model: nn.Module, traced: Traced, args: tuple, kwargs: dict) -> frozenset[str]:
+    """The mode flags that the model's code fixes whatever its mode: found by capturing it once
+    more in the other mode, when the graph has such flags at all."""
+    if not any(in_mode(n, model, traced.training) for n in traced.graph.nodes):
+        return frozenset()
+    with _mode(model, training=not traced.training):
+        other = capture(model, args, kwargs)
+    return written_flags(traced, other)
 
 
 @contextlib.contextmanager

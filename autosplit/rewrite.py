@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.fx as fx
@@ -162,12 +162,16 @@ class SplitModule(nn.Module):
 
 
 def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence[torch.device | str],
-                 output_device: torch.device | str | None = None, microbatches: int = 1) -> SplitModule:
+                 output_device: torch.device | str | None = None, microbatches: int = 1,
+                 written_flags: Collection[str] = ()) -> SplitModule:
     """Build the :class:`SplitModule` of ``model`` for ``plan`` on ``devices`` (one per stage).
 
     With ``microbatches`` > 1 each call cuts its batch into that many microbatches and runs the
     stages in a GPipe wavefront (:mod:`autosplit.pipeline`); ``traced`` is then the capture of
     one microbatch.
+
+    Dropout and batch-norm flags that the capture fixed follow ``train()``/``eval()`` again, but
+    for the nodes in ``written_flags`` (:func:`autosplit.modes.written_flags`).
 
     Raises:
         PlanMismatchError: the plan was made for another graph.
@@ -190,7 +194,7 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
     output_device = torch.device(output_device) if output_device is not None else devices[-1]
     placed: dict[fx.Node, int] = {}
     in_modes: dict[str, nn.Module] = {}
-    graph = _rewrite(gm, stage_of, devices, output_device, placed, in_modes, _owners(model, traced))
+    graph = _rewrite(gm, stage_of, devices, output_device, placed, in_modes, _mode_followers(model, traced, written_flags))
     split = fx.GraphModule(_targets(gm, graph, in_modes), graph, class_name="SplitGraph")
     split.graph.lint()
     if microbatches > 1:
@@ -295,14 +299,20 @@ def _move_state(moves: list[tuple[torch.Tensor, torch.device]]) -> None:
         raise
 
 
-def _owners(model: nn.Module, traced: Traced) -> Callable[[fx.Node], nn.Module]:
-    """The model's module that owns a node (the model itself for top-level ops)."""
+def _mode_followers(model: nn.Module, traced: Traced, written: Collection[str]
+                    ) -> Callable[[fx.Node], nn.Module | None]:
+    """For each node, the :class:`~autosplit.modes.InMode` that makes it follow the mode of the
+    model's module that owns it (the model itself for top-level ops), or None."""
     modules = dict(model.named_modules())
+    written = set(written)
 
-    def owner(node: fx.Node) -> nn.Module:
+    def follower(node: fx.Node) -> nn.Module | None:
+        if node.name in written:
+            return None
         info = traced.nodes.get(node.name)
-        return modules.get(info.module_path, model) if info is not None else model
-    return owner
+        owner = modules.get(info.module_path, model) if info is not None else model
+        return in_mode(node, owner, traced.training)
+    return follower
 
 
 def _targets(gm: fx.GraphModule, graph: fx.Graph, extra: dict[str, nn.Module]) -> dict[str, Any]:
@@ -313,7 +323,7 @@ def _targets(gm: fx.GraphModule, graph: fx.Graph, extra: dict[str, nn.Module]) -
 
 def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], devices: list[torch.device],
              output_device: torch.device, placed: dict[fx.Node, int], in_modes: dict[str, nn.Module],
-             owner_of: Callable[[fx.Node], nn.Module]) -> fx.Graph:
+             follower: Callable[[fx.Node], nn.Module | None]) -> fx.Graph:
     """The graph with every node on its stage's device; ``placed`` receives the stage of every
     node that computes (a move belongs to the stage that reads the value), ``in_modes`` the
     :class:`~autosplit.modes.InMode` modules that replace ops fixed to the capture's mode."""
@@ -357,7 +367,7 @@ def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], devices: list[torch.d
                 copied[node].meta = dict(node.meta)
                 placed[copied[node]] = stage
                 continue
-        replacement = in_mode(node, owner_of(node))
+        replacement = follower(node)
         if replacement is not None:
             target = f"in_mode_{len(in_modes)}"
             in_modes[target] = replacement

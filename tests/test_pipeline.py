@@ -11,6 +11,7 @@ from torch import nn
 import autosplit
 import models
 from autosplit import MicrobatchError
+from autosplit.modes import InMode
 from autosplit.pipeline import cut_microbatches
 
 
@@ -185,3 +186,30 @@ def test_an_exported_split_refuses_other_shapes_with_a_clear_error(microbatches)
     shape = "\\(4, 8\\)" if microbatches == 1 else "\\(2, 8\\) per microbatch \\(of 2\\)"
     with pytest.raises(autosplit.InputSignatureError, match=f"'input_ids' has shape {shape}.*torch.export"):
         sm(ids[:, :8])
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_a_dropout_written_always_on_stays_on_in_eval_mode(export):
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            if export and x.dim() == 2:  # a branch on a shape: symbolic_trace fails, export captures it
+                x = x * 1.0
+            x = F.dropout(self.a(x), 0.5)  # training defaults to True: drops in eval mode too
+            return self.b(F.dropout(x, 0.5, training=self.training))
+
+    torch.manual_seed(0)
+    model, x = Mixed(), torch.randn(4, 8)
+    reference = copy.deepcopy(model)
+    sm = autosplit.autosplit(model, devices=2, example_inputs=(x,))
+    assert sum(isinstance(m, InMode) for m in sm.graph_module.modules()) == 1  # only the second follows the mode
+    for mode in (True, False):
+        sm.train(mode)
+        reference.train(mode)
+        torch.manual_seed(5)
+        out = sm(x)
+        torch.manual_seed(5)
+        torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
