@@ -17,6 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from autosplit.errors import AutosplitError
 from autosplit.graph import OpGraph
 from autosplit.modes import in_mode, written_flags
 from autosplit.pipeline import cut_microbatches
@@ -128,8 +129,14 @@ def _written_flags(model: nn.Module, traced: Traced, args: tuple, kwargs: dict) 
     more in the other mode, when the graph has such flags at all."""
     if not any(in_mode(n, model, traced.training) for n in traced.graph.nodes):
         return frozenset()
-    with _mode(model, training=not traced.training):
-        other = capture(model, args, kwargs)
+    try:
+        with _mode(model, training=not traced.training):
+            other = capture(model, args, kwargs)
+    except AutosplitError as e:  # the split still works; flags equal to the capture's mode follow the mode
+        logger.warning("could not capture the model in %s mode to tell fixed dropout flags from mode-following "
+                       "ones (%s); every flag equal to the capture's mode will follow train()/eval()",
+                       "training" if not traced.training else "eval", e)
+        return frozenset()
     return written_flags(traced, other)
 
 
