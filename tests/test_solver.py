@@ -321,3 +321,23 @@ def test_a_plan_prints_as_a_table_with_a_summary():
     assert plan.stages[-1].modules[1] == "lm_head"
     assert "× the lower bound" in text and "tokens/s" in text and "bubble 33.3%" in text
     assert f"{plan.solver.status} by {plan.solver.method}" in text
+
+
+def test_splits_not_contiguous_in_the_chain_order_are_found_around_the_cuts(monkeypatch):
+    import autosplit.solver as solver_module
+
+    model, args, _ = models.gpt2()
+    traced, graph, costs = priced(model, *args)
+    cluster, options = Cluster.parse("3xh100"), SolverOptions()
+    windowed = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    monkeypatch.setattr(solver_module, "WINDOW_GAP", math.inf)  # the solver without its last step
+    contiguous = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    assert windowed.solver.method.endswith("cp-sat op windows")
+    assert windowed.bottleneck_s < contiguous.bottleneck_s * (1 - 1e-6)
+    listed = Counter(n for st in windowed.stages for n in st.nodes)
+    stage = {n: s for n, s in windowed.stage_of().items() if listed[n] == 1}  # not the input-derived, rebuilt per stage
+    for u, v in graph.dag.edges:  # still a pipeline: data flows to the same or a later stage
+        if u in stage and v in stage:
+            assert stage[u] <= stage[v], (u, v)
+    chain_order = [n for n in traced.nodes if n in stage]
+    assert any(stage[a] > stage[b] for a, b in zip(chain_order, chain_order[1:]))  # not one interval per stage
