@@ -58,7 +58,8 @@ class Stage:
 @dataclass(frozen=True)
 class SolverReport:
     status: str
-    """``OPTIMAL`` (proven for the cut granularity searched) or ``FEASIBLE``."""
+    """``OPTIMAL``: no op-level split on this device order is faster (within 0.1%), or with
+    ``refine=False`` no block-level split; ``FEASIBLE``: the best found, ``gap`` from the bound."""
     gap: float
     """Relative gap between the plan's bottleneck and the best proven bound."""
     wall_s: float
@@ -76,7 +77,9 @@ class Plan:
     bottleneck_s: float
     """Time per microbatch of the slowest stage: the pipeline's steady-state period."""
     lower_bound_s: float
-    """max(total work ÷ combined device speed, heaviest indivisible block on the fastest device)."""
+    """max(total work ÷ combined device speed, heaviest indivisible block on the fastest device),
+    raised on identical devices by the traffic every split at least as fast as the plan must send
+    (``solver.traffic_bound_s``): no split of the graph has a lower bottleneck."""
     step_s: float
     """Predicted time of one step: (microbatches + stages − 1) × bottleneck."""
     bubble_fraction: float

@@ -24,11 +24,15 @@ How it is solved, coarse to fine:
    single chain order cannot (parallel branches) and is what certifies the answer.
 3. Refinement: whole-layer cuts cannot balance a GPT-2 whose head is a quarter of the work; the
    DP is run again over op-level cut positions inside the blocks next to each cut.
-4. Windows: while the split is more than ``WINDOW_GAP`` above the lower bound, CP-SAT runs once
-   more with every op within ``WINDOW_OPS`` of a cut as a block of its own. Around a cut the op
-   DAG has parallel branches (the halves of a GELU, q/k/v), and a split that is not contiguous
-   in the chain order can send less or balance better: on a GPT-2-XL shape at 4 stages it takes
-   the bottleneck from 1.022 to 1.019 × the lower bound.
+4. Single ops: in a split at least as good as the incumbent, an op's ancestors must fit in the
+   stages up to its own and its descendants in the stages from it (``stage_ranges``), so most
+   ops have one possible stage and the rest a window of a few. CP-SAT runs once more with every
+   op that could move as a block of its own and proves the split optimal among all op-level
+   splits (OPTIMAL in the report means that) or finds a better one: around a cut the op DAG has
+   parallel branches (the halves of a GELU, q/k/v), and a split that is not contiguous in the
+   chain order can send less or balance better (a GPT-2-XL shape at 4 stages: 1.022 → 1.019 ×
+   the lower bound). Past ``OPS_MAX`` movable ops only those within ``WINDOW_OPS`` of a cut
+   move, and the status stays FEASIBLE.
 
 Deterministic: fixed worker count with interleaved search, deterministic time limits, fixed seed.
 """
@@ -171,16 +175,48 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
     """Lay the blocks' ops (of the op-level ``graph``) out in one topological order and compute
     the prefix sums."""
     train = options.mode == "train"
+    infos = blocks.infos
+    members = [(block, list(blocks[block]["members"])) for block in blocks.order
+               if blocks[block]["kind"] not in (INPUT, OUTPUT)]
+    # A weight lives on the stage of its first reader (the rewriter puts it there): each weight op
+    # goes right before that reader, in the reader's block, and no cut separates them. An op
+    # nothing reads (a shape check) goes right after the last op it reads, likewise.
+    laid_out = {op: k for k, op in enumerate(op for _, ops_ in members for op in ops_)}
+    before: dict[str, list[str]] = {}
+    after: dict[str, list[str]] = {}
+    for op in laid_out:
+        if infos[op].op == "get_attr":
+            readers = [v for v in graph.dag.successors(op) if v in laid_out and infos[v].op != "get_attr"]
+            if readers:
+                before.setdefault(min(readers, key=laid_out.__getitem__), []).append(op)
+        elif graph.dag.out_degree(op) == 0:
+            inputs = [u for u in graph.dag.predecessors(op) if u in laid_out and infos[u].op != "get_attr"]
+            if inputs:
+                after.setdefault(max(inputs, key=laid_out.__getitem__), []).append(op)
+    attached = {w for ws in [*before.values(), *after.values()] for w in ws}
     ops, block_starts, block_names = [], [], []
-    for block in blocks.order:
-        if blocks[block]["kind"] in (INPUT, OUTPUT):
-            continue
-        block_starts.append(len(ops))
-        block_names.append(block)
-        ops.extend(blocks[block]["members"])
+    glued: set[int] = set()
+    for block, ops_ in members:
+        laid = []
+
+        def lay(op: str) -> None:
+            for weight in before.get(op, ()):
+                glued.add(len(ops) + len(laid) + 1)
+                laid.append(weight)
+            laid.append(op)
+            for sink in after.get(op, ()):
+                glued.add(len(ops) + len(laid))
+                lay(sink)
+
+        for op in ops_:
+            if op not in attached:
+                lay(op)
+        if laid:
+            block_starts.append(len(ops))
+            block_names.append(block)
+            ops.extend(laid)
     n = len(ops)
     position = {op: k for k, op in enumerate(ops)}
-    infos = blocks.infos
 
     def prefix(values: Sequence[float]) -> np.ndarray:
         out = np.zeros(n + 1)
@@ -230,7 +266,7 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
             raise ValueError(f"pin names module {path!r}, which runs no op of this model; "
                              f"pin takes qualified module names such as 'transformer.h.0'")
         pins[matched] = stage
-    forbidden: set[int] = set()
+    forbidden: set[int] = set(glued)
     for rule in options.no_split:
         spans: dict[str, list[int]] = {}
         for k, op in enumerate(ops):
@@ -465,6 +501,61 @@ def chain_dp(model: StageModel, candidates: Sequence[int]) -> tuple[float, list[
     return float(best[S - 1][-1]), sorted(cuts)
 
 
+# --------------------------------------------------------------------------- stage ranges
+
+
+def stage_ranges(model: StageModel, graph: OpGraph, bound_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """The stages each op can take in any split whose bottleneck is at most ``bound_s``.
+
+    An op on stage s has all its ancestors on stages 0..s, whose s + 1 stages take at most
+    (s + 1) · bound_s together, and all its descendants on stages s..S − 1: so
+    (ancestors' work) ≤ (s + 1) · bound_s and (descendants' work) ≤ (S − s) · bound_s, each op
+    priced on the fastest device type. Traffic and memory only shrink the ranges further, so
+    they hold for every split at or below the bound. Returns (first, last) stage per chain op.
+    """
+    chain = model.chain
+    S, n = len(model.layout), chain.n
+    work = np.min(np.stack([np.diff(chain.time_s[t]) for t in set(model.layout.types)]), axis=0)
+    position = {op: k for k, op in enumerate(chain.ops)}
+    before = [[position[u] for u in graph.dag.predecessors(op) if u in position] for op in chain.ops]
+    after: list[list[int]] = [[] for _ in range(n)]
+    for k, preds in enumerate(before):
+        for j in preds:
+            after[n - 1 - j].append(n - 1 - k)  # the reversed chain, for descendants
+    up = _closure_work(before, work)
+    down = _closure_work(after, work[::-1])[::-1]
+    slack = 1 + 1e-9
+    first = np.maximum(0, np.ceil(up / (bound_s * slack)) - 1).astype(np.int64)
+    last = np.minimum(S - 1, S - np.ceil(down / (bound_s * slack))).astype(np.int64)
+    return first, last
+
+
+def _closure_work(before: Sequence[Sequence[int]], work: np.ndarray) -> np.ndarray:
+    """Work of every op with all its ancestors, ops in topological order with their
+    predecessors' indices. The ancestor sets are bitsets (Python ints); an op's set is its
+    heaviest predecessor's plus the few ops the others add (the branches that rejoin)."""
+    sets: list[int] = []
+    totals = np.zeros(len(before))
+    for k, preds in enumerate(before):
+        if preds:
+            base = max(preds, key=lambda p: (totals[p], p))
+            bits, total = sets[base], float(totals[base])
+        else:
+            bits, total = 0, 0.0
+        extra = 1 << k
+        for p in preds:
+            extra |= sets[p]
+        extra &= ~bits
+        bits |= extra
+        while extra:
+            low = extra & -extra
+            total += work[low.bit_length() - 1]
+            extra ^= low
+        sets.append(bits)
+        totals[k] = total
+    return totals
+
+
 # --------------------------------------------------------------------------- CP-SAT over the block DAG
 
 
@@ -479,13 +570,16 @@ class CpResult:
 
 
 def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
-                  options: SolverOptions, hint_s: float | None = None) -> CpResult | None:
+                  options: SolverOptions, hint_s: float | None = None,
+                  ranges: tuple[np.ndarray, np.ndarray] | None = None) -> CpResult | None:
     """Assign a stage to every block (any DAG split, not only chain intervals), minimizing the
     bottleneck, then the traffic. Returns None when CP-SAT finds no feasible assignment.
 
     ``hint`` (a stage per block) with its bottleneck ``hint_s`` bounds the search from above; the
     lower bound of the problem bounds it from below. When CP-SAT proves the hint optimal, the
     hint is kept: it already has the least traffic among the chain splits of that bottleneck.
+    ``ranges`` (``stage_ranges`` at ``hint_s``, per op) confine each block to the stages its ops
+    can take in a split at least as good as the hint.
     """
     chain, layout = model.chain, model.layout
     S, B = len(layout), len(chain.block_names)
@@ -495,17 +589,29 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
         block_of_op[bounds[b]:bounds[b + 1]] = b
     position = {op: k for k, op in enumerate(chain.ops)}
 
-    # Integer ticks: the total work of the slowest device type spread over ~10^6 ticks.
+    # Integer ticks: the total work of the slowest device type spread over ~10^6 ticks. Costs are
+    # rounded down, so the model never prices a split above its true time and its bound holds.
     total = max(chain.time_s[t][-1] for t in set(layout.types))
     tick_s = max(total, 1e-12) / 1e6
     ticks = lambda seconds: int(round(seconds / tick_s))  # noqa: E731
+    cost_ticks = lambda seconds: int(seconds / tick_s)  # noqa: E731
+
+    if ranges is not None:
+        first = [int(ranges[0][bounds[b]:bounds[b + 1]].max()) for b in range(B)]
+        last = [int(ranges[1][bounds[b]:bounds[b + 1]].min()) for b in range(B)]
+    else:
+        first, last = [0] * B, [S - 1] * B
+    if any(f > l for f, l in zip(first, last)):
+        return None
 
     m = cp_model.CpModel()
     y = [[m.new_bool_var(f"y{b}_{s}") for s in range(S)] for b in range(B)]
-    x = [m.new_int_var(0, S - 1, f"x{b}") for b in range(B)]
+    x = [m.new_int_var(first[b], last[b], f"x{b}") for b in range(B)]
     for b in range(B):
         m.add_exactly_one(y[b])
         m.add(x[b] == sum(s * y[b][s] for s in range(S)))
+        for s in itertools.chain(range(first[b]), range(last[b] + 1, S)):
+            m.add(y[b][s] == 0)
     for s in range(S):
         m.add(sum(y[b][s] for b in range(B)) >= 1)
         span = model.pin_span[s]
@@ -534,16 +640,20 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
 
     stage_terms: list[list[Any]] = [[] for _ in range(S)]
     comm_terms: list[Any] = []
+    hint_ticks = [0] * S  # the hint's stage times as this model prices them
     for (p, consumers), (nbytes, count) in groups.items():
         for hop in range(S - 1):
             seconds = (nbytes * layout.hop_s_per_byte[hop] + count * layout.hop_latency_s[hop]) * model.directions
-            cost = ticks(seconds)
-            if cost == 0:
-                continue
+            cost = cost_ticks(seconds)
+            if hint is not None and (0 if p < 0 else hint[p]) <= hop < max(hint[c] for c in consumers):
+                hint_ticks[hop] += cost
+                hint_ticks[hop + 1] += cost
+            if cost == 0 or (p >= 0 and first[p] > hop) or all(last[c] <= hop for c in consumers):
+                continue  # free, or it cannot cross this hop
             cross = m.new_bool_var("")
             beyond = m.new_bool_var("")
             for c in consumers:
-                for s in range(hop + 1, S):
+                for s in range(max(hop + 1, first[c]), last[c] + 1):
                     m.add_implication(y[c][s], beyond)
             up_to = 1 if p < 0 else sum(y[p][s] for s in range(hop + 1))
             m.add(cross >= up_to + beyond - 1)
@@ -551,28 +661,63 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
             stage_terms[hop + 1].append(cost * cross)
             comm_terms.append(cost * cross)
 
+    # A weight read in several blocks lives with its first reader and goes once per step to each
+    # other stage that reads it (as `evaluate` prices it), over the cheapest link: a lower bound.
+    link_s_per_byte = min(1 / model.cluster_link(a, b).bandwidth_bytes_per_s for a in range(S) for b in range(S) if a != b) \
+        if S > 1 else 0.0
+    link_latency_s = min(model.cluster_link(a, b).latency_s for a in range(S) for b in range(S) if a != b) \
+        if S > 1 else 0.0
+    for weight, readers in _weight_readers(graph, chain).items():
+        owner = int(block_of_op[readers[0]])
+        others = sorted({int(block_of_op[r]) for r in readers} - {owner})
+        if not others or S == 1:
+            continue
+        nbytes = graph.infos[weight].output_bytes * model.directions / options.microbatches
+        cost = cost_ticks(nbytes * link_s_per_byte + link_latency_s)
+        if cost == 0:
+            continue
+        away = []
+        for s in range(S):  # stage s reads the weight, and does not own it
+            d = m.new_bool_var("")
+            for r in others:
+                m.add(d >= y[r][s] - y[owner][s])
+            away.append(d)
+            stage_terms[s].append(cost * d)
+            comm_terms.append(cost * d)
+        for s in range(S):  # the owner sends it to each of them
+            e = m.new_int_var(0, S - 1, "")
+            m.add(e >= sum(away) - (S - 1) * (1 - y[owner][s]))
+            stage_terms[s].append(cost * e)
+        if hint is not None:
+            readers_at = {hint[r] for r in others} - {hint[owner]}
+            for s in readers_at:
+                hint_ticks[s] += cost
+            hint_ticks[hint[owner]] += cost * len(readers_at)
+
     slack = 2 * (B + len(groups)) + 10  # rounding of every term to whole ticks
     lowest = max(0, ticks(lower_bound_s(model)) - slack)
     highest = ticks(hint_s) + slack if hint_s is not None else ticks(total) * 4 + 10**6
     bottleneck = m.new_int_var(lowest, max(highest, lowest), "bottleneck")
-    mib = 2**20
+    kib = 2**10
     for s in range(S):
         t = chain.time_s[layout.types[s]]
-        compute = [ticks(t[bounds[b + 1]] - t[bounds[b]]) * y[b][s] for b in range(B)]
-        m.add(bottleneck >= sum(compute) + sum(stage_terms[s]))
-        # Memory in MiB, rounded up per block (conservative).
+        block_ticks = [cost_ticks(t[bounds[b + 1]] - t[bounds[b]]) for b in range(B)]
+        m.add(bottleneck >= sum(block_ticks[b] * y[b][s] for b in range(B)) + sum(stage_terms[s]))
+        if hint is not None:
+            hint_ticks[s] += sum(block_ticks[b] for b in range(B) if hint[b] == s)
+        # Memory in KiB, rounded up per block (conservative).
         gpu = layout.gpu[s]
         scale = 1 + (FRAGMENTATION if gpu else 0.0)
         fixed = model.transient + (GPU_CONTEXT_BYTES if gpu else 0.0)
-        capacity = int((layout.capacity_bytes[s] - fixed) // mib)
+        capacity = int((layout.capacity_bytes[s] - fixed) // kib)
         state = [chain.state_bytes[bounds[b + 1]] - chain.state_bytes[bounds[b]] for b in range(B)]
         act = [(chain.activation_bytes[bounds[b + 1]] - chain.activation_bytes[bounds[b]]) * model.in_flight[s]
                for b in range(B)]
-        m.add(sum(math.ceil(scale * (state[b] + act[b]) / mib) * y[b][s] for b in range(B)) <= capacity)
+        m.add(sum(math.ceil(scale * (state[b] + act[b]) / kib) * y[b][s] for b in range(B)) <= capacity)
         step = [(chain.param_count[bounds[b + 1]] - chain.param_count[bounds[b]]) * model.step_bytes_per_param
                 for b in range(B)]
-        capacity_step = int((layout.capacity_bytes[s] - (GPU_CONTEXT_BYTES if gpu else 0.0)) // mib)
-        m.add(sum(math.ceil((scale * state[b] + step[b]) / mib) * y[b][s] for b in range(B)) <= capacity_step)
+        capacity_step = int((layout.capacity_bytes[s] - (GPU_CONTEXT_BYTES if gpu else 0.0)) // kib)
+        m.add(sum(math.ceil((scale * state[b] + step[b]) / kib) * y[b][s] for b in range(B)) <= capacity_step)
     if hint is not None:
         for b in range(B):
             for s in range(S):
@@ -584,13 +729,14 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
     solver.parameters.interleave_search = True
     solver.parameters.random_seed = options.seed
     solver.parameters.max_deterministic_time = options.time_limit_s
-    solver.parameters.max_time_in_seconds = options.time_limit_s * 4
+    solver.parameters.max_time_in_seconds = options.time_limit_s * 20  # a safety net: the deterministic limit decides
     start = time.perf_counter()
     status = solver.solve(m)
+    logger.debug("cp-sat: %d blocks, %s in %.2f s", B, solver.status_name(status), solver.wall_time)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
     best, bound, proven = solver.objective_value, solver.best_objective_bound, status == cp_model.OPTIMAL
-    if proven and hint is not None and hint_s is not None and best * tick_s >= hint_s * (1 - 1e-6) - slack * tick_s:
+    if proven and hint is not None and hint_s is not None and best >= max(hint_ticks):
         return CpResult(list(hint), hint_s, "OPTIMAL", min(bound * tick_s, hint_s), time.perf_counter() - start)
     # Second phase: the same bottleneck, least traffic.
     m.add(bottleneck <= int(round(best)))
@@ -599,8 +745,10 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
         for s in range(S):
             m.add_hint(y[b][s], bool(solver.value(y[b][s])))
     first = [[bool(solver.value(y[b][s])) for s in range(S)] for b in range(B)]
-    if comm_terms:
+    if comm_terms:  # a polish: a quarter of the time
         m.minimize(sum(comm_terms))
+        solver.parameters.max_deterministic_time = options.time_limit_s / 4
+        solver.parameters.max_time_in_seconds = options.time_limit_s * 5
         status2 = solver.solve(m)
     else:
         status2 = cp_model.UNKNOWN
@@ -709,12 +857,13 @@ def _refinement_candidates(chain: Chain, cuts: Sequence[int]) -> list[int]:
 
 FULL_DP_WORK = 6e7
 """Stages × ops² up to which the refinement searches every op position (about a second)."""
+OPS_MAX = 3000
+"""Most ops the op-level CP-SAT frees at once; beyond, only those within ``WINDOW_OPS`` of a cut."""
 WINDOW_OPS = 10
-"""Ops on each side of a cut that the windowed CP-SAT may place on either stage."""
-WINDOW_GAP = 0.01
-"""Above this distance to the lower bound (relative) the windowed CP-SAT runs."""
-WINDOW_TIME_S = 0.25
-"""Deterministic time limit of the windowed CP-SAT (at most the solver's own limit)."""
+OPS_TIME_S = 0.5
+OPS_GAP = 0.01
+"""Above this distance to the bound (relative) the op-level CP-SAT runs."""
+"""Deterministic time limit of the op-level CP-SAT (at most the solver's own limit)."""
 
 
 def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None, *,
@@ -792,41 +941,59 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
                 candidates.append((refined[0], assignment_from_cuts(chain.n, refined[1]), "dp refinement"))
     bottleneck, assignment, method = min(candidates, key=lambda c: (c[0], c[2] != "cp-sat"))
 
-    # 4. CP-SAT over the single ops around the cuts: splits that are not contiguous in the chain.
-    if options.refine and bottleneck > lower_bound_s(model) * (1 + WINDOW_GAP):
-        windowed = _refine_in_windows(model, graph, assignment, bottleneck, options)
-        if windowed is not None and windowed[0] < bottleneck * (1 - 1e-9):
-            bottleneck, assignment = windowed
-            method = f"{method} + cp-sat op windows"
-    if cp is not None:
+    # 4. While the plan is more than OPS_GAP above the bound, CP-SAT over single ops, each free
+    #    within the stages it could take in a better split: proves the plan optimal among all
+    #    op-level splits, or improves it.
+    status, bound_s = "FEASIBLE", 0.0
+    lower = traffic_bound_s(model, graph, bottleneck)
+    if options.refine and bottleneck > lower * (1 + OPS_GAP):
+        found = _refine_ops(model, graph, assignment, bottleneck, options)
+        if found is not None:
+            result, per_op, complete = found
+            value = _bottleneck(model, graph, per_op)
+            if value < bottleneck * (1 - 1e-9):
+                bottleneck, assignment = value, per_op
+                method = f"{method} + cp-sat ops"
+                lower = traffic_bound_s(model, graph, bottleneck)
+            if complete:
+                status, bound_s = result.status, result.bound_s
+    elif not options.refine and cp is not None:  # a block split, and CP-SAT searched all block splits
         status, bound_s = cp.status, cp.bound_s
-    else:
-        status, bound_s = "FEASIBLE", 0.0
-    return _plan(graph, chain, model, cluster, options, assignment, costs, status, bound_s, method,
-                 time.perf_counter() - start)
+    return _plan(graph, chain, model, cluster, options, assignment, costs, status, max(bound_s, lower), lower,
+                 method, time.perf_counter() - start)
 
 
-def _refine_in_windows(model: StageModel, graph: OpGraph, assignment: Sequence[int], bottleneck: float,
-                       options: SolverOptions) -> tuple[float, list[int]] | None:
-    """CP-SAT with each op within ``WINDOW_OPS`` of a cut as its own block and the ops between the
-    windows as one block each, hinted and bounded by ``assignment``; its split and bottleneck."""
+def _refine_ops(model: StageModel, graph: OpGraph, assignment: Sequence[int], bottleneck: float,
+                options: SolverOptions) -> tuple[CpResult, list[int], bool] | None:
+    """CP-SAT with every op that could move in a split better than ``assignment`` (see
+    ``stage_ranges``) as a block of its own, the others fixed, hinted and bounded by
+    ``assignment``. Returns the result, its split per op, and whether every such op was free (then
+    an OPTIMAL status proves the split optimal over all op-level splits on this device order)."""
     chain = model.chain
-    cuts = [k for k in range(1, chain.n) if assignment[k] != assignment[k - 1]]
-    if any(a > b for a, b in zip(assignment, assignment[1:])):
-        return None  # windows are laid around the cuts of a contiguous split
-    starts = {0}
-    for cut in cuts:
-        starts.update(range(max(0, cut - WINDOW_OPS), min(chain.n, cut + WINDOW_OPS + 2)))
-    starts = sorted(k for k in starts if k < chain.n and (k == 0 or k not in chain.forbidden))
+    n = chain.n
+    first, last = stage_ranges(model, graph, bottleneck)
+    stage = np.asarray(assignment)
+    if np.any(stage < first) or np.any(stage > last):
+        return None  # priced differently from the ranges: cannot be the incumbent
+    free = last > first
+    complete = int(free.sum()) <= OPS_MAX
+    if not complete:  # too many: the ops around the cuts
+        near = np.zeros(n, dtype=bool)
+        for cut in np.nonzero(np.diff(stage))[0] + 1:
+            near[max(0, cut - WINDOW_OPS):cut + WINDOW_OPS + 1] = True
+        free &= near
+    low, high = np.where(free, first, stage), np.where(free, last, stage)
+    starts = [k for k in range(n) if k == 0 or (k not in chain.forbidden and (
+        free[k] or free[k - 1] or low[k] != low[k - 1] or high[k] != high[k - 1]))]
     fine = dataclasses.replace(chain, block_starts=starts, block_names=[chain.ops[k] for k in starts])
-    windows = StageModel(fine, model.layout, options, model.cluster)
-    limited = dataclasses.replace(options, time_limit_s=min(options.time_limit_s, WINDOW_TIME_S))
-    found = cp_sat_blocks(windows, graph, [assignment[k] for k in starts], limited, bottleneck)
+    single = StageModel(fine, model.layout, options, model.cluster)
+    limited = dataclasses.replace(options, time_limit_s=min(options.time_limit_s, OPS_TIME_S))
+    found = cp_sat_blocks(single, graph, [assignment[k] for k in starts], limited, bottleneck, ranges=(low, high))
     if found is None:
         return None
-    bounds = starts + [chain.n]
+    bounds = starts + [n]
     per_op = [found.assignment[b] for b in range(len(starts)) for _ in range(bounds[b + 1] - bounds[b])]
-    return _bottleneck(model, graph, per_op), per_op
+    return found, per_op, complete
 
 
 def _bottleneck(model: StageModel, graph: OpGraph, assignment: Sequence[int]) -> float:
@@ -835,28 +1002,84 @@ def _bottleneck(model: StageModel, graph: OpGraph, assignment: Sequence[int]) ->
 
 
 def lower_bound_s(model: StageModel) -> float:
-    """max(total work ÷ combined speed of the stages' devices, heaviest op on the fastest device).
-
-    On identical devices the S − 1 cuts add their unavoidable traffic: every cut carries at
-    least what crosses the cheapest cut position, paid by the stages on both sides, so the
-    average stage — and hence the slowest — takes at least (work + 2 (S − 1) · that) ÷ S.
-    """
+    """max(total work ÷ combined speed of the stages' devices, heaviest op on the fastest device)."""
     chain, layout = model.chain, model.layout
-    S = len(layout)
     work = [chain.time_s[t][-1] for t in layout.types]
     combined = 1 / sum(1 / w for w in work) if all(w > 0 for w in work) else 0.0
-    if S > 1 and len(set(layout.types)) == 1:
-        positions = np.array(sorted(set(range(1, chain.n)) - chain.forbidden))
-        if len(positions):
-            cheapest = min(float(np.min(model.comm_s(positions, hop))) for hop in range(S - 1))
-            combined = (work[0] + 2 * (S - 1) * cheapest) / S
     per_op = np.min(np.stack([np.diff(chain.time_s[t]) for t in set(layout.types)]), axis=0)
     return max(combined, float(per_op.max()) if len(per_op) else 0.0)
 
 
+def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> float:
+    """A lower bound on the bottleneck that adds the traffic every split must send, given a split
+    of bottleneck ``incumbent_s``: on identical devices, min(incumbent, (work + 2 · Σ_k least
+    traffic over cut k) ÷ S). The stages' times add up to the work plus each cut's traffic twice
+    (sent by one stage, received by the next), and the slowest is at least their mean.
+
+    The least traffic over cut k is a minimum cut: among the ideals of the op DAG (all of an
+    op's ancestors with it) that put every op on its side of cut k as ``stage_ranges`` allows
+    for any split at most ``incumbent_s``, the one whose crossing values cost least on hop k.
+    Splits above the incumbent are bounded by the incumbent itself. Memory is ignored, so the
+    bound holds for every split; mixed devices get the work bound (``lower_bound_s``).
+    """
+    import networkx as nx
+
+    chain, layout = model.chain, model.layout
+    S = len(layout)
+    plain = lower_bound_s(model)
+    if S == 1 or len(set(layout.types)) > 1 or not np.isfinite(incumbent_s):
+        return plain
+    first, last = stage_ranges(model, graph, incumbent_s)
+    if np.any(first > last):
+        return incumbent_s  # nothing fits below the incumbent: it is optimal
+    position = {op: k for k, op in enumerate(chain.ops)}
+    travelling = travelling_readers(graph, chain.ops, chain.replicated)
+    producer = np.array([position.get(p, -1) for p in travelling])
+    readers = [sorted(set(r)) for r in travelling.values()]
+    nbytes = np.array([graph.infos[p].output_bytes for p in travelling], dtype=float)
+    inputs = producer < 0
+    # Producers of model inputs sit on stage 0 and never move.
+    p_first = np.where(inputs, 0, first[np.maximum(producer, 0)])
+    p_last = np.where(inputs, 0, last[np.maximum(producer, 0)])
+    r_first = np.array([max(first[r] for r in rs) for rs in readers])  # the reader that can start latest
+    r_last = np.array([max(last[r] for r in rs) for rs in readers])
+    pairs = [(position[a], position[b]) for a, b in graph.dag.edges if a in position and b in position]
+    u = np.array([a for a, _ in pairs], dtype=np.int64)
+    v = np.array([b for _, b in pairs], dtype=np.int64)
+    least = 0.0
+    for hop in range(S - 1):
+        seconds = (nbytes * layout.hop_s_per_byte[hop] + layout.hop_latency_s[hop]) * model.directions
+        # Always crossing: produced surely before the cut, read surely after it.
+        least += float(seconds[(p_last <= hop) & (r_first > hop)].sum())
+        free = (first <= hop) & (last > hop)
+        name = lambda k: k if free[k] else ("in" if last[k] <= hop else "out")  # noqa: E731
+        cut = nx.DiGraph()
+        cut.add_nodes_from(["in", "out"])
+        touching = free[u] | free[v]
+        for a, b in zip(u[touching].tolist(), v[touching].tolist()):
+            x, y = name(a), name(b)
+            if x != y and x != "in" and y != "out":
+                cut.add_edge(y, x)  # b inside needs a inside; no capacity: infinite
+        maybe = np.nonzero((p_first <= hop) & (r_last > hop) & ~((p_last <= hop) & (r_first > hop)))[0]
+        for index in maybe.tolist():
+            source = "in" if producer[index] < 0 else name(int(producer[index]))
+            sinks = {name(r) for r in readers[index]} - {"in"}
+            relay = ("value", index)
+            cut.add_edge(source, relay, capacity=float(seconds[index]))
+            for r in sinks:
+                cut.add_edge(relay, r)
+        try:
+            value, _ = nx.minimum_cut(cut, "in", "out")
+        except nx.NetworkXUnbounded:  # the ranges contradict each other: not a valid incumbent
+            return plain
+        least += value
+    work = chain.time_s[layout.types[0]][-1]
+    return max(plain, min(incumbent_s, (work + 2 * least) / S))
+
+
 def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, options: SolverOptions,
-          assignment: list[int], costs: Mapping[str, OpCost], status: str, cp_bound_s: float, method: str,
-          wall_s: float) -> Plan:
+          assignment: list[int], costs: Mapping[str, OpCost], status: str, proven_s: float, bound: float,
+          method: str, wall_s: float) -> Plan:
     layout = model.layout
     S = len(layout)
     compute, comm_in, comm_out = evaluate(model, graph, assignment)
@@ -899,13 +1122,16 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
             memory_capacity_bytes=layout.capacity_bytes[s],
         ))
     bottleneck = max(st.time_s for st in stage_list)
-    bound = lower_bound_s(model)
     m = options.microbatches
     step = (m + S - 1) * bottleneck
     samples = m * options.samples_per_microbatch / step if step > 0 else 0.0
     base, _, windows = method.partition(" + ")
-    proven_bound = max(bound, cp_bound_s if base == "cp-sat" else bound)
+    proven_bound = min(max(bound, proven_s), bottleneck)
     gap = max(0.0, (bottleneck - proven_bound) / bottleneck) if bottleneck > 0 else 0.0
+    if gap <= 1e-6:
+        status = "OPTIMAL"  # the bound meets the plan
+    elif gap > 1e-3:
+        status = "FEASIBLE"  # proven only in the solver's rounded pricing: say how far it may be
     label = {"dp": "block dp", "cp-sat": "cp-sat blocks", "dp refinement": "cp-sat blocks + dp refinement"}[base]
     report = SolverReport(status=status, gap=gap, wall_s=wall_s, bound_s=proven_bound,
                           method=f"{label} + {windows}" if windows else label)

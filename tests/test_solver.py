@@ -27,8 +27,11 @@ from autosplit.solver import (
     chain_dp,
     cp_sat_blocks,
     evaluate,
+    lower_bound_s,
     replicable,
     solve,
+    stage_ranges,
+    traffic_bound_s,
 )
 from cost_models import AnalyticCostModel, Cluster, get_device, price_graph
 
@@ -168,6 +171,61 @@ def test_small_dags_match_brute_force_and_skips_are_paid_on_every_hop():
     link = cluster.link(0, 1)
     per_hop_s = 2 * (skip_bytes / link.bandwidth_bytes_per_s + link.latency_s)  # forward + backward
     assert relay.comm_in_s >= per_hop_s and relay.comm_out_s >= per_hop_s
+
+
+def test_stage_ranges_and_the_traffic_bound_hold_for_every_split():
+    traced, graph, costs = priced(Skips(depth=4), spec((256, 256)))
+    cluster = Cluster.parse("3xh100")
+    blocks, chain, model = block_model(graph, costs, traced, cluster, SolverOptions())
+    position = {op: k for k, op in enumerate(chain.ops)}
+    edges = [(position[u], position[v]) for u, v in graph.dag.edges if u in position and v in position]
+    splits = {}
+    for a in itertools.product(range(3), repeat=chain.n):  # every op-level DAG split
+        if set(a) == {0, 1, 2} and all(a[u] <= a[v] for u, v in edges):
+            splits[a] = max(map(sum, zip(*evaluate(model, graph, list(a)))))
+    best = min(splits.values())
+    for bound in (best, best * 1.2, best * 2):
+        first, last = stage_ranges(model, graph, bound)
+        inside = [a for a, value in splits.items() if value <= bound]
+        assert inside and all(first[k] <= a[k] <= last[k] for a in inside for k in range(chain.n))
+        assert traffic_bound_s(model, graph, bound) <= best * (1 + 1e-9)
+    first, last = stage_ranges(model, graph, best)
+    assert (last - first).sum() < 2 * chain.n  # the ranges do prune
+    # The bound counts traffic the work bound leaves out: every cut carries at least one activation.
+    assert traffic_bound_s(model, graph, best) > lower_bound_s(model) * 1.001
+
+
+def test_the_plan_is_proven_optimal_among_all_op_level_splits():
+    model_, args, _ = models.gpt2()
+    traced, graph, costs = priced(model_, *args)
+    cluster, options = Cluster.parse("3xh100"), SolverOptions()
+    plan = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    assert plan.solver.status == "OPTIMAL" and plan.solver.gap < 1e-3
+    assert plan.lower_bound_s <= plan.solver.bound_s <= plan.bottleneck_s
+    # CP-SAT over every op with no ranges, from scratch, finds nothing better.
+    _, chain, model = block_model(graph, costs, traced, cluster, options)
+    starts = [k for k in range(chain.n) if k == 0 or k not in chain.forbidden]
+    single = StageModel(dataclasses.replace(chain, block_starts=starts, block_names=[chain.ops[k] for k in starts]),
+                        model.layout, options, cluster)
+    full = cp_sat_blocks(single, graph, None, dataclasses.replace(options, time_limit_s=30))
+    assert full is not None and full.status == "OPTIMAL"
+    bounds = starts + [chain.n]
+    per_op = [full.assignment[b] for b in range(len(starts)) for _ in range(bounds[b + 1] - bounds[b])]
+    assert max(map(sum, zip(*evaluate(model, graph, per_op)))) >= plan.bottleneck_s * (1 - 1e-6)
+    assert full.bound_s <= plan.bottleneck_s
+
+
+def test_a_weight_stays_on_the_stage_of_its_first_reader():
+    model_, args, _ = models.gpt2()
+    traced, graph, costs = priced(model_, *args)
+    plan = solve(graph, Cluster.parse("3xh100"), SolverOptions(), costs=costs, parameters=traced.parameters)
+    stage_of = plan.stage_of()
+    order = {name: k for k, name in enumerate(graph.infos)}
+    weights = [n for n, info in graph.infos.items() if info.op == "get_attr" and n in stage_of]
+    assert weights
+    for weight in weights:
+        first_reader = min((v for v in graph.dag.successors(weight) if v in stage_of), key=order.__getitem__)
+        assert stage_of[weight] == stage_of[first_reader], weight
 
 
 def test_a_fast_and_a_slow_device_share_work_by_speed():
@@ -330,9 +388,9 @@ def test_splits_not_contiguous_in_the_chain_order_are_found_around_the_cuts(monk
     traced, graph, costs = priced(model, *args)
     cluster, options = Cluster.parse("3xh100"), SolverOptions()
     windowed = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
-    monkeypatch.setattr(solver_module, "WINDOW_GAP", math.inf)  # the solver without its last step
+    monkeypatch.setattr(solver_module, "OPS_GAP", math.inf)  # the solver without its last step
     contiguous = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
-    assert windowed.solver.method.endswith("cp-sat op windows")
+    assert windowed.solver.method.endswith("cp-sat ops")
     assert windowed.bottleneck_s < contiguous.bottleneck_s * (1 - 1e-6)
     listed = Counter(n for st in windowed.stages for n in st.nodes)
     stage = {n: s for n, s in windowed.stage_of().items() if listed[n] == 1}  # not the input-derived, rebuilt per stage
