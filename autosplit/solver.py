@@ -26,13 +26,19 @@ How it is solved, coarse to fine:
    DP is run again over op-level cut positions inside the blocks next to each cut.
 4. Single ops: in a split at least as good as the incumbent, an op's ancestors must fit in the
    stages up to its own and its descendants in the stages from it (``stage_ranges``), so most
-   ops have one possible stage and the rest a window of a few. CP-SAT runs once more with every
-   op that could move as a block of its own and proves the split optimal among all op-level
-   splits (OPTIMAL in the report means that) or finds a better one: around a cut the op DAG has
-   parallel branches (the halves of a GELU, q/k/v), and a split that is not contiguous in the
-   chain order can send less or balance better (a GPT-2-XL shape at 4 stages: 1.022 → 1.019 ×
-   the lower bound). Past ``OPS_MAX`` movable ops only those within ``WINDOW_OPS`` of a cut
-   move, and the status stays FEASIBLE.
+   ops have one possible stage and the rest a window of a few. While the plan is more than
+   ``OPS_GAP`` above the bound, CP-SAT runs once more with every op that could move as a block
+   of its own and proves the split optimal among all op-level splits (OPTIMAL in the report
+   means that) or finds a better one: around a cut the op DAG has parallel branches (the halves
+   of a GELU, q/k/v), and a split that is not contiguous in the chain order can send less or
+   balance better. Past ``OPS_MAX`` movable ops only those within ``WINDOW_OPS`` of a cut move,
+   and the status stays FEASIBLE.
+
+The bound. Total work ÷ combined speed and the heaviest op bound any split. On identical devices
+the cuts' traffic raises it (``traffic_bound_s``): the same ranges confine each cut to a window of
+the DAG, a minimum cut there is the least any split better than the plan sends over that hop,
+and the mean stage pays every cut twice. Weights stay with their first reader and shape checks
+with what they read (no cut separates them), as the rewriter places them.
 
 Deterministic: fixed worker count with interleaved search, deterministic time limits, fixed seed.
 """
@@ -48,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from ortools.graph.python import max_flow
 from ortools.sat.python import cp_model
 
 from autosplit.errors import InfeasibleError
@@ -694,17 +701,19 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
                 hint_ticks[s] += cost
             hint_ticks[hint[owner]] += cost * len(readers_at)
 
+    block_ticks = []
+    for s in range(S):
+        t = chain.time_s[layout.types[s]]
+        block_ticks.append([cost_ticks(t[bounds[b + 1]] - t[bounds[b]]) for b in range(B)])
+        if hint is not None:
+            hint_ticks[s] += sum(block_ticks[s][b] for b in range(B) if hint[b] == s)
     slack = 2 * (B + len(groups)) + 10  # rounding of every term to whole ticks
     lowest = max(0, ticks(lower_bound_s(model)) - slack)
-    highest = ticks(hint_s) + slack if hint_s is not None else ticks(total) * 4 + 10**6
+    highest = max(ticks(hint_s), max(hint_ticks)) + slack if hint_s is not None else ticks(total) * 4 + 10**6
     bottleneck = m.new_int_var(lowest, max(highest, lowest), "bottleneck")
     kib = 2**10
     for s in range(S):
-        t = chain.time_s[layout.types[s]]
-        block_ticks = [cost_ticks(t[bounds[b + 1]] - t[bounds[b]]) for b in range(B)]
-        m.add(bottleneck >= sum(block_ticks[b] * y[b][s] for b in range(B)) + sum(stage_terms[s]))
-        if hint is not None:
-            hint_ticks[s] += sum(block_ticks[b] for b in range(B) if hint[b] == s)
+        m.add(bottleneck >= sum(block_ticks[s][b] * y[b][s] for b in range(B)) + sum(stage_terms[s]))
         # Memory in KiB, rounded up per block (conservative).
         gpu = layout.gpu[s]
         scale = 1 + (FRAGMENTATION if gpu else 0.0)
@@ -920,8 +929,12 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     if all(c in bounds for c in dp_cuts):
         stage_of_start = assignment_from_cuts(chain.n, dp_cuts)
         hint = [stage_of_start[start] for start in chain.block_starts]
+    # Every candidate is priced by `evaluate`, which adds what the DP leaves out (a weight read on
+    # several stages travels to them).
+    dp_assignment = assignment_from_cuts(chain.n, dp_cuts)
+    dp_bottleneck = _bottleneck(model, graph, dp_assignment)
     cp = cp_sat_blocks(model, graph, hint, options, dp_bottleneck if hint is not None else None)
-    candidates: list[tuple[float, list[int], str]] = [(dp_bottleneck, assignment_from_cuts(chain.n, dp_cuts), "dp")]
+    candidates: list[tuple[float, list[int], str]] = [(dp_bottleneck, dp_assignment, "dp")]
     if cp is not None:
         per_op = [cp.assignment[b] for b in range(len(chain.block_starts))
                   for _ in range(bounds[b + 1] - bounds[b])]
@@ -931,6 +944,7 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     #    (exact among all contiguous splits), else the positions around each cut.
     if options.refine:
         monotone = [c for c in candidates if all(a <= b for a, b in zip(c[1], c[1][1:]))]
+        monotone = [c for k, c in enumerate(monotone) if all(c[1] != d[1] for d in monotone[:k])]
         everywhere = stages * chain.n**2 <= FULL_DP_WORK
         for bottleneck, assignment, _ in monotone[: 1 if everywhere else None]:
             cuts = [k for k in range(1, chain.n) if assignment[k] != assignment[k - 1]]
@@ -938,7 +952,8 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
                 else _refinement_candidates(chain, cuts)
             refined = chain_dp(model, positions)
             if refined is not None:
-                candidates.append((refined[0], assignment_from_cuts(chain.n, refined[1]), "dp refinement"))
+                split = assignment_from_cuts(chain.n, refined[1])
+                candidates.append((_bottleneck(model, graph, split), split, "dp refinement"))
     bottleneck, assignment, method = min(candidates, key=lambda c: (c[0], c[2] != "cp-sat"))
 
     # 4. While the plan is more than OPS_GAP above the bound, CP-SAT over single ops, each free
@@ -1016,17 +1031,16 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
     traffic over cut k) ÷ S). The stages' times add up to the work plus each cut's traffic twice
     (sent by one stage, received by the next), and the slowest is at least their mean.
 
-    The least traffic over cut k is a minimum cut: among the ideals of the op DAG (all of an
+    The least traffic over cut k is a minimum cut (OR-Tools max flow): among the ideals of the op DAG (all of an
     op's ancestors with it) that put every op on its side of cut k as ``stage_ranges`` allows
     for any split at most ``incumbent_s``, the one whose crossing values cost least on hop k.
     Splits above the incumbent are bounded by the incumbent itself. Memory is ignored, so the
     bound holds for every split; mixed devices get the work bound (``lower_bound_s``).
     """
-    import networkx as nx
-
     chain, layout = model.chain, model.layout
     S = len(layout)
     plain = lower_bound_s(model)
+    tick_s = incumbent_s / 1e9
     if S == 1 or len(set(layout.types)) > 1 or not np.isfinite(incumbent_s):
         return plain
     first, last = stage_ranges(model, graph, incumbent_s)
@@ -1043,6 +1057,9 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
     p_last = np.where(inputs, 0, last[np.maximum(producer, 0)])
     r_first = np.array([max(first[r] for r in rs) for rs in readers])  # the reader that can start latest
     r_last = np.array([max(last[r] for r in rs) for rs in readers])
+    # A weight sends nothing along the pipeline and needs nothing before it: it can always sit
+    # on the early side of a cut, so it is left out of the cuts.
+    weight = np.array([graph.infos[op].op == "get_attr" for op in chain.ops], dtype=bool)
     pairs = [(position[a], position[b]) for a, b in graph.dag.edges if a in position and b in position]
     u = np.array([a for a, _ in pairs], dtype=np.int64)
     v = np.array([b for _, b in pairs], dtype=np.int64)
@@ -1051,28 +1068,26 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
         seconds = (nbytes * layout.hop_s_per_byte[hop] + layout.hop_latency_s[hop]) * model.directions
         # Always crossing: produced surely before the cut, read surely after it.
         least += float(seconds[(p_last <= hop) & (r_first > hop)].sum())
-        free = (first <= hop) & (last > hop)
-        name = lambda k: k if free[k] else ("in" if last[k] <= hop else "out")  # noqa: E731
-        cut = nx.DiGraph()
-        cut.add_nodes_from(["in", "out"])
+        free = (first <= hop) & (last > hop) & ~weight
+        node = lambda k: k + 2 if free[k] else (0 if last[k] <= hop or weight[k] else 1)  # noqa: E731
+        arcs: list[tuple[int, int, int]] = []  # capacity −1: infinite
         touching = free[u] | free[v]
         for a, b in zip(u[touching].tolist(), v[touching].tolist()):
-            x, y = name(a), name(b)
-            if x != y and x != "in" and y != "out":
-                cut.add_edge(y, x)  # b inside needs a inside; no capacity: infinite
+            x, y = node(a), node(b)
+            if x != y and x != 0 and y != 1:
+                arcs.append((y, x, -1))  # b inside needs a inside
         maybe = np.nonzero((p_first <= hop) & (r_last > hop) & ~((p_last <= hop) & (r_first > hop)))[0]
-        for index in maybe.tolist():
-            source = "in" if producer[index] < 0 else name(int(producer[index]))
-            sinks = {name(r) for r in readers[index]} - {"in"}
-            relay = ("value", index)
-            cut.add_edge(source, relay, capacity=float(seconds[index]))
-            for r in sinks:
-                cut.add_edge(relay, r)
-        try:
-            value, _ = nx.minimum_cut(cut, "in", "out")
-        except nx.NetworkXUnbounded:  # the ranges contradict each other: not a valid incumbent
-            return plain
-        least += value
+        for relay, index in enumerate(maybe.tolist(), start=chain.n + 2):
+            arcs.append((0 if producer[index] < 0 else node(int(producer[index])), relay,
+                         int(seconds[index] / tick_s)))  # rounded down: the bound stays a bound
+            arcs.extend((relay, r, -1) for r in {node(r) for r in readers[index]} - {0})
+        flow = max_flow.SimpleMaxFlow()
+        infinite = sum(c for _, _, c in arcs if c > 0) + 1
+        for a, b, c in arcs:
+            flow.add_arc_with_capacity(a, b, c if c >= 0 else infinite)
+        if flow.solve(0, 1) != flow.OPTIMAL or flow.optimal_flow() >= infinite:
+            return plain  # the ranges contradict each other: not a valid incumbent
+        least += flow.optimal_flow() * tick_s
     work = chain.time_s[layout.types[0]][-1]
     return max(plain, min(incumbent_s, (work + 2 * least) / S))
 
