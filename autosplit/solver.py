@@ -457,17 +457,27 @@ class StageModel:
 # --------------------------------------------------------------------------- exact DP over cut positions
 
 
-def chain_dp(model: StageModel, candidates: Sequence[int]) -> tuple[float, list[int]] | None:
+def chain_dp(model: StageModel, candidates: Sequence[int],
+             ranges: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, list[int]] | None:
     """The best split of the chain into len(layout) non-empty intervals whose ends lie in
     ``candidates`` (which include 0 and n): minimal bottleneck, then minimal traffic.
 
     f[s][j] = min over i of max(f[s − 1][i], time of stage s on [i, j)), O(S · |candidates|²),
-    vectorized over i. Returns (bottleneck seconds, cut positions) or None if nothing fits.
+    vectorized over i. With ``ranges`` (``stage_ranges``), stage s only starts where op k − 1
+    can be on s − 1 and op k on s. Returns (bottleneck seconds, cut positions) or None if
+    nothing fits.
     """
     c = np.array(sorted(set(candidates)))
     n = model.chain.n
     assert c[0] == 0 and c[-1] == n
     S = len(model.layout)
+    starts = np.ones((S + 1, len(c)), dtype=bool)
+    if ranges is not None:
+        first, last = ranges
+        inner = c[(c > 0) & (c < n)]
+        for s in range(1, S):
+            starts[s, 1:-1] = (first[inner] <= s) & (s <= last[inner]) \
+                & (first[inner - 1] <= s - 1) & (s - 1 <= last[inner - 1])
     inf = math.inf
     best = np.full((S, len(c)), inf)
     traffic = np.full((S, len(c)), inf)
@@ -475,13 +485,13 @@ def chain_dp(model: StageModel, candidates: Sequence[int]) -> tuple[float, list[
     for s in range(S):
         for jj in range(1, len(c)):
             j = int(c[jj])
-            if s == S - 1 and j != n:
+            if (s == S - 1 and j != n) or (s < S - 1 and not starts[s + 1][jj]):
                 continue
             if s == 0:
                 ii = np.array([0])
             else:
                 ii = np.arange(1, jj)
-                ii = ii[np.isfinite(best[s - 1][ii])]
+                ii = ii[np.isfinite(best[s - 1][ii]) & starts[s][ii]]
                 if not len(ii):
                     continue
             i = c[ii]
@@ -850,22 +860,17 @@ def assignment_from_cuts(n: int, cuts: Sequence[int]) -> list[int]:
     return stages
 
 
-def _refinement_candidates(chain: Chain, cuts: Sequence[int]) -> list[int]:
-    """Block boundaries, plus every op position inside the blocks on either side of each cut."""
-    bounds = chain.block_starts + [chain.n]
-    candidates = set(bounds)
-    for cut in cuts:
-        b = bounds.index(cut) if cut in bounds else max(i for i, start in enumerate(bounds) if start <= cut)
-        for neighbour in (b - 1, b):
-            if 0 <= neighbour < len(chain.block_starts):
-                candidates.update(range(bounds[neighbour], bounds[neighbour + 1] + 1))
-    return sorted(candidates - chain.forbidden)
+def _cut_positions(first: np.ndarray, last: np.ndarray, stages: int) -> np.ndarray:
+    """Positions k where some stage s can start, given each op's stage range: op k − 1 can be on
+    s − 1 and op k on s, for some 1 ≤ s ≤ stages − 1."""
+    low = np.maximum(first[1:], first[:-1] + 1)
+    high = np.minimum(last[1:], last[:-1] + 1)
+    ok = (low <= high) & (high >= 1) & (low <= stages - 1)
+    return np.nonzero(ok)[0] + 1
 
 
 # --------------------------------------------------------------------------- solve
 
-FULL_DP_WORK = 6e7
-"""Stages × ops² up to which the refinement searches every op position (about a second)."""
 OPS_MAX = 3000
 """Most ops the op-level CP-SAT frees at once; beyond, only those within ``WINDOW_OPS`` of a cut."""
 WINDOW_OPS = 10
@@ -940,20 +945,16 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
                   for _ in range(bounds[b + 1] - bounds[b])]
         candidates.append((_bottleneck(model, graph, per_op), per_op, "cp-sat"))
 
-    # 3. Op-level refinement: every op position when the DP over all of them is affordable
-    #    (exact among all contiguous splits), else the positions around each cut.
+    # 3. Op-level refinement: the DP again over every op position where a cut of a split at least
+    #    as good as the best so far can fall (``stage_ranges``): exact among contiguous splits.
     if options.refine:
-        monotone = [c for c in candidates if all(a <= b for a, b in zip(c[1], c[1][1:]))]
-        monotone = [c for k, c in enumerate(monotone) if all(c[1] != d[1] for d in monotone[:k])]
-        everywhere = stages * chain.n**2 <= FULL_DP_WORK
-        for bottleneck, assignment, _ in monotone[: 1 if everywhere else None]:
-            cuts = [k for k in range(1, chain.n) if assignment[k] != assignment[k - 1]]
-            positions = sorted(set(range(chain.n + 1)) - chain.forbidden) if everywhere \
-                else _refinement_candidates(chain, cuts)
-            refined = chain_dp(model, positions)
-            if refined is not None:
-                split = assignment_from_cuts(chain.n, refined[1])
-                candidates.append((_bottleneck(model, graph, split), split, "dp refinement"))
+        best_so_far = min(c[0] for c in candidates)
+        first, last = stage_ranges(model, graph, best_so_far)
+        positions = set(bounds) | set(_cut_positions(first, last, stages).tolist())
+        refined = chain_dp(model, sorted(positions - chain.forbidden | {0, chain.n}), (first, last))
+        if refined is not None:
+            split = assignment_from_cuts(chain.n, refined[1])
+            candidates.append((_bottleneck(model, graph, split), split, "dp refinement"))
     bottleneck, assignment, method = min(candidates, key=lambda c: (c[0], c[2] != "cp-sat"))
 
     # 4. While the plan is more than OPS_GAP above the bound, CP-SAT over single ops, each free

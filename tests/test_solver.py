@@ -6,6 +6,7 @@ import itertools
 import math
 from collections import Counter
 
+import networkx as nx
 import numpy as np
 import pytest
 import torch
@@ -193,6 +194,24 @@ def test_stage_ranges_and_the_traffic_bound_hold_for_every_split():
     assert (last - first).sum() < 2 * chain.n  # the ranges do prune
     # The bound counts traffic the work bound leaves out: every cut carries at least one activation.
     assert traffic_bound_s(model, graph, best) > lower_bound_s(model) * 1.001
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(3, 9).flatmap(lambda n: st.tuples(
+    st.lists(st.floats(0.001, 1.0), min_size=n, max_size=n),
+    st.lists(st.floats(0.0, 5e10), min_size=n - 1, max_size=n - 1),
+    st.integers(2, 3), st.floats(1.0, 1.5))))
+def test_chain_dp_within_stage_ranges_finds_the_same_optimum(case):
+    times, cross, stages, above = case
+    chain = synthetic_chain(times, cross)
+    cluster = Cluster.parse(f"{stages}xh100")
+    model = StageModel(chain, Layout.of(cluster, range(stages), 0.1), SolverOptions(), cluster)
+    graph = OpGraph.__new__(OpGraph)  # a bare chain: op k feeds op k + 1
+    graph.dag = nx.DiGraph([(f"op{k}", f"op{k + 1}") for k in range(chain.n - 1)])
+    everywhere = chain_dp(model, range(chain.n + 1))
+    ranges = stage_ranges(model, graph, everywhere[0] * above)
+    within = chain_dp(model, range(chain.n + 1), ranges)
+    assert within is not None and within[0] == pytest.approx(everywhere[0], rel=1e-12)
 
 
 def test_the_plan_is_proven_optimal_among_all_op_level_splits():
