@@ -23,7 +23,8 @@ How it is solved, coarse to fine:
    started with the DP answer, and proves optimality or reports its gap. It can find splits a
    single chain order cannot (parallel branches) and is what certifies the answer.
 3. Refinement: whole-layer cuts cannot balance a GPT-2 whose head is a quarter of the work; the
-   DP is run again over op-level cut positions inside the blocks next to each cut.
+   DP is run again over every op position where a cut of a split at least as good as the best
+   so far can fall (``stage_ranges``, below): exact among contiguous op-level splits.
 4. Single ops: in a split at least as good as the incumbent, an op's ancestors must fit in the
    stages up to its own and its descendants in the stages from it (``stage_ranges``), so most
    ops have one possible stage and the rest a window of a few. While the plan is more than
