@@ -413,6 +413,22 @@ class StageModel:
         for s in range(S):
             where = np.nonzero(chain.pins == s)[0]
             self.pin_span.append((int(where.min()), int(where.max())) if len(where) else None)
+        self._closure: tuple[OpGraph, np.ndarray, np.ndarray] | None = None
+
+    def closure_work(self, graph: OpGraph) -> tuple[np.ndarray, np.ndarray]:
+        """Work of every op with all its ancestors, and with all its descendants, each op priced
+        on the fastest device type (computed once per graph)."""
+        if self._closure is None or self._closure[0] is not graph:
+            chain, n = self.chain, self.chain.n
+            work = np.min(np.stack([np.diff(chain.time_s[t]) for t in set(self.layout.types)]), axis=0)
+            position = {op: k for k, op in enumerate(chain.ops)}
+            before = [[position[u] for u in graph.dag.predecessors(op) if u in position] for op in chain.ops]
+            after: list[list[int]] = [[] for _ in range(n)]
+            for k, preds in enumerate(before):
+                for j in preds:
+                    after[n - 1 - j].append(n - 1 - k)  # the reversed chain, for descendants
+            self._closure = (graph, _closure_work(before, work), _closure_work(after, work[::-1])[::-1])
+        return self._closure[1], self._closure[2]
 
     def cluster_link(self, a: int, b: int):
         """The link between the devices of stages a and b."""
@@ -475,7 +491,7 @@ def chain_dp(model: StageModel, candidates: Sequence[int],
     starts = np.ones((S + 1, len(c)), dtype=bool)
     if ranges is not None:
         first, last = ranges
-        inner = c[(c > 0) & (c < n)]
+        inner = c[1:-1]
         for s in range(1, S):
             starts[s, 1:-1] = (first[inner] <= s) & (s <= last[inner]) \
                 & (first[inner - 1] <= s - 1) & (s - 1 <= last[inner - 1])
@@ -531,17 +547,8 @@ def stage_ranges(model: StageModel, graph: OpGraph, bound_s: float) -> tuple[np.
     priced on the fastest device type. Traffic and memory only shrink the ranges further, so
     they hold for every split at or below the bound. Returns (first, last) stage per chain op.
     """
-    chain = model.chain
-    S, n = len(model.layout), chain.n
-    work = np.min(np.stack([np.diff(chain.time_s[t]) for t in set(model.layout.types)]), axis=0)
-    position = {op: k for k, op in enumerate(chain.ops)}
-    before = [[position[u] for u in graph.dag.predecessors(op) if u in position] for op in chain.ops]
-    after: list[list[int]] = [[] for _ in range(n)]
-    for k, preds in enumerate(before):
-        for j in preds:
-            after[n - 1 - j].append(n - 1 - k)  # the reversed chain, for descendants
-    up = _closure_work(before, work)
-    down = _closure_work(after, work[::-1])[::-1]
+    S = len(model.layout)
+    up, down = model.closure_work(graph)
     slack = 1 + 1e-9
     first = np.maximum(0, np.ceil(up / (bound_s * slack)) - 1).astype(np.int64)
     last = np.minimum(S - 1, S - np.ceil(down / (bound_s * slack))).astype(np.int64)
@@ -875,10 +882,11 @@ def _cut_positions(first: np.ndarray, last: np.ndarray, stages: int) -> np.ndarr
 OPS_MAX = 3000
 """Most ops the op-level CP-SAT frees at once; beyond, only those within ``WINDOW_OPS`` of a cut."""
 WINDOW_OPS = 10
+"""Ops on each side of a cut that may move when there are more than ``OPS_MAX``."""
 OPS_TIME_S = 0.5
+"""Deterministic time limit of the op-level CP-SAT (at most the solver's own limit)."""
 OPS_GAP = 0.01
 """Above this distance to the bound (relative) the op-level CP-SAT runs."""
-"""Deterministic time limit of the op-level CP-SAT (at most the solver's own limit)."""
 
 
 def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None, *,
