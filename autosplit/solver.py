@@ -436,9 +436,12 @@ class StageModel:
 
     def comm_s(self, k: np.ndarray | int, hop: int) -> np.ndarray | float:
         """Seconds per microbatch to move what crosses cut position(s) ``k`` over hop ``hop``."""
-        c = self.chain
-        return (c.cross_bytes[k] * self.layout.hop_s_per_byte[hop]
-                + c.cross_count[k] * self.layout.hop_latency_s[hop]) * self.directions
+        return self.hop_s(self.chain.cross_bytes[k], hop, self.chain.cross_count[k])
+
+    def hop_s(self, nbytes: np.ndarray | float, hop: int, count: np.ndarray | float = 1) -> np.ndarray | float:
+        """Seconds per microbatch to move ``count`` tensors of ``nbytes`` in all over hop ``hop``
+        (and their gradients back when training)."""
+        return (nbytes * self.layout.hop_s_per_byte[hop] + count * self.layout.hop_latency_s[hop]) * self.directions
 
     def time_s(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
         c, S = self.chain, len(self.layout)
@@ -668,7 +671,7 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
     hint_ticks = [0] * S  # the hint's stage times as this model prices them
     for (p, consumers), (nbytes, count) in groups.items():
         for hop in range(S - 1):
-            seconds = (nbytes * layout.hop_s_per_byte[hop] + count * layout.hop_latency_s[hop]) * model.directions
+            seconds = model.hop_s(nbytes, hop, count)
             cost = cost_ticks(seconds)
             if hint is not None and (0 if p < 0 else hint[p]) <= hop < max(hint[c] for c in consumers):
                 hint_ticks[hop] += cost
@@ -842,7 +845,7 @@ def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> t
         last = max(stage_of_op[r] for r in readers)
         nbytes = graph.infos[producer].output_bytes
         for hop in range(first, last):
-            seconds = (nbytes * layout.hop_s_per_byte[hop] + layout.hop_latency_s[hop]) * model.directions
+            seconds = model.hop_s(nbytes, hop)
             comm_out[hop] += seconds
             comm_in[hop + 1] += seconds
     # A weight read on several stages lives with its first reader and goes straight to each
@@ -1041,9 +1044,10 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
     traffic over cut k) ÷ S). The stages' times add up to the work plus each cut's traffic twice
     (sent by one stage, received by the next), and the slowest is at least their mean.
 
-    The least traffic over cut k is a minimum cut (OR-Tools max flow): among the ideals of the op DAG (all of an
-    op's ancestors with it) that put every op on its side of cut k as ``stage_ranges`` allows
-    for any split at most ``incumbent_s``, the one whose crossing values cost least on hop k.
+    The least traffic over cut k is a minimum cut (OR-Tools max flow): among the ideals of the op
+    DAG (all of an op's ancestors with it) that put every op on its side of cut k as
+    ``stage_ranges`` allows for any split at most ``incumbent_s``, the one whose crossing values
+    cost least on hop k.
     Splits above the incumbent are bounded by the incumbent itself. Memory is ignored, so the
     bound holds for every split; mixed devices get the work bound (``lower_bound_s``).
     """
@@ -1075,7 +1079,7 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
     v = np.array([b for _, b in pairs], dtype=np.int64)
     least = 0.0
     for hop in range(S - 1):
-        seconds = (nbytes * layout.hop_s_per_byte[hop] + layout.hop_latency_s[hop]) * model.directions
+        seconds = model.hop_s(nbytes, hop)
         # Always crossing: produced surely before the cut, read surely after it.
         least += float(seconds[(p_last <= hop) & (r_first > hop)].sum())
         free = (first <= hop) & (last > hop) & ~weight
