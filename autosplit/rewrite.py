@@ -194,7 +194,8 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
     output_device = torch.device(output_device) if output_device is not None else devices[-1]
     placed: dict[fx.Node, int] = {}
     in_modes: dict[str, nn.Module] = {}
-    graph = _rewrite(gm, stage_of, devices, output_device, placed, in_modes, _mode_followers(model, traced, written_flags))
+    graph = _rewrite(gm, stage_of, _rebuilt_on(plan), devices, output_device, placed, in_modes,
+                     _mode_followers(model, traced, written_flags))
     split = fx.GraphModule(_targets(gm, graph, in_modes), graph, class_name="SplitGraph")
     split.graph.lint()
     if microbatches > 1:
@@ -253,7 +254,8 @@ def _first_difference(traced: Traced, graph: OpGraph, plan: Plan) -> str:
 
 def _stages_of_nodes(gm: fx.GraphModule, plan: Plan) -> dict[str, int]:
     """Stage of every node: the plan's, the first stage for inputs, the last for the output.
-    A node the plan lists on several stages (an input-derived mask) runs on the first of them."""
+    A node the plan lists on several stages (an input-derived mask) is counted on the first of
+    them here, and rebuilt on the others (:func:`_rebuilt_on`)."""
     stage_of: dict[str, int] = {}
     for stage in plan.stages:
         for name in stage.nodes:
@@ -263,6 +265,15 @@ def _stages_of_nodes(gm: fx.GraphModule, plan: Plan) -> dict[str, int]:
         if node.name not in stage_of:
             stage_of[node.name] = 0 if node.op == "placeholder" else last
     return stage_of
+
+
+def _rebuilt_on(plan: Plan) -> dict[str, list[int]]:
+    """The later stages on which each node the plan lists more than once is computed again."""
+    listed: dict[str, list[int]] = {}
+    for stage in plan.stages:
+        for name in stage.nodes:
+            listed.setdefault(name, []).append(stage.index)
+    return {name: stages[1:] for name, stages in listed.items() if len(stages) > 1}
 
 
 def _state_moves(model: nn.Module, gm: fx.GraphModule, stage_of: dict[str, int],
@@ -321,12 +332,14 @@ def _targets(gm: fx.GraphModule, graph: fx.Graph, extra: dict[str, nn.Module]) -
                if n.op in ("get_attr", "call_module") and n.target not in extra}, **extra}
 
 
-def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], devices: list[torch.device],
-             output_device: torch.device, placed: dict[fx.Node, int], in_modes: dict[str, nn.Module],
-             follower: Callable[[fx.Node], nn.Module | None]) -> fx.Graph:
-    """The graph with every node on its stage's device; ``placed`` receives the stage of every
-    node that computes (a move belongs to the stage that reads the value), ``in_modes`` the
-    :class:`~autosplit.modes.InMode` modules that replace ops fixed to the capture's mode."""
+def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], rebuilt_on: dict[str, list[int]],
+             devices: list[torch.device], output_device: torch.device, placed: dict[fx.Node, int],
+             in_modes: dict[str, nn.Module], follower: Callable[[fx.Node], nn.Module | None]) -> fx.Graph:
+    """The graph with every node on its stage's device, and a copy of each node in ``rebuilt_on``
+    on each of its other stages (values computed from the inputs alone are rebuilt where they are
+    read, not sent); ``placed`` receives the stage of every node that computes (a move belongs to
+    the stage that reads the value), ``in_modes`` the :class:`~autosplit.modes.InMode` modules
+    that replace ops fixed to the capture's mode."""
     last = len(devices) - 1
     graph = fx.Graph(owning_module=gm)
     graph._codegen = gm.graph._codegen
@@ -343,6 +356,22 @@ def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], devices: list[torch.d
             moved[key] = graph.call_function(transfer, (copied[source], devices[stage]))
             placed[moved[key]] = stage
         return moved[key]
+
+    def emit(node: fx.Node, stage: int) -> fx.Node:
+        """A copy of the computing ``node`` that runs on ``stage``."""
+        replacement = follower(node)
+        if replacement is not None:
+            target = f"in_mode_{len(in_modes)}"
+            in_modes[target] = replacement
+            new = graph.create_node("call_module", target, fx.node.map_arg(node.args, lambda n: value_on(n, stage)),
+                                    fx.node.map_arg(node.kwargs, lambda n: value_on(n, stage)))
+            new.meta = dict(node.meta)
+        else:
+            new = graph.node_copy(node, lambda n: value_on(n, stage))
+        new.args = _on_device(new.args, devices[stage])
+        new.kwargs = _on_device(new.kwargs, devices[stage])
+        placed[new] = stage
+        return new
 
     def to_output(source: fx.Node) -> fx.Node:
         node = graph.call_function(transfer, (copied[source], output_device))
@@ -367,19 +396,9 @@ def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], devices: list[torch.d
                 copied[node].meta = dict(node.meta)
                 placed[copied[node]] = stage
                 continue
-        replacement = follower(node)
-        if replacement is not None:
-            target = f"in_mode_{len(in_modes)}"
-            in_modes[target] = replacement
-            new = graph.create_node("call_module", target, fx.node.map_arg(node.args, lambda n: value_on(n, stage)),
-                                    fx.node.map_arg(node.kwargs, lambda n: value_on(n, stage)))
-            new.meta = dict(node.meta)
-        else:
-            new = graph.node_copy(node, lambda n: value_on(n, stage))
-        new.args = _on_device(new.args, devices[stage])
-        new.kwargs = _on_device(new.kwargs, devices[stage])
-        copied[node] = new
-        placed[new] = stage
+        copied[node] = emit(node, stage)
+        for other in rebuilt_on.get(node.name, ()):
+            moved[(node.name, other)] = emit(node, other)
     return graph
 
 

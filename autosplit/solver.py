@@ -35,6 +35,15 @@ How it is solved, coarse to fine:
    balance better. Past ``OPS_MAX`` movable ops only those within ``WINDOW_OPS`` of a cut move,
    and the status stays FEASIBLE.
 
+Values computed from the model inputs alone (attention masks, position ids) need not travel: a
+stage that reads one can rebuild it from the inputs. Each such value read by an ordinary op is
+rebuilt where rebuilding it, with everything it is built from, costs less than receiving and
+passing it on over the fastest link (``_cheaper_to_send``); otherwise it travels like an
+activation. Rebuilt values have no place of their own in the chain: each stage pays for the ones
+its ops need (``StageModel.rebuild_s``, ``evaluate``), and the plan lists them on every such
+stage, where the rewriter computes them. Only values that depend on weights send a gradient back
+(``link_load``).
+
 The bound. Total work ÷ combined speed and the heaviest op bound any split. On identical devices
 the cuts' traffic raises it (``traffic_bound_s``): the same ranges confine each cut to a window of
 the DAG, a minimum cut there is the least any split better than the plan sends over that hop,
@@ -52,7 +61,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 from ortools.graph.python import max_flow
@@ -61,7 +70,7 @@ from ortools.sat.python import cp_model
 from autosplit.errors import InfeasibleError
 from autosplit.graph import INPUT, OUTPUT, OpGraph
 from autosplit.plan import Plan, SolverReport, Stage
-from cost_models import AnalyticCostModel, Cluster, OpCost
+from cost_models import AnalyticCostModel, Cluster, Link, OpCost
 from cost_models.memory import (
     FRAGMENTATION,
     GPU_CONTEXT_BYTES,
@@ -159,9 +168,9 @@ class Chain:
     activation_bytes: np.ndarray
     """Prefix sums of saved-for-backward bytes per microbatch (0 for inference)."""
     cross_bytes: np.ndarray
-    """Activation bytes crossing each cut position, per microbatch (length n + 1)."""
+    """Bytes crossing each cut position per microbatch, both ways (``link_load``; length n + 1)."""
     cross_count: np.ndarray
-    """Number of tensors crossing each cut position (each pays the link latency)."""
+    """Transfers crossing each cut position per microbatch, both ways (each pays the link latency)."""
     largest_output_bytes: float
     pins: np.ndarray
     """Stage every op is pinned to, −1 for none."""
@@ -172,6 +181,18 @@ class Chain:
     """Cut positions inside a no-split module."""
     replicated: dict[str, tuple[str, ...]]
     """Values computed from the model inputs alone → those inputs; recomputed where read."""
+    no_gradient: frozenset[str] = frozenset()
+    """Values no gradient flows back to: the model inputs and what is computed from them alone."""
+    rebuilt: frozenset[str] = frozenset()
+    """The replicated values other ops need (see ``_rebuilt``): first in the chain, timed only
+    through the rebuild groups, and computed on every stage that needs them."""
+    rebuild_time_s: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per device type, seconds per microbatch to rebuild each group of replicated values on a
+    stage that needs them (the groups' ops have no time of their own in ``time_s``)."""
+    rebuild_needers: list[np.ndarray] = field(default_factory=list)
+    """Per group, the positions of the ops that need it: a stage holding one of them rebuilds it."""
+    rebuild_next: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.int64))
+    """Per group and position i, the first position ≥ i of an op that needs it (n if none)."""
 
     @property
     def n(self) -> int:
@@ -179,13 +200,32 @@ class Chain:
 
 
 def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], parameters: Mapping[str, Any],
-                times_by_type: Mapping[str, Mapping[str, Any]], options: SolverOptions) -> Chain:
+                times_by_type: Mapping[str, Mapping[str, Any]], options: SolverOptions,
+                link: Link | None = None) -> Chain:
     """Lay the blocks' ops (of the op-level ``graph``) out in one topological order and compute
-    the prefix sums."""
+    the prefix sums. ``link`` (the fastest between the devices) decides which values computed
+    from the inputs alone travel instead of being rebuilt (``_cheaper_to_send``); without it
+    all are rebuilt."""
     train = options.mode == "train"
     infos = blocks.infos
     members = [(block, list(blocks[block]["members"])) for block in blocks.order
                if blocks[block]["kind"] not in (INPUT, OUTPUT)]
+    # Values computed from the model inputs alone (masks, position ids) are rebuilt by every stage
+    # that needs them instead of travelling (`replicable`). They go first, glued together, with no
+    # time of their own: each stage pays for the groups it needs (`rebuild_groups`).
+    replicated = replicable(graph)
+    no_gradient = frozenset(replicated) | {op for op in graph.order if graph.infos[op].op == "placeholder"}
+    in_chain = [op for _, ops_ in members for op in ops_]
+    if link is not None:
+        send = _cheaper_to_send(graph, in_chain, replicated, times_by_type, link, train)
+        if send:
+            replicated = replicable(graph, exclude=send)
+    rebuilt = _rebuilt(graph, in_chain, replicated)
+    front = [op for op in in_chain if op in rebuilt]
+    members = [(block, [op for op in ops_ if op not in rebuilt]) for block, ops_ in members]
+    if front:
+        home = next(k for k, (_, ops_) in enumerate(members) if ops_)
+        members[home] = (members[home][0], front + members[home][1])
     # A weight lives on the stage of its first reader (the rewriter puts it there): each weight op
     # goes right before that reader, in the reader's block, and no cut separates them. An op
     # nothing reads (a shape check) goes right after the last op it reads, likewise.
@@ -225,6 +265,8 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
             ops.extend(laid)
     n = len(ops)
     position = {op: k for k, op in enumerate(ops)}
+    if front:  # no cut inside the rebuilt values or right after them
+        glued.update(range(1, max(position[op] for op in front) + 2))
 
     def prefix(values: Sequence[float]) -> np.ndarray:
         out = np.zeros(n + 1)
@@ -233,8 +275,8 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
 
     time_s = {}
     for device_type, times in times_by_type.items():
-        time_s[device_type] = prefix([(times[op].total_s if train else times[op].fwd_s) if op in times else 0.0
-                                      for op in ops])
+        time_s[device_type] = prefix([(times[op].total_s if train else times[op].fwd_s)
+                                      if op in times and op not in rebuilt else 0.0 for op in ops])
     per_param = _state_bytes_per_param(options)
     seen: set[str] = set()
     state, params = np.zeros(n), np.zeros(n)
@@ -252,17 +294,17 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
     # alone (masks, position ids) are recomputed by every stage that reads them, so the inputs
     # they come from travel instead. Weights read on several stages go straight from their owner
     # to each reader once per step, which `evaluate` prices; they do not ride along the chain.
-    replicated = replicable(graph)
     cross = np.zeros(n + 2)
     count = np.zeros(n + 2)
     for producer, readers in travelling_readers(graph, ops, replicated).items():
         start, last = position[producer] + 1 if producer in position else 0, max(readers)
         if last < start:
             continue
-        cross[start] += infos[producer].output_bytes
-        cross[last + 1] -= infos[producer].output_bytes
-        count[start] += 1
-        count[last + 1] -= 1
+        nbytes, tensors = link_load(infos[producer], train and producer not in no_gradient)
+        cross[start] += nbytes
+        cross[last + 1] -= nbytes
+        count[start] += tensors
+        count[last + 1] -= tensors
     cross = np.cumsum(cross)[: n + 1]
     count = np.cumsum(count)[: n + 1]
 
@@ -286,22 +328,98 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
         for ks in spans.values():
             forbidden.update(range(min(ks) + 1, max(ks) + 1))
     largest = max((costs[op].output_bytes for op in ops if op in costs), default=0)
-    return Chain(ops, time_s, prefix(state), prefix(params), prefix(activations), cross, count,
-                 float(largest), pins, block_starts, block_names, forbidden, replicated)
+    chain = Chain(ops, time_s, prefix(state), prefix(params), prefix(activations), cross, count,
+                  float(largest), pins, block_starts, block_names, forbidden, replicated, no_gradient)
+    _rebuild_groups(chain, graph, rebuilt, times_by_type, train)
+    return chain
+
+
+def link_load(info: Any, gradient: bool) -> tuple[float, float]:
+    """Bytes and transfers one value puts on a link per microbatch: the value, and with
+    ``gradient`` (training, and the value depends on weights) the gradient of its floating-point
+    tensors coming back; integer ids and boolean masks have none."""
+    graded = sum(math.prod(shape) * dtype.itemsize for shape, dtype in zip(info.shapes, info.dtypes)
+                 if dtype.is_floating_point or dtype.is_complex) if gradient else 0
+    return info.output_bytes + graded, 1.0 + (1.0 if graded else 0.0)
+
+
+def _cheaper_to_send(graph: OpGraph, ops: Sequence[str], replicated: Mapping[str, tuple[str, ...]],
+                     times_by_type: Mapping[str, Mapping[str, Any]], link: Link, train: bool) -> set[str]:
+    """The replicated values read by ordinary ops that cost a stage less to receive and pass on
+    over ``link`` than to rebuild along with everything they are built from: an attention mask of
+    batch × seq² booleans crosses NVLink in a fraction of the dozens of small kernels that
+    build it. They travel like activations instead (so do the values built from them)."""
+    inside = set(ops)
+    send = set()
+    for u in ops:
+        if u not in replicated or all(v not in inside or v in replicated for v in graph.dag.successors(u)):
+            continue
+        closure, todo = set(), [u]
+        while todo:
+            w = todo.pop()
+            if w not in closure:
+                closure.add(w)
+                todo.extend(p for p in graph.dag.predecessors(w) if p in replicated and p in inside)
+        rebuild_s = min(sum(times[w].fwd_s for w in closure if w in times) for times in times_by_type.values())
+        nbytes, tensors = link_load(graph.infos[u], False)  # built from the inputs alone: no gradient
+        if 2 * (nbytes / link.bandwidth_bytes_per_s + tensors * link.latency_s) < rebuild_s:  # in and out
+            send.add(u)
+    return send
+
+
+def _rebuilt(graph: OpGraph, ops: Sequence[str], replicated: Mapping[str, tuple[str, ...]]) -> dict[str, set[str]]:
+    """The replicated values some op reads, each with the ops that need it: the ops that are
+    not rebuilt themselves and read it, directly or through other rebuilt values. (A replicated
+    value nothing reads, such as a shape check on a mask, is an ordinary op.)"""
+    inside = set(ops)
+    rebuilt = {u for u in ops if u in replicated and any(v in inside for v in graph.dag.successors(u))}
+    needers: dict[str, set[str]] = {u: set() for u in rebuilt}
+    for op in ops:
+        if op in rebuilt:
+            continue
+        todo = [u for u in graph.dag.predecessors(op) if u in rebuilt]
+        while todo:
+            u = todo.pop()
+            if op not in needers[u]:
+                needers[u].add(op)
+                todo.extend(p for p in graph.dag.predecessors(u) if p in rebuilt)
+    return needers
+
+
+def _rebuild_groups(chain: Chain, graph: OpGraph, rebuilt: Mapping[str, set[str]],
+                    times_by_type: Mapping[str, Mapping[str, Any]], train: bool) -> None:
+    """Group the rebuilt values by the ops that need them (an attention mask and everything it is
+    built from form one group, read by every attention op) and fill the chain's rebuild fields."""
+    n = chain.n
+    chain.rebuilt = frozenset(rebuilt)
+    position = {op: k for k, op in enumerate(chain.ops)}
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for value, needers in rebuilt.items():
+        groups.setdefault(tuple(sorted(position[v] for v in needers)), []).append(value)
+    keys = sorted(groups)
+    chain.rebuild_needers = [np.array(key, dtype=np.int64) for key in keys]
+    chain.rebuild_next = np.full((len(keys), n + 1), n, dtype=np.int64)
+    for g, key in enumerate(keys):
+        after = np.searchsorted(np.array(key), np.arange(n + 1))  # index of the first needer ≥ i
+        within = after < len(key)
+        chain.rebuild_next[g][within] = np.array(key)[after[within]]
+    for device_type, times in times_by_type.items():
+        chain.rebuild_time_s[device_type] = np.array([
+            sum((times[v].total_s if train else times[v].fwd_s) for v in groups[key] if v in times) for key in keys])
 
 
 _RANDOM = ("dropout", "rand", "bernoulli", "normal", "multinomial", "uniform", "exponential")
 
 
-def replicable(graph: OpGraph) -> dict[str, tuple[str, ...]]:
+def replicable(graph: OpGraph, exclude: Collection[str] = ()) -> dict[str, tuple[str, ...]]:
     """Values that depend on the model inputs only (no weight, no randomness, no in-place
-    write): each maps to the inputs it is computed from. A stage that reads such a value
-    recomputes it from those inputs instead of receiving it: an attention mask of
-    batch × seq² costs nothing to rebuild from the ids it came from."""
+    write), but those in ``exclude`` and what is built from them: each maps to the inputs it is
+    computed from. A stage that reads such a value may rebuild it from those inputs instead of
+    receiving it (position ids from the ids they index)."""
     found: dict[str, tuple[str, ...]] = {}
     for name in graph.order:
         info = graph.infos[name]
-        if info.op == "placeholder":
+        if info.op == "placeholder" or name in exclude:
             continue
         if info.op not in ("call_function", "call_method") or any(r in info.target for r in _RANDOM) \
                 or _writes_in_place(info.target):
@@ -430,6 +548,10 @@ class StageModel:
             self._closure = (graph, _closure_work(before, work), _closure_work(after, work[::-1])[::-1])
         return self._closure[1], self._closure[2]
 
+    def gradient(self, value: str) -> bool:
+        """Whether ``value``'s gradient comes back over the links (training, a weight-dependent value)."""
+        return self.directions == 2 and value not in self.chain.no_gradient
+
     def cluster_link(self, a: int, b: int):
         """The link between the devices of stages a and b."""
         return self.cluster.link(self.layout.ranks[a], self.layout.ranks[b])
@@ -439,14 +561,22 @@ class StageModel:
         return self.hop_s(self.chain.cross_bytes[k], hop, self.chain.cross_count[k])
 
     def hop_s(self, nbytes: np.ndarray | float, hop: int, count: np.ndarray | float = 1) -> np.ndarray | float:
-        """Seconds per microbatch to move ``count`` tensors of ``nbytes`` in all over hop ``hop``
-        (and their gradients back when training)."""
-        return (nbytes * self.layout.hop_s_per_byte[hop] + count * self.layout.hop_latency_s[hop]) * self.directions
+        """Seconds per microbatch to make ``count`` transfers of ``nbytes`` in all over hop ``hop``
+        (a value's ``link_load``: its gradient coming back included)."""
+        return nbytes * self.layout.hop_s_per_byte[hop] + count * self.layout.hop_latency_s[hop]
+
+    def rebuild_s(self, s: int, i: np.ndarray | int, j: int) -> np.ndarray | float:
+        """Seconds stage s spends on [i, j) rebuilding the replicated values its ops need."""
+        c = self.chain
+        if not len(c.rebuild_needers):
+            return 0.0 * np.asarray(i)
+        needed = c.rebuild_next[:, i] < j  # groups × len(i)
+        return c.rebuild_time_s[self.layout.types[s]] @ needed
 
     def time_s(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
         c, S = self.chain, len(self.layout)
         t = c.time_s[self.layout.types[s]]
-        total = t[j] - t[i]
+        total = t[j] - t[i] + self.rebuild_s(s, i, j)
         if s > 0:
             total = total + self.comm_s(i, s - 1)
         if s < S - 1:
@@ -520,7 +650,8 @@ def chain_dp(model: StageModel, candidates: Sequence[int],
                 continue
             ii, i = ii[ok], i[ok]
             stage = model.time_s(s, i, j)
-            comm = stage - (model.chain.time_s[model.layout.types[s]][j] - model.chain.time_s[model.layout.types[s]][i])
+            t = model.chain.time_s[model.layout.types[s]]
+            comm = stage - (t[j] - t[i]) - model.rebuild_s(s, i, j)
             if s == 0:
                 value, moved = stage, comm
             else:
@@ -661,8 +792,9 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
         if not consumers:
             continue
         entry = groups.setdefault((p_block, consumers), [0.0, 0])
-        entry[0] += graph.infos[producer].output_bytes
-        entry[1] += 1
+        nbytes, tensors = link_load(graph.infos[producer], model.gradient(producer))
+        entry[0] += nbytes
+        entry[1] += tensors
     for u, v in blocks_dag_edges(chain, graph, block_of_op):
         m.add(x[u] <= x[v])
 
@@ -722,13 +854,28 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
                 hint_ticks[s] += cost
             hint_ticks[hint[owner]] += cost * len(readers_at)
 
+    # A stage rebuilds each group of replicated values that one of its ops needs.
+    for g, needers in enumerate(chain.rebuild_needers):
+        needing = sorted({int(block_of_op[k]) for k in needers.tolist()})
+        for s in range(S):
+            cost = cost_ticks(chain.rebuild_time_s[layout.types[s]][g])
+            here = [b for b in needing if first[b] <= s <= last[b]]
+            if cost == 0 or not here:
+                continue
+            rebuilds = m.new_bool_var("")
+            for b in here:
+                m.add_implication(y[b][s], rebuilds)
+            stage_terms[s].append(cost * rebuilds)
+            if hint is not None and any(hint[b] == s for b in here):
+                hint_ticks[s] += cost
+
     block_ticks = []
     for s in range(S):
         t = chain.time_s[layout.types[s]]
         block_ticks.append([cost_ticks(t[bounds[b + 1]] - t[bounds[b]]) for b in range(B)])
         if hint is not None:
             hint_ticks[s] += sum(block_ticks[s][b] for b in range(B) if hint[b] == s)
-    slack = 2 * (B + len(groups)) + 10  # rounding of every term to whole ticks
+    slack = 2 * (B + len(groups) + len(chain.rebuild_needers)) + 10  # rounding of every term to whole ticks
     lowest = max(0, ticks(lower_bound_s(model)) - slack)
     highest = max(ticks(hint_s), max(hint_ticks)) + slack if hint_s is not None else ticks(total) * 4 + 10**6
     bottleneck = m.new_int_var(lowest, max(highest, lowest), "bottleneck")
@@ -839,13 +986,16 @@ def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> t
     for k, s in enumerate(stage_of_op):
         t = chain.time_s[layout.types[s]]
         compute[s] += t[k + 1] - t[k]
+    for g, needers in enumerate(chain.rebuild_needers):  # each stage rebuilds the values its ops need
+        for s in sorted({stage_of_op[k] for k in needers.tolist()}):
+            compute[s] += float(chain.rebuild_time_s[layout.types[s]][g])
     comm_in, comm_out = [0.0] * S, [0.0] * S
     for producer, readers in travelling_readers(graph, chain.ops, chain.replicated).items():
         first = stage_of_op[position[producer]] if producer in position else 0
         last = max(stage_of_op[r] for r in readers)
-        nbytes = graph.infos[producer].output_bytes
+        nbytes, tensors = link_load(graph.infos[producer], model.gradient(producer))
         for hop in range(first, last):
-            seconds = model.hop_s(nbytes, hop)
+            seconds = model.hop_s(nbytes, hop, tensors)
             comm_out[hop] += seconds
             comm_in[hop + 1] += seconds
     # A weight read on several stages lives with its first reader and goes straight to each
@@ -919,9 +1069,11 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     blocks = graph.coarsen()
     types = {d.name: d for d in cluster.devices}
     times = {name: cost_model.times(costs, device) for name, device in types.items()}
-    chain = build_chain(graph, blocks, costs, parameters, times, options)
-    if stages > chain.n:
-        raise ValueError(f"{stages} stages need at least {stages} ops; this graph has {chain.n}: use fewer stages")
+    chain = build_chain(graph, blocks, costs, parameters, times, options, fastest_link(cluster))
+    units = chain.n - len(chain.forbidden & set(range(1, chain.n)))  # runs of ops no cut can separate
+    if stages > units:
+        raise ValueError(f"{stages} stages need at least {stages} ops that a cut can separate; this graph has "
+                         f"{units}: use fewer stages")
     for path, stage in options.pin.items():
         if not 0 <= stage < stages:
             raise ValueError(f"pin puts {path!r} on stage {stage}, but there are {stages} stages (0..{stages - 1})")
@@ -1064,7 +1216,8 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
     travelling = travelling_readers(graph, chain.ops, chain.replicated)
     producer = np.array([position.get(p, -1) for p in travelling])
     readers = [sorted(set(r)) for r in travelling.values()]
-    nbytes = np.array([graph.infos[p].output_bytes for p in travelling], dtype=float)
+    nbytes, tensors = np.array([link_load(graph.infos[p], model.gradient(p)) for p in travelling],
+                               dtype=float).reshape(-1, 2).T
     inputs = producer < 0
     # Producers of model inputs sit on stage 0 and never move.
     p_first = np.where(inputs, 0, first[np.maximum(producer, 0)])
@@ -1079,7 +1232,7 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
     v = np.array([b for _, b in pairs], dtype=np.int64)
     least = 0.0
     for hop in range(S - 1):
-        seconds = model.hop_s(nbytes, hop)
+        seconds = model.hop_s(nbytes, hop, tensors)
         # Always crossing: produced surely before the cut, read surely after it.
         least += float(seconds[(p_last <= hop) & (r_first > hop)].sum())
         free = (first <= hop) & (last > hop) & ~weight
@@ -1119,13 +1272,13 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
     params = np.diff(chain.param_count)
     stage_list = []
     for s in range(S):
-        nodes = set(stage_ops[s])
-        todo = [u for op in stage_ops[s] for u in graph.dag.predecessors(op) if u in chain.replicated]
+        nodes = {op for op in stage_ops[s] if op not in chain.rebuilt}
+        todo = [u for op in nodes for u in graph.dag.predecessors(op) if u in chain.rebuilt]
         while todo:  # values rebuilt from the inputs on this stage, and what they are built from
             u = todo.pop()
             if u not in nodes:
                 nodes.add(u)
-                todo.extend(p for p in graph.dag.predecessors(u) if p in chain.replicated)
+                todo.extend(p for p in graph.dag.predecessors(u) if p in chain.rebuilt)
         nodes = sorted(nodes, key=order.__getitem__)
         if s == 0:
             nodes = [n for n in graph.order if graph[n]["kind"] == INPUT] + nodes
@@ -1182,6 +1335,12 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
         cluster=str(cluster),
         options=_jsonable(dataclasses.asdict(options)),
     )
+
+
+def fastest_link(cluster: Cluster) -> Link | None:
+    """The link with the most bandwidth between two devices of ``cluster`` (None for one device)."""
+    pairs = [cluster.link(i, j) for i in range(len(cluster)) for j in range(len(cluster)) if i != j]
+    return max(pairs, key=lambda link: (link.bandwidth_bytes_per_s, -link.latency_s), default=None)
 
 
 def _jsonable(value: Any) -> Any:

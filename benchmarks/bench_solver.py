@@ -43,6 +43,7 @@ from autosplit.solver import (  # noqa: E402
     build_chain,
     chain_dp,
     evaluate,
+    fastest_link,
     lower_bound_s,
 )
 from cost_models import AnalyticCostModel, Cluster, price_graph  # noqa: E402
@@ -102,7 +103,9 @@ def main() -> None:
         "state does not fit 8 × 80 GB). The lower bound is max(total work ÷ combined speed, heaviest op),",
         "raised by the traffic every split must send: each cut carries at least a minimum cut of the op",
         "DAG among the splits that could beat the plan, and the mean stage pays it twice. `÷ work` is",
-        "autosplit against the work bound alone, without that traffic.",
+        "autosplit against the work bound alone, without that traffic. Attention masks (computed from the",
+        "inputs alone) are sent along the pipeline without a gradient: over NVLink that costs a stage less",
+        "than rebuilding them with their dozens of small kernels, which is priced too where it is chosen.",
         "`exact` is the best contiguous split over every op position (the chain DP run on all of them, after",
         "the fact). autosplit is at or below it: below where a split that is not contiguous in the chain",
         "order wins (CP-SAT over single ops, the solver's last step).",
@@ -143,7 +146,7 @@ class _pricer:
     def __init__(self, graph, costs, traced, cluster, options):
         blocks = graph.coarsen()
         times = {d.name: AnalyticCostModel().times(costs, d) for d in cluster.devices}
-        self.chain = build_chain(graph, blocks, costs, traced.parameters, times, options)
+        self.chain = build_chain(graph, blocks, costs, traced.parameters, times, options, fastest_link(cluster))
         self.model = StageModel(self.chain, Layout.of(cluster, range(len(cluster)), options.memory_headroom),
                                 options, cluster)
         self.graph = graph

@@ -102,17 +102,24 @@ class SharedBlockNet(nn.Module):
 
 
 class MaskedModel(nn.Module):
-    """Optional keyword inputs and a non-tensor flag."""
+    """Optional keyword inputs and a non-tensor flag; a gate computed from the mask alone that
+    two layers read."""
 
     def __init__(self, d: int = 8):
         super().__init__()
         self.proj = nn.Linear(d, d)
+        self.mid = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        gate = mask.to(x.dtype) if mask is not None else None
         y = self.proj(x) * scale
-        if mask is not None:
-            y = y.masked_fill(~mask, 0.0)
-        return y
+        if gate is not None:
+            y = y * gate
+        y = torch.relu(self.mid(y))
+        if gate is not None:
+            y = y * gate
+        return self.out(y)
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@ original model's for every registry model, on 2 and 3 stages (CPU devices here).
 
 import copy
 import dataclasses
+from collections import Counter
 
 import pytest
 import torch
@@ -81,6 +82,25 @@ def test_microbatched_split_trains_exactly_like_the_original(name, stages):
     # SGD: Adam divides by the gradient's own size, so the 1e-11 roundoff of microbatch-sized matmuls in
     # Mixtral's 1e-10-sized expert gradients would show up as whole steps of difference
     assert_trains_like(split, reference, name, args, kwargs, optimizer=torch.optim.SGD)
+
+
+def test_values_the_plan_rebuilds_are_computed_on_each_stage_not_sent():
+    model, args, kwargs = models.masked()
+    reference = copy.deepcopy(model)
+    traced = capture(model, args, kwargs)
+    # Across hosts the gate costs less to rebuild than to send: the plan lists it on both stages.
+    plan = solve(OpGraph.from_traced(traced), Cluster.parse("3x1xh100"), SolverOptions(),
+                 costs=price_graph(traced.graph_module), parameters=traced.parameters)
+    listed = Counter(n for stage in plan.stages for n in stage.nodes)
+    rebuilt = {n for n, count in listed.items() if count > 1}
+    assert "to" in rebuilt
+    split = split_module(model, traced, plan, ["cpu"] * 3)
+    graph = split.graph_module.graph
+    assert not {n.args[0].name for n in graph.nodes if n.target is transfer} & rebuilt
+    computing = lambda g: sum(n.op in ("call_function", "call_method") and n.target is not transfer  # noqa: E731
+                              for n in g.nodes)
+    assert computing(graph) - computing(traced.graph_module.graph) == sum(listed[n] - 1 for n in rebuilt)
+    assert_trains_like(split, reference, "masked", args, kwargs)
 
 
 def test_eval_mode_and_no_grad_reach_the_stages():
