@@ -210,9 +210,10 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
     infos = blocks.infos
     members = [(block, list(blocks[block]["members"])) for block in blocks.order
                if blocks[block]["kind"] not in (INPUT, OUTPUT)]
-    # Values computed from the model inputs alone (masks, position ids) are rebuilt by every stage
-    # that needs them instead of travelling (`replicable`). They go first, glued together, with no
-    # time of their own: each stage pays for the groups it needs (`rebuild_groups`).
+    # Values computed from the model inputs alone (masks, position ids, `replicable`) are rebuilt
+    # by every stage that needs them, but those cheaper to send (`_cheaper_to_send`). The rebuilt
+    # ones go first, glued together, with no time of their own: each stage pays for the groups it
+    # needs (`_rebuild_groups`).
     replicated = replicable(graph)
     no_gradient = frozenset(replicated) | {op for op in graph.order if graph.infos[op].op == "placeholder"}
     in_chain = [op for _, ops_ in members for op in ops_]
@@ -290,10 +291,10 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
     activations = [costs[op].saved_bytes if train and op in costs else 0.0 for op in ops]
 
     # Every activation is live from its producer to its last reader; each cut in between
-    # carries it. Model inputs are produced before the first op. Values computed from the inputs
-    # alone (masks, position ids) are recomputed by every stage that reads them, so the inputs
-    # they come from travel instead. Weights read on several stages go straight from their owner
-    # to each reader once per step, which `evaluate` prices; they do not ride along the chain.
+    # carries it. Model inputs are produced before the first op. A rebuilt value is recomputed by
+    # every stage that reads it, so the inputs it comes from travel instead. Weights read on
+    # several stages go straight from their owner to each reader once per step, which `evaluate`
+    # prices; they do not ride along the chain.
     cross = np.zeros(n + 2)
     count = np.zeros(n + 2)
     for producer, readers in travelling_readers(graph, ops, replicated).items():
