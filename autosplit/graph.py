@@ -176,7 +176,13 @@ class OpGraph:
         graphs first differ, their digests first differ."""
         return {name: hashlib.sha256(record).hexdigest()[:8] for name, record in self._records()}
 
-    def _records(self) -> Iterator[tuple[str, bytes]]:
+    def _records(self) -> list[tuple[str, bytes]]:
+        """One serialized record per node (computed once: a graph does not change)."""
+        if "_record_list" not in self.__dict__:
+            self.__dict__["_record_list"] = list(self._make_records())
+        return self.__dict__["_record_list"]
+
+    def _make_records(self) -> Iterator[tuple[str, bytes]]:
         index: dict[str, int] = {}
         source: dict[str, str] = {}  # a skipped op stands for its input
         for name in self.order:

@@ -787,7 +787,7 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
     # Tensors between blocks, grouped by (producer block, consumer blocks, weight): producer −1
     # stands for the model's inputs, which enter at stage 0.
     groups: dict[tuple[int, tuple[int, ...]], list[float]] = {}
-    for producer, readers in travelling_readers(graph, chain.ops, chain.replicated).items():
+    for producer, readers in chain_travellers(graph, chain).items():
         p_block = int(block_of_op[position[producer]]) if producer in position else -1
         consumers = tuple(sorted({int(block_of_op[r]) for r in readers} - {p_block}))
         if not consumers:
@@ -956,6 +956,15 @@ def travelling_readers(graph: OpGraph, ops: Sequence[str], replicated: Mapping[s
     return {u: r for u, r in readers.items() if u not in replicated}
 
 
+def chain_travellers(graph: OpGraph, chain: Chain) -> dict[str, list[int]]:
+    """``travelling_readers`` of the chain's ops, computed once per chain and graph."""
+    cached = chain.__dict__.get("_travellers")
+    if cached is None or cached[0] is not graph:
+        cached = (graph, travelling_readers(graph, chain.ops, chain.replicated))
+        chain.__dict__["_travellers"] = cached
+    return cached[1]
+
+
 def blocks_dag_edges(chain: Chain, graph: OpGraph, block_of_op: np.ndarray) -> set[tuple[int, int]]:
     """Precedence between blocks: every op-level edge between two different blocks."""
     position = {op: k for k, op in enumerate(chain.ops)}
@@ -991,7 +1000,7 @@ def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> t
         for s in sorted({stage_of_op[k] for k in needers.tolist()}):
             compute[s] += float(chain.rebuild_time_s[layout.types[s]][g])
     comm_in, comm_out = [0.0] * S, [0.0] * S
-    for producer, readers in travelling_readers(graph, chain.ops, chain.replicated).items():
+    for producer, readers in chain_travellers(graph, chain).items():
         first = stage_of_op[position[producer]] if producer in position else 0
         last = max(stage_of_op[r] for r in readers)
         nbytes, tensors = link_load(graph.infos[producer], model.gradient(producer))
@@ -1214,7 +1223,7 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
     if np.any(first > last):
         return incumbent_s  # nothing fits below the incumbent: it is optimal
     position = {op: k for k, op in enumerate(chain.ops)}
-    travelling = travelling_readers(graph, chain.ops, chain.replicated)
+    travelling = chain_travellers(graph, chain)
     producer = np.array([position.get(p, -1) for p in travelling])
     readers = [sorted(set(r)) for r in travelling.values()]
     nbytes, tensors = np.array([link_load(graph.infos[p], model.gradient(p)) for p in travelling],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,8 +94,13 @@ def microbatching() -> tuple[str, float]:
 
 def cli_end_to_end() -> tuple[str, float]:
     command = ["autosplit", "plan", "llama-70b", "--devices", "8", "--gpu", "h100", "--mode", "infer"]
+    # The console script installed with this interpreter, whether or not its environment is active.
+    script = shutil.which("autosplit", path=os.path.dirname(sys.executable)) or shutil.which("autosplit")
+    if script is None:
+        raise SystemExit("the autosplit command is not installed: pip install -e . first")
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run([script, *command[1:]], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
