@@ -965,6 +965,24 @@ def chain_travellers(graph: OpGraph, chain: Chain) -> dict[str, list[int]]:
     return cached[1]
 
 
+def _travel_arrays(model: StageModel, graph: OpGraph) -> tuple[np.ndarray, ...]:
+    """The travelling values as arrays (computed once per chain and graph): producer position
+    (−1 for a model input), their readers' positions back to back with each value's first index,
+    and the bytes and transfers each puts on a link (``link_load``)."""
+    chain = model.chain
+    cached = chain.__dict__.get("_travel_arrays")
+    if cached is None or cached[0] is not graph or cached[1] != model.directions:
+        position = {op: k for k, op in enumerate(chain.ops)}
+        travellers = chain_travellers(graph, chain)
+        producer = np.array([position.get(p, -1) for p in travellers], dtype=np.int64)
+        readers = np.array([r for rs in travellers.values() for r in rs], dtype=np.int64)
+        starts = np.cumsum([0] + [len(rs) for rs in travellers.values()])[:-1].astype(np.int64)
+        loads = np.array([link_load(graph.infos[p], model.gradient(p)) for p in travellers], dtype=float).reshape(-1, 2)
+        cached = (graph, model.directions, producer, readers, starts, loads[:, 0], loads[:, 1])
+        chain.__dict__["_travel_arrays"] = cached
+    return cached[2:]
+
+
 def blocks_dag_edges(chain: Chain, graph: OpGraph, block_of_op: np.ndarray) -> set[tuple[int, int]]:
     """Precedence between blocks: every op-level edge between two different blocks."""
     position = {op: k for k, op in enumerate(chain.ops)}
@@ -991,21 +1009,19 @@ def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> t
     (chain order): every value travels from its producer's stage to its last reader's, hop by hop."""
     chain, layout = model.chain, model.layout
     S = len(layout)
-    position = {op: k for k, op in enumerate(chain.ops)}
-    compute = [0.0] * S
-    for k, s in enumerate(stage_of_op):
-        t = chain.time_s[layout.types[s]]
-        compute[s] += t[k + 1] - t[k]
+    stage = np.asarray(stage_of_op, dtype=np.int64)
+    compute = [float(np.diff(chain.time_s[layout.types[s]])[stage == s].sum()) for s in range(S)]
     for g, needers in enumerate(chain.rebuild_needers):  # each stage rebuilds the values its ops need
-        for s in sorted({stage_of_op[k] for k in needers.tolist()}):
+        for s in np.unique(stage[needers]).tolist():
             compute[s] += float(chain.rebuild_time_s[layout.types[s]][g])
     comm_in, comm_out = [0.0] * S, [0.0] * S
-    for producer, readers in chain_travellers(graph, chain).items():
-        first = stage_of_op[position[producer]] if producer in position else 0
-        last = max(stage_of_op[r] for r in readers)
-        nbytes, tensors = link_load(graph.infos[producer], model.gradient(producer))
-        for hop in range(first, last):
-            seconds = model.hop_s(nbytes, hop, tensors)
+    producer, readers, starts, nbytes, tensors = _travel_arrays(model, graph)
+    if len(producer):
+        first = np.where(producer >= 0, stage[np.maximum(producer, 0)], 0)
+        last = np.maximum.reduceat(stage[readers], starts)
+        for hop in range(S - 1):
+            crossing = (first <= hop) & (last > hop)
+            seconds = float(model.hop_s(nbytes[crossing], hop, tensors[crossing]).sum())
             comm_out[hop] += seconds
             comm_in[hop + 1] += seconds
     # A weight read on several stages lives with its first reader and goes straight to each

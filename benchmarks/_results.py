@@ -6,6 +6,8 @@ import datetime
 import os
 import platform
 import re
+import statistics
+import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 HEADER = "# Benchmark results\n\nEach section is rewritten by the script named in it; rerun a script to refresh its figures.\n"
@@ -30,7 +32,22 @@ def machine() -> str:
     except ImportError:
         hf = ""
     return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM; Python {platform.python_version()}, "
-            f"torch {torch.__version__}{hf}; {datetime.date.today().isoformat()}")
+            f"torch {torch.__version__}{hf}; {datetime.date.today().isoformat()}; reference loop "
+            f"{reference_s():.3f} s (a fixed Python workload: this shared machine's speed varies by up to 2× "
+            "over a day, and times scale with it)")
+
+
+def reference_s() -> float:
+    """Median seconds of a fixed pure-Python workload (capture and planning are Python-bound),
+    so figures from different runs can be compared."""
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i % 7
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
 
 
 def record(section: str, body: str) -> None:

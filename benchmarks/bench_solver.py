@@ -13,7 +13,12 @@ Baselines, each turned into an op → stage assignment and priced with `solver.e
   accelerate only places modules on GPUs torch reports; on a machine without GPUs the benchmark
   has torch.cuda report the stage count during those calls.
 
-    pip install accelerate deepspeed
+Their own objectives: DeepSpeed's `partition_balanced` minimizes the spread (max − min) of the
+parts, torchgpipe's `blockpartition.solve` is a heuristic; both are measured against the exact
+min-max split of the same block weights (the solver's chain DP, no traffic) on the weight each
+balances: parameter counts, and per-block time (torchgpipe's `balance_by_time`).
+
+    pip install accelerate deepspeed torchgpipe
     python benchmarks/bench_solver.py        # prints and records into benchmarks/RESULTS.md
 """
 
@@ -26,6 +31,7 @@ import sys
 import time
 from unittest import mock
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +43,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import autosplit.solver as solver_module  # noqa: E402
 from autosplit import OpGraph, SolverOptions, capture, presets, solve  # noqa: E402
 from autosplit.solver import (  # noqa: E402
+    Chain,
     Layout,
     StageModel,
     assignment_from_cuts,
@@ -55,10 +62,13 @@ CASES = [  # preset, batch, seq, mode, microbatches
     ("llama-70b", 1, 2048, "infer", 16),
 ]
 STAGES = (2, 4, 8)
+SPREAD_EXAMPLE = [3.0, 2.0, 2.0, 7.0, 1.0]
+"""Block weights whose split with the least spread (3 | 2 2 | 7 1: max − min = 5) is not the one
+with the smallest largest part (3 2 2 | 7 | 1: 7 against 8)."""
 
 
 def main() -> None:
-    rows, timing = [], []
+    rows, timing, own = [], [], []
     for name, batch, seq, mode, microbatches in CASES:
         model, inputs = presets.build(name, batch=batch, seq=seq)
         model = model.to(torch.bfloat16)
@@ -75,6 +85,7 @@ def main() -> None:
             plan = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
             solve_s = time.perf_counter() - start
             priced = _pricer(graph, costs, traced, cluster, options)
+            own.append(own_objectives(name, priced.chain, stages))
             baselines = {key: priced(assign(model, graph, priced.chain, stages)) for key, assign in BASELINES.items()}
             bound = plan.lower_bound_s
             _, cuts = chain_dp(priced.model, sorted(set(range(priced.chain.n + 1)) - priced.chain.forbidden))
@@ -122,6 +133,19 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
+        "The same libraries on their own objectives: the largest part of their split of the blocks above",
+        "÷ the largest part of the exact min-max split (1.000: they found it), by parameter count and by",
+        "block time.",
+        "",
+        "| model | parts | DeepSpeed `partition_balanced`, parameters | torchgpipe `blockpartition`, parameters | "
+        "DeepSpeed, time | torchgpipe, time |",
+        "|---|---|---|---|---|---|",
+        *own,
+        "",
+        f"Where the least spread and the least maximum part differ, DeepSpeed keeps the spread: weights "
+        f"{SPREAD_EXAMPLE} in 3 parts, DeepSpeed's largest part ÷ the least possible = "
+        f"{library_splits(SPREAD_EXAMPLE, 3)[0]:.3f}.",
+        "",
         "Time to plan a Llama-70B shape from a built meta model (capture + price, then solve):",
         "",
         "| case | capture + price s | solve s | total s |",
@@ -129,6 +153,45 @@ def main() -> None:
         *timing,
     ])
     record("solver", body)
+
+
+def own_objectives(name, chain, parts):
+    """One table row: DeepSpeed's and torchgpipe's largest part ÷ the exact min-max, on block
+    parameter counts and on block times."""
+    bounds = chain.block_starts + [chain.n]
+    t = chain.time_s[next(iter(chain.time_s))]
+    params = [float(chain.param_count[j] - chain.param_count[i]) for i, j in zip(bounds, bounds[1:])]
+    times = [float(t[j] - t[i]) for i, j in zip(bounds, bounds[1:])]
+    cells = [f"{ratio:.3f}" for weights in (params, times) for ratio in library_splits(weights, parts)]
+    return f"| {name} | {parts} | " + " | ".join(cells) + " |"
+
+
+def library_splits(weights, parts):
+    """DeepSpeed's and torchgpipe's largest part when they split ``weights`` into ``parts``, each
+    ÷ the smallest largest part any contiguous split has."""
+    from deepspeed.runtime.utils import partition_balanced
+    from torchgpipe.balance import blockpartition
+
+    best = exact_max_part(weights, parts)
+    starts = partition_balanced(weights=weights, num_parts=parts)
+    deepspeed = max(sum(weights[a:b]) for a, b in zip(starts, starts[1:]))
+    torchgpipe = max(sum(block) for block in blockpartition.solve(weights, parts))
+    return deepspeed / best, torchgpipe / best
+
+
+def exact_max_part(weights, parts):
+    """The smallest largest part of a split of ``weights`` into ``parts`` contiguous parts: the
+    solver's chain DP on a chain of these weights with nothing crossing the cuts."""
+    n = len(weights)
+    prefix = np.concatenate([[0.0], np.cumsum(weights)])
+    zeros = np.zeros(n + 1)
+    chain = Chain(ops=[str(k) for k in range(n)], time_s={"h100-sxm": prefix}, state_bytes=zeros, param_count=zeros,
+                  activation_bytes=zeros, cross_bytes=zeros, cross_count=zeros, largest_output_bytes=0.0,
+                  pins=np.full(n, -1), block_starts=list(range(n)), block_names=[str(k) for k in range(n)],
+                  forbidden=set(), replicated={})
+    cluster, options = Cluster.parse(f"{parts}xh100"), SolverOptions(mode="infer")
+    model = StageModel(chain, Layout.of(cluster, range(parts), 0.0), options, cluster)
+    return chain_dp(model, range(n + 1))[0]
 
 
 def prove(graph, cluster, options, costs, traced):
