@@ -502,17 +502,32 @@ def _export(model: nn.Module, args: tuple, kwargs: dict,
     # itself in one), which would otherwise become higher-order ops that cannot be split.
     # A failed export prints the partial graph to stderr and logs a warning about it: the
     # TraceError says what matters in one message, the rest goes to the debug log.
+    # Source stack traces are not recorded on the nodes: nothing here reads them, and collecting
+    # one per op is about a third of the export time of a large model.
     noisy = logging.getLogger("torch.fx.experimental.symbolic_shapes")
     level = noisy.level
     noisy.setLevel(logging.ERROR)
     stderr = io.StringIO()
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(stderr):
+        with torch.no_grad(), contextlib.redirect_stderr(stderr), _no_stack_traces():
             return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     finally:
         noisy.setLevel(level)
         if stderr.getvalue():
             logger.debug("torch.export printed:\n%s", stderr.getvalue())
+
+
+@contextlib.contextmanager
+def _no_stack_traces() -> Iterator[None]:
+    """Tracing without recording each node's Python stack trace (``torch.fx.config``)."""
+    import torch.fx.config as fx_config
+
+    before = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        fx_config.do_not_emit_stack_traces = before
 
 
 def _register_output_dataclasses(model: nn.Module, args: tuple, kwargs: dict) -> bool:
