@@ -1239,17 +1239,14 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
     if np.any(first > last):
         return incumbent_s  # nothing fits below the incumbent: it is optimal
     position = {op: k for k, op in enumerate(chain.ops)}
-    travelling = chain_travellers(graph, chain)
-    producer = np.array([position.get(p, -1) for p in travelling])
-    readers = [sorted(set(r)) for r in travelling.values()]
-    nbytes, tensors = np.array([link_load(graph.infos[p], model.gradient(p)) for p in travelling],
-                               dtype=float).reshape(-1, 2).T
+    producer, flat_readers, starts, nbytes, tensors = _travel_arrays(model, graph)
+    readers = [sorted(set(r)) for r in chain_travellers(graph, chain).values()]
     inputs = producer < 0
     # Producers of model inputs sit on stage 0 and never move.
     p_first = np.where(inputs, 0, first[np.maximum(producer, 0)])
     p_last = np.where(inputs, 0, last[np.maximum(producer, 0)])
-    r_first = np.array([max(first[r] for r in rs) for rs in readers])  # the reader that can start latest
-    r_last = np.array([max(last[r] for r in rs) for rs in readers])
+    r_first = np.maximum.reduceat(first[flat_readers], starts)  # the reader that can start latest
+    r_last = np.maximum.reduceat(last[flat_readers], starts)
     # A weight sends nothing along the pipeline and needs nothing before it: it can always sit
     # on the early side of a cut, so it is left out of the cuts.
     weight = np.array([graph.infos[op].op == "get_attr" for op in chain.ops], dtype=bool)
