@@ -503,7 +503,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict,
     # A failed export prints the partial graph to stderr and logs a warning about it: the
     # TraceError says what matters in one message, the rest goes to the debug log.
     # Source stack traces are not recorded on the nodes: nothing here reads them, and collecting
-    # one per op is about a third of the export time of a large model.
+    # one per op is about a fifth of the export time of a large model.
     noisy = logging.getLogger("torch.fx.experimental.symbolic_shapes")
     level = noisy.level
     noisy.setLevel(logging.ERROR)
