@@ -386,6 +386,18 @@ def test_options_are_validated():
         SolverOptions(no_split=(3,))
 
 
+def test_more_stages_than_separable_ops_is_refused():
+    model_, args, kwargs = models.masked()
+    traced = capture(model_, args, kwargs)
+    graph, costs = OpGraph.from_traced(traced), price_graph(traced.graph_module)
+    chain = block_model(graph, costs, traced, Cluster.parse("2xh100"), SolverOptions())[1]
+    units = chain.n - len(chain.forbidden & set(range(1, chain.n)))  # weights stay glued to their readers
+    assert units < chain.n
+    with pytest.raises(ValueError, match=f"{units + 1} stages need at least {units + 1} ops that a cut can separate; "
+                                         f"this graph has {units}: use fewer stages"):
+        solve(graph, Cluster.parse(f"{units + 1}xh100"), SolverOptions(), costs=costs, parameters=traced.parameters)
+
+
 def test_no_split_modules_are_never_cut():
     model, args, _ = models.gpt2()
     traced, graph, costs = priced(model, *args)
