@@ -574,15 +574,20 @@ class StageModel:
         needed = c.rebuild_next[:, i] < j  # groups × len(i)
         return c.rebuild_time_s[self.layout.types[s]] @ needed
 
-    def time_s(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
-        c, S = self.chain, len(self.layout)
-        t = c.time_s[self.layout.types[s]]
-        total = t[j] - t[i] + self.rebuild_s(s, i, j)
-        if s > 0:
-            total = total + self.comm_s(i, s - 1)
-        if s < S - 1:
+    def work_s(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
+        """Compute seconds of stage s on [i, j): its ops and the values it rebuilds."""
+        t = self.chain.time_s[self.layout.types[s]]
+        return t[j] - t[i] + self.rebuild_s(s, i, j)
+
+    def traffic_s(self, s: int, i: np.ndarray, j: int) -> np.ndarray | float:
+        """Seconds stage s on [i, j) spends receiving at cut i and sending at cut j."""
+        total = self.comm_s(i, s - 1) if s > 0 else 0.0 * np.asarray(i)
+        if s < len(self.layout) - 1:
             total = total + self.comm_s(j, s)
         return total
+
+    def time_s(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
+        return self.work_s(s, i, j) + self.traffic_s(s, i, j)
 
     def memory_bytes(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
         """Peak bytes of the stage: the larger of backward (activations and transients live)
@@ -650,9 +655,8 @@ def chain_dp(model: StageModel, candidates: Sequence[int],
             if not ok.any():
                 continue
             ii, i = ii[ok], i[ok]
-            stage = model.time_s(s, i, j)
-            t = model.chain.time_s[model.layout.types[s]]
-            comm = stage - (t[j] - t[i]) - model.rebuild_s(s, i, j)
+            comm = model.traffic_s(s, i, j)
+            stage = model.work_s(s, i, j) + comm
             if s == 0:
                 value, moved = stage, comm
             else:
