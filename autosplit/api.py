@@ -171,7 +171,8 @@ def _solve(traced, devices, cluster, mode: str, microbatches: int, options: dict
         cluster = Cluster.parse(cluster)
     solver_options = SolverOptions(mode=mode, microbatches=microbatches, **options)
     return solve(OpGraph.from_traced(traced), cluster, solver_options,
-                 costs=price_graph(traced.graph_module, training=mode == "train"), parameters=traced.parameters)
+                 costs=price_graph(traced.graph_module, training=mode == "train"), parameters=traced.parameters,
+                 buffers=traced.buffers)
 
 
 def _check_options(options: dict[str, Any]) -> None:

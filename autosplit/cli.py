@@ -191,7 +191,8 @@ def _run_plan(args: argparse.Namespace) -> int:
                             precision=precision, optimizer=args.optimizer, weight_dtype=args.dtype,
                             samples_per_microbatch=args.batch, tokens_per_sample=seq)
     with console.status(f"solving for {cluster}", spinner="dots") if console.is_terminal else _nothing():
-        plan = solve(OpGraph.from_traced(traced), cluster, options, costs=costs, parameters=traced.parameters)
+        plan = solve(OpGraph.from_traced(traced), cluster, options, costs=costs, parameters=traced.parameters,
+                     buffers=traced.buffers)
     console.print(plan.table())
     for line in plan.summary():
         console.print(line, soft_wrap=True, highlight=False)

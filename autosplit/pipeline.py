@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -59,9 +59,15 @@ class Pipeline(nn.Module):
 
     def __init__(self, stages: Sequence[fx.GraphModule], inputs: Sequence[Sequence[str]],
                  outputs: Sequence[Sequence[str]], placeholders: Sequence[str], results: Sequence[str],
-                 devices: Sequence[torch.device], microbatches: int):
+                 devices: Sequence[torch.device], microbatches: int, prologue: fx.GraphModule | None = None,
+                 shared: Sequence[str] = ()):
         super().__init__()
         self.stages = nn.ModuleList(stages)
+        self.prologue = prologue
+        """Runs once per call before the microbatches: the weights sent to the other stages that
+        read them, which every microbatch then reuses (their gradients accumulate, and flow
+        back across the link once)."""
+        self.shared = list(shared)
         self.inputs = [list(names) for names in inputs]
         self.outputs = [list(names) for names in outputs]
         self.placeholders = list(placeholders)
@@ -78,10 +84,12 @@ class Pipeline(nn.Module):
 
     @classmethod
     def from_graph(cls, gm: fx.GraphModule, stage_of: dict[fx.Node, int], devices: Sequence[torch.device],
-                   microbatches: int) -> "Pipeline":
+                   microbatches: int, once: Collection[fx.Node] = ()) -> "Pipeline":
         """Cut ``gm`` into one graph module per stage. ``stage_of`` gives the stage of every node
         that computes (placeholders, weights and the output node need none); a stage's graph takes
-        the values it reads from the inputs or from earlier stages and returns those read later."""
+        the values it reads from the inputs or from earlier stages and returns those read later.
+        The nodes in ``once`` (which read weights only) run once per call, in a prologue whose
+        results every microbatch reads."""
         graph = gm.graph
         count = len(devices)
         output = next(n for n in graph.nodes if n.op == "output")
@@ -95,13 +103,21 @@ class Pipeline(nn.Module):
             if node.op in _COMPUTE:
                 for source in node.all_input_nodes:
                     readers.setdefault(source, set()).add(stage_of[node])
+        once = set(once)
+        prologue = None
+        if once:
+            sub, env = fx.Graph(), {}
+            for node in (n for n in graph.nodes if n in once):
+                env[node] = sub.node_copy(node, lambda n: env.setdefault(n, sub.node_copy(n)))
+            sub.output(tuple(env[n] for n in graph.nodes if n in once))
+            prologue = fx.GraphModule(gm, sub, class_name="SharedWeights")
         stages, inputs, outputs = [], [], []
         for s in range(count):
             sub = fx.Graph()
             env: dict[fx.Node, fx.Node] = {}
-            members = [n for n in graph.nodes if n.op in _COMPUTE and stage_of[n] == s]
+            members = [n for n in graph.nodes if n.op in _COMPUTE and stage_of[n] == s and n not in once]
             reads = _unique(src for n in members for src in n.all_input_nodes
-                            if src.op != "get_attr" and (src.op == "placeholder" or stage_of[src] != s))
+                            if src.op != "get_attr" and (src.op == "placeholder" or src in once or stage_of[src] != s))
             for source in reads:
                 env[source] = sub.placeholder(source.name)
                 env[source].meta = dict(source.meta)
@@ -120,13 +136,18 @@ class Pipeline(nn.Module):
             inputs.append([n.name for n in reads])
             outputs.append([n.name for n in sends])
         placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
-        return cls(stages, inputs, outputs, placeholders, [n.name for n in results], devices, microbatches)
+        return cls(stages, inputs, outputs, placeholders, [n.name for n in results], devices, microbatches,
+                   prologue, [n.name for n in graph.nodes if n in once])
 
     def forward(self, *flat: Any) -> tuple[Any, ...]:
         envs = [dict(zip(self.placeholders, chunk)) for chunk in cut_microbatches(flat, self.microbatches)]
         count, m = len(self.stages), self.microbatches
         chunk = batch_size(flat) // m
         with self._on_streams(flat) as callers:
+            if self.prologue is not None:
+                shared = dict(zip(self.shared, self.prologue()))
+                for env in envs:
+                    env.update(shared)
             for tick in range(m + count - 1):
                 for s in range(count):
                     i = tick - s

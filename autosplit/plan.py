@@ -19,7 +19,7 @@ from typing import Any
 
 from cost_models.memory import MemoryBreakdown
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,13 @@ class Stage:
     """Peak memory by kind (weights, gradients, optimizer state, activations, workspace)."""
     memory_capacity_bytes: float
     """What the stage may use: device memory minus the headroom."""
+    weights: tuple[str, ...] = ()
+    """Canonical names of the parameters and buffers stored on this stage: each lives on the
+    first stage that reads it and is sent once per call to every later stage that reads it."""
+    transfers_in: int = 0
+    """Values this stage receives per call in the forward pass (one per microbatch for each
+    activation crossing into it, relayed stage by stage, and one per call for each weight stored
+    elsewhere); each sends its gradient back in training."""
 
     @property
     def time_s(self) -> float:
@@ -147,6 +154,10 @@ class Plan:
             console.print(line, soft_wrap=True, highlight=False)
         return console.export_text()
 
+    def device_ranks(self) -> list[int]:
+        """The cluster rank of each stage's device (``"h100-sxm:3"`` is rank 3), in stage order."""
+        return [int(stage.devices[0].rpartition(":")[2]) for stage in self.stages]
+
     def stage_of(self) -> dict[str, int]:
         """fx node name → stage index."""
         return {node: stage.index for stage in self.stages for node in stage.nodes}
@@ -176,7 +187,7 @@ class Plan:
         for raw in data["stages"]:
             raw = {k: v for k, v in raw.items() if k not in ("memory_bytes", "time_s")}
             raw["memory"] = MemoryBreakdown(**raw["memory"])
-            for key in ("devices", "nodes", "modules"):
+            for key in ("devices", "nodes", "modules", "weights"):
                 raw[key] = tuple(raw[key])
             stages.append(Stage(**raw))
         fields = {k: v for k, v in data.items() if k not in ("stages", "solver")}

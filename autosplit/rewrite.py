@@ -4,10 +4,13 @@
     loss = loss_fn(split(x), y.to(split.output_device)); loss.backward(); opt.step()
 
 The captured graph is copied node by node. Every node runs on its stage's device; a value read
-on another stage is moved there once (``Tensor.to``, so autograd carries its gradient back);
-weights and buffers are moved, once, to the stage that reads them first and sent from there to
-any other stage that reads them (a tied embedding and head stay one parameter). Device
-arguments baked into the graph (``arange(..., device=cpu)``) are pointed at the stage's device.
+on a later stage is relayed there stage by stage (``Tensor.to``, so autograd carries its
+gradient back), as the plan prices it and as a multi-process pipeline sends it. Each parameter
+and buffer is stored on the stage the plan names (``Stage.weights``: the first that reads it) and
+sent from there to each other stage that reads it once per call, whatever the microbatch count
+(a tied embedding and head stay one parameter; a module called at several depths reads its
+weights where each call runs). Device arguments baked into the graph
+(``arange(..., device=cpu)``) are pointed at the stage's device.
 The module keeps the model's own submodules, so parameter names, ``state_dict`` keys, optimizers
 and checkpoints are the model's.
 """
@@ -25,7 +28,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from autosplit.errors import AutosplitError, InputSignatureError, MicrobatchError
-from autosplit.graph import OpGraph
+from autosplit.graph import OpGraph, writes_in_place
 from autosplit.modes import in_mode
 from autosplit.pipeline import Pipeline, cut_microbatches
 from autosplit.plan import Plan
@@ -43,10 +46,15 @@ def transfer(value: Any, device: torch.device) -> Any:
     return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, value)
 
 
-def call_module_on(module: nn.Module, device: torch.device, *args: Any, **kwargs: Any) -> Any:
-    """Call ``module`` with its parameters and buffers sent to ``device`` (a module shared by
-    stages on different devices lives on one of them)."""
-    state = {name: t.to(device) for name, t in list(module.named_parameters()) + list(module.named_buffers())}
+def deliver(value: Any, device: torch.device) -> Any:
+    """Move the outputs to the device the caller asked for (nothing when they are there)."""
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) and x.device != device else x,
+                           value)
+
+
+def call_with_state(module: nn.Module, state: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+    """Call ``module`` with some of its parameters and buffers replaced by ``state`` (local name →
+    tensor): copies sent to this stage of the weights it stores elsewhere."""
     return torch.func.functional_call(module, state, args, kwargs)
 
 
@@ -190,16 +198,18 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
                          "first (model.to_empty(device=...) then load_state_dict), or only plan with autosplit.plan()")
     gm = traced.graph_module
     stage_of = _stages_of_nodes(gm, plan)
-    moves = _state_moves(model, gm, stage_of, devices)
+    homes = _weight_homes(model, traced, plan)
+    moves = _state_moves(model, gm, traced, homes, stage_of, devices)
     output_device = torch.device(output_device) if output_device is not None else devices[-1]
     placed: dict[fx.Node, int] = {}
+    once: set[fx.Node] = set()
     in_modes: dict[str, nn.Module] = {}
-    graph = _rewrite(gm, stage_of, _rebuilt_on(plan), devices, output_device, placed, in_modes,
+    graph = _rewrite(gm, traced, stage_of, homes, _rebuilt_on(plan), devices, output_device, placed, once, in_modes,
                      _mode_followers(model, traced, written_flags))
     split = fx.GraphModule(_targets(gm, graph, in_modes), graph, class_name="SplitGraph")
     split.graph.lint()
     if microbatches > 1:
-        split = _pipelined(split, placed, devices, microbatches)
+        split = _pipelined(split, placed, once, devices, microbatches)
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
             setattr(split, attr, getattr(gm, attr))
@@ -211,11 +221,12 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
     return result
 
 
-def _pipelined(split: fx.GraphModule, placed: dict[fx.Node, int], devices: list[torch.device],
+def _pipelined(split: fx.GraphModule, placed: dict[fx.Node, int], once: set[fx.Node], devices: list[torch.device],
                microbatches: int) -> fx.GraphModule:
     """The split graph with its body replaced by a :class:`Pipeline` over the same stages: the
-    inputs and the output structure stay the split graph's."""
-    pipeline = Pipeline.from_graph(split, placed, devices, microbatches)
+    inputs and the output structure stay the split graph's. The nodes in ``once`` (weights sent
+    to the other stages that read them) run once per call, before the microbatches."""
+    pipeline = Pipeline.from_graph(split, placed, devices, microbatches, once=once)
     top = fx.Graph()
     top._codegen = split.graph._codegen
     inputs = [top.node_copy(n) for n in split.graph.nodes if n.op == "placeholder"]
@@ -276,22 +287,26 @@ def _rebuilt_on(plan: Plan) -> dict[str, list[int]]:
     return {name: stages[1:] for name, stages in listed.items() if len(stages) > 1}
 
 
-def _state_moves(model: nn.Module, gm: fx.GraphModule, stage_of: dict[str, int],
-                 devices: list[torch.device]) -> list[tuple[torch.Tensor, torch.device]]:
-    """Where every parameter and buffer goes: the device of the first stage that reads it."""
+def _weight_homes(model: nn.Module, traced: Traced, plan: Plan) -> dict[str, int]:
+    """The stage storing each parameter and buffer (canonical name), as the plan says; one the
+    plan does not list (no op reads it) stays with the first stage."""
+    homes = {name: stage.index for stage in plan.stages for name in stage.weights}
+    return {name: homes.get(name, 0) for name in [*traced.parameters, *traced.buffers, *homes]}
+
+
+def _state_moves(model: nn.Module, gm: fx.GraphModule, traced: Traced, homes: dict[str, int],
+                 stage_of: dict[str, int], devices: list[torch.device]) -> list[tuple[torch.Tensor, torch.device]]:
+    """Where every parameter and buffer goes: the device of the stage that stores it. A tensor
+    of the captured graph that is not the model's (a constant) goes to the stage of its node."""
     target: dict[int, tuple[torch.Tensor, torch.device]] = {}
+    for name, stage in homes.items():
+        t = model.get_parameter(name) if name in traced.parameters else model.get_buffer(name)
+        target.setdefault(id(t), (t, devices[stage]))
     for node in gm.graph.nodes:
-        tensors: list[torch.Tensor] = []
         if node.op == "get_attr":
             value = _fetch(gm, node.target)
-            tensors = [value] if isinstance(value, torch.Tensor) else []
-        elif node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            tensors = list(module.parameters()) + list(module.buffers())
-        for t in tensors:
-            target.setdefault(id(t), (t, devices[stage_of[node.name]]))
-    for t in list(model.parameters()) + list(model.buffers()):  # never read: keep with stage 0
-        target.setdefault(id(t), (t, devices[0]))
+            if isinstance(value, torch.Tensor):
+                target.setdefault(id(value), (value, devices[stage_of[node.name]]))
     return list(target.values())
 
 
@@ -332,49 +347,79 @@ def _targets(gm: fx.GraphModule, graph: fx.Graph, extra: dict[str, nn.Module]) -
                if n.op in ("get_attr", "call_module") and n.target not in extra}, **extra}
 
 
-def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], rebuilt_on: dict[str, list[int]],
-             devices: list[torch.device], output_device: torch.device, placed: dict[fx.Node, int],
-             in_modes: dict[str, nn.Module], follower: Callable[[fx.Node], nn.Module | None]) -> fx.Graph:
+def _rewrite(gm: fx.GraphModule, traced: Traced, stage_of: dict[str, int], homes: dict[str, int],
+             rebuilt_on: dict[str, list[int]], devices: list[torch.device], output_device: torch.device,
+             placed: dict[fx.Node, int], once: set[fx.Node], in_modes: dict[str, nn.Module],
+             follower: Callable[[fx.Node], nn.Module | None]) -> fx.Graph:
     """The graph with every node on its stage's device, and a copy of each node in ``rebuilt_on``
     on each of its other stages (values computed from the inputs alone are rebuilt where they are
     read, not sent); ``placed`` receives the stage of every node that computes (a move belongs to
-    the stage that reads the value), ``in_modes`` the :class:`~autosplit.modes.InMode` modules
-    that replace ops fixed to the capture's mode."""
+    the stage that receives the value), ``once`` the moves of weights (run once per call),
+    ``in_modes`` the :class:`~autosplit.modes.InMode` modules that replace ops fixed to the
+    capture's mode.
+
+    Running example: a tied embedding (stage 0) and head (stage 2). The head's weight is stored
+    on stage 0 and one ``transfer`` node sends it to stage 2 (in ``once``); the hidden state
+    made on stage 0 and read on stage 2 goes 0 → 1 → 2, one ``transfer`` per hop."""
     last = len(devices) - 1
     graph = fx.Graph(owning_module=gm)
     graph._codegen = gm.graph._codegen
     copied: dict[fx.Node, fx.Node] = {}
     moved: dict[tuple[str, int], fx.Node] = {}
-    module_home: dict[str, int] = {}
+    sent: dict[tuple[str, int], fx.Node] = {}
+    canonical = {id(t): name for name, t in _model_state(gm, traced)}
+
+    def weight_on(key: str, home: int, stage: int, fetch: Callable[[], fx.Node]) -> fx.Node:
+        """A weight stored on ``home`` as read by ``stage``: sent there once per call."""
+        if home == stage:
+            return fetch()
+        if (key, stage) not in sent:
+            sent[(key, stage)] = graph.call_function(transfer, (fetch(), devices[stage]))
+            placed[sent[(key, stage)]] = stage
+            once.add(sent[(key, stage)])
+        return sent[(key, stage)]
 
     def value_on(source: fx.Node, stage: int) -> fx.Node:
-        """The copy of ``source`` as seen by ``stage``: moved once per stage that reads it."""
+        """The copy of ``source`` as seen by ``stage``: relayed from the stage before it."""
+        if source.op == "get_attr":
+            key = _weight_key(traced, source)
+            return weight_on(key, homes.get(key, stage_of[source.name]), stage, lambda: copied[source])
+        key = (source.name, stage)
         if stage_of[source.name] == stage:
             return copied[source]
-        key = (source.name, stage)
         if key not in moved:
-            moved[key] = graph.call_function(transfer, (copied[source], devices[stage]))
+            assert stage > stage_of[source.name], f"{source.name} is read on stage {stage} before it is made"
+            moved[key] = graph.call_function(transfer, (value_on(source, stage - 1), devices[stage]))
             placed[moved[key]] = stage
         return moved[key]
 
     def emit(node: fx.Node, stage: int) -> fx.Node:
         """A copy of the computing ``node`` that runs on ``stage``."""
+        _check_writes(node, traced, homes, stage)
         replacement = follower(node)
+        args = lambda n: value_on(n, stage)  # noqa: E731
         if replacement is not None:
             target = f"in_mode_{len(in_modes)}"
             in_modes[target] = replacement
-            new = graph.create_node("call_module", target, fx.node.map_arg(node.args, lambda n: value_on(n, stage)),
-                                    fx.node.map_arg(node.kwargs, lambda n: value_on(n, stage)))
+            new = graph.create_node("call_module", target, fx.node.map_arg(node.args, args),
+                                    fx.node.map_arg(node.kwargs, args))
+            new.meta = dict(node.meta)
+        elif node.op == "call_module" and (foreign := _foreign_state(gm, node, canonical, homes, stage)):
+            module = graph.get_attr(node.target)
+            state = {local: weight_on(key, homes[key], stage, lambda p=f"{node.target}.{local}": graph.get_attr(p))
+                     for local, key in foreign.items()}
+            new = graph.call_function(call_with_state, (module, state, *fx.node.map_arg(node.args, args)),
+                                      fx.node.map_arg(node.kwargs, args))
             new.meta = dict(node.meta)
         else:
-            new = graph.node_copy(node, lambda n: value_on(n, stage))
+            new = graph.node_copy(node, args)
         new.args = _on_device(new.args, devices[stage])
         new.kwargs = _on_device(new.kwargs, devices[stage])
         placed[new] = stage
         return new
 
     def to_output(source: fx.Node) -> fx.Node:
-        node = graph.call_function(transfer, (copied[source], output_device))
+        node = graph.call_function(deliver, (value_on(source, last), output_device))
         placed[node] = last
         return node
 
@@ -383,23 +428,106 @@ def _rewrite(gm: fx.GraphModule, stage_of: dict[str, int], rebuilt_on: dict[str,
         if node.op == "output":
             copied[node] = graph.output(fx.node.map_arg(node.args[0], to_output) if node.args else None)
             continue
-        if node.op in ("placeholder", "get_attr"):
+        if node.op == "placeholder":  # inputs go to the first stage's device (if not already there)
+            copied[node] = graph.call_function(deliver, (graph.node_copy(node), devices[0]))
+            placed[copied[node]] = 0
+            continue
+        if node.op == "get_attr":
             copied[node] = graph.node_copy(node, lambda n: copied[n])
             continue
-        if node.op == "call_module":
-            home = module_home.setdefault(node.target, stage)
-            if home != stage:  # the module's weights live on another stage's device
-                args = fx.node.map_arg(node.args, lambda n: value_on(n, stage))
-                kwargs = fx.node.map_arg(node.kwargs, lambda n: value_on(n, stage))
-                get = graph.get_attr(node.target)
-                copied[node] = graph.call_function(call_module_on, (get, devices[stage], *args), kwargs)
-                copied[node].meta = dict(node.meta)
-                placed[copied[node]] = stage
-                continue
         copied[node] = emit(node, stage)
         for other in rebuilt_on.get(node.name, ()):
             moved[(node.name, other)] = emit(node, other)
+    misplaced = audit_placement(graph, gm, placed, {id(t): homes[name] for name, t in _model_state(gm, traced)})
+    assert not misplaced, f"the rewrite reads tensors off their stage: {misplaced[:3]}"
     return graph
+
+
+def audit_placement(graph: fx.Graph, gm: fx.GraphModule, placed: dict[fx.Node, int],
+                    home_of: dict[int, int]) -> list[str]:
+    """Every place where a node would read a tensor that is not on its stage's device, found
+    without running anything (so without needing the devices): each value is tagged with the
+    stage whose device holds it (a weight: its home, ``home_of`` by tensor id; a moved value:
+    the stage it was moved to; anything else: the stage that computed it), and every computing
+    node must read only values, and call only modules whose weights, tagged with its own stage.
+    Returns one line per violation (none for a correct split)."""
+    tag: dict[fx.Node, int] = {}
+    problems = []
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            value = _fetch(gm, node.target)
+            if isinstance(value, torch.Tensor) and id(value) in home_of:
+                tag[node] = home_of[id(value)]
+            continue
+        if node not in placed:
+            continue
+        stage = tag[node] = placed[node]
+        if node.target in (transfer, deliver):
+            continue  # a move reads from anywhere: that is its job
+        for source in node.all_input_nodes:
+            if source in tag and tag[source] != stage:
+                problems.append(f"{node.name} on stage {stage} reads {source.name} from stage {tag[source]}")
+        if node.op == "call_module" and not node.target.startswith("in_mode_"):
+            module = gm.get_submodule(node.target)
+            for local, t in [*module.named_parameters(), *module.named_buffers()]:
+                if home_of.get(id(t), stage) != stage:
+                    problems.append(f"{node.name} on stage {stage} calls {node.target} whose {local} is on stage "
+                                    f"{home_of[id(t)]}")
+    return problems
+
+
+def _model_state(gm: fx.GraphModule, traced: Traced) -> list[tuple[str, torch.Tensor]]:
+    """The model's parameters and buffers by canonical name, as the captured graph holds them."""
+    state = []
+    for name in [*traced.parameters, *traced.buffers]:
+        try:
+            state.append((name, _fetch(gm, name)))
+        except AttributeError:
+            continue  # lifted into the graph under another name (export): found through get_attr nodes
+    return state
+
+
+def _weight_key(traced: Traced, node: fx.Node) -> str:
+    """The canonical name of the tensor a ``get_attr`` node reads (its target for a constant)."""
+    reads = traced.nodes[node.name].reads if node.name in traced.nodes else ()
+    return reads[0] if reads else node.target
+
+
+def _foreign_state(gm: fx.GraphModule, node: fx.Node, canonical: dict[int, str], homes: dict[str, int],
+                   stage: int) -> dict[str, str]:
+    """The parameters and buffers of a called module stored on another stage: local name →
+    canonical name. A module whose buffers it updates itself (batch norm statistics in
+    training) must run where they are stored."""
+    module = gm.get_submodule(node.target)
+    foreign = {}
+    for local, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        key = canonical.get(id(t))
+        if key is not None and homes.get(key, stage) != stage:
+            foreign[local] = key
+    buffers = {local for local, _ in module.named_buffers(remove_duplicate=False)}
+    if foreign.keys() & buffers and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+        key = foreign[next(iter(foreign.keys() & buffers))]
+        raise AutosplitError(
+            f"{node.target} ({type(module).__name__}) runs on stage {stage} but its statistics ({key}) are stored on "
+            f"stage {homes[key]}, and it updates them in training: pin both calls of the module to one stage "
+            f"(pin={{'{node.target}': {homes[key]}}}) or plan again")
+    return foreign
+
+
+def _check_writes(node: fx.Node, traced: Traced, homes: dict[str, int], stage: int) -> None:
+    """Refuse an in-place write to a weight stored on another stage: it would change a copy."""
+    info = traced.nodes.get(node.name)
+    if info is None or node.op not in ("call_function", "call_method") or not node.args:
+        return
+    target = node.args[0]
+    if not (isinstance(target, fx.Node) and target.op == "get_attr") or not writes_in_place(info.target):
+        return
+    key = _weight_key(traced, target)
+    if homes.get(key, stage) != stage:
+        raise AutosplitError(
+            f"{node.name} ({info.target} in {info.module_path or 'the model'}) writes {key} on stage {stage}, but "
+            f"{key} is stored on stage {homes[key]}: the write would change a copy. Pin the module that writes it "
+            f"to stage {homes[key]} (pin={{'{info.module_path}': {homes[key]}}}) or plan again")
 
 
 def _on_device(value: Any, device: torch.device) -> Any:

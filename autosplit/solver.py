@@ -68,7 +68,7 @@ from ortools.graph.python import max_flow
 from ortools.sat.python import cp_model
 
 from autosplit.errors import InfeasibleError
-from autosplit.graph import INPUT, OUTPUT, OpGraph
+from autosplit.graph import INPUT, OUTPUT, OpGraph, writes_in_place
 from autosplit.plan import Plan, SolverReport, Stage
 from cost_models import AnalyticCostModel, Cluster, Link, OpCost
 from cost_models.memory import (
@@ -193,6 +193,8 @@ class Chain:
     """Per group, the positions of the ops that need it: a stage holding one of them rebuilds it."""
     rebuild_next: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.int64))
     """Per group and position i, the first position ≥ i of an op that needs it (n if none)."""
+    weights: Mapping[str, Any] = field(default_factory=dict)
+    """Every parameter and buffer by canonical name (``TensorInfo``: bytes, dtype, requires_grad)."""
 
     @property
     def n(self) -> int:
@@ -201,7 +203,7 @@ class Chain:
 
 def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], parameters: Mapping[str, Any],
                 times_by_type: Mapping[str, Mapping[str, Any]], options: SolverOptions,
-                link: Link | None = None) -> Chain:
+                link: Link | None = None, buffers: Mapping[str, Any] | None = None) -> Chain:
     """Lay the blocks' ops (of the op-level ``graph``) out in one topological order and compute
     the prefix sums. ``link`` (the fastest between the devices) decides which values computed
     from the inputs alone travel instead of being rebuilt (``_cheaper_to_send``); without it
@@ -330,7 +332,8 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
             forbidden.update(range(min(ks) + 1, max(ks) + 1))
     largest = max((costs[op].output_bytes for op in ops if op in costs), default=0)
     chain = Chain(ops, time_s, prefix(state), prefix(params), prefix(activations), cross, count,
-                  float(largest), pins, block_starts, block_names, forbidden, replicated, no_gradient)
+                  float(largest), pins, block_starts, block_names, forbidden, replicated, no_gradient,
+                  weights={**(buffers or {}), **parameters})
     _rebuild_groups(chain, graph, rebuilt, times_by_type, train)
     return chain
 
@@ -423,7 +426,7 @@ def replicable(graph: OpGraph, exclude: Collection[str] = ()) -> dict[str, tuple
         if info.op == "placeholder" or name in exclude:
             continue
         if info.op not in ("call_function", "call_method") or any(r in info.target for r in _RANDOM) \
-                or _writes_in_place(info.target):
+                or writes_in_place(info.target):
             continue
         preds = list(graph.dag.predecessors(name))  # none: a constant such as arange(seq)
         if not all(p in found or graph.infos[p].op == "placeholder" for p in preds):
@@ -433,12 +436,6 @@ def replicable(graph: OpGraph, exclude: Collection[str] = ()) -> dict[str, tuple
             sources.update(found.get(p, (p,)))
         found[name] = tuple(sorted(sources))
     return found
-
-
-def _writes_in_place(target: str) -> bool:
-    parts = target.split(".")
-    name = parts[1] if parts[0] == "aten" and len(parts) > 1 else parts[-1]
-    return name.endswith("_") and not name.endswith("__")
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -533,6 +530,7 @@ class StageModel:
             where = np.nonzero(chain.pins == s)[0]
             self.pin_span.append((int(where.min()), int(where.max())) if len(where) else None)
         self._closure: tuple[OpGraph, np.ndarray, np.ndarray] | None = None
+        self.weights = chain.weights
 
     def closure_work(self, graph: OpGraph) -> tuple[np.ndarray, np.ndarray]:
         """Work of every op with all its ancestors, and with all its descendants, each op priced
@@ -793,7 +791,8 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
     groups: dict[tuple[int, tuple[int, ...]], list[float]] = {}
     for producer, readers in chain_travellers(graph, chain).items():
         p_block = int(block_of_op[position[producer]]) if producer in position else -1
-        consumers = tuple(sorted({int(block_of_op[r]) for r in readers} - {p_block}))
+        # a returned value (read at position n) is priced up to the stage of the last block
+        consumers = tuple(sorted({int(block_of_op[min(r, chain.n - 1)]) for r in readers} - {p_block}))
         if not consumers:
             continue
         entry = groups.setdefault((p_block, consumers), [0.0, 0])
@@ -832,13 +831,13 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
         if S > 1 else 0.0
     link_latency_s = min(model.cluster_link(a, b).latency_s for a in range(S) for b in range(S) if a != b) \
         if S > 1 else 0.0
-    for weight, readers in _weight_readers(graph, chain).items():
-        owner = int(block_of_op[readers[0]])
-        others = sorted({int(block_of_op[r]) for r in readers} - {owner})
+    for use in weight_readers(graph, chain, chain.weights).values():
+        owner = int(block_of_op[use.readers[0]])
+        others = sorted({int(block_of_op[r]) for r in use.readers} - {owner})
         if not others or S == 1:
             continue
-        nbytes = graph.infos[weight].output_bytes * model.directions / options.microbatches
-        cost = cost_ticks(nbytes * link_s_per_byte + link_latency_s)
+        directions = 2 if use.gradient and model.directions == 2 else 1
+        cost = cost_ticks(directions * (use.nbytes * link_s_per_byte + link_latency_s) / options.microbatches)
         if cost == 0:
             continue
         away = []
@@ -948,10 +947,12 @@ def travelling_readers(graph: OpGraph, ops: Sequence[str], replicated: Mapping[s
                        ) -> dict[str, list[int]]:
     """Chain positions reading every value that travels along the pipeline: activations and
     model inputs. A value rebuilt from the inputs counts as read of those inputs; weights do
-    not travel (see `evaluate`)."""
+    not travel (see `weight_readers`). A value the model returns is read at position
+    ``len(ops)`` (``RETURNED``): it travels to the last stage, where the outputs are gathered."""
     position = {op: k for k, op in enumerate(ops)}
+    position.update({op: len(ops) for op in graph.order if graph[op]["kind"] == OUTPUT})
     readers: dict[str, list[int]] = {}
-    for v in ops:
+    for v in position:
         for u in graph.dag.predecessors(v):
             if graph.infos[u].op == "get_attr":
                 continue
@@ -999,13 +1000,43 @@ def blocks_dag_edges(chain: Chain, graph: OpGraph, block_of_op: np.ndarray) -> s
     return edges
 
 
-def _weight_readers(graph: OpGraph, chain: Chain) -> dict[str, list[int]]:
-    position = {op: k for k, op in enumerate(chain.ops)}
-    readers: dict[str, list[int]] = {}
-    for u in graph.order:
-        if graph.infos[u].op == "get_attr":
-            readers[u] = sorted(position[v] for v in graph.dag.successors(u) if v in position)
-    return {u: r for u, r in readers.items() if r}
+@dataclass(frozen=True)
+class WeightUse:
+    """A parameter or buffer and the chain positions of the ops that compute with it."""
+
+    nbytes: float
+    gradient: bool
+    """A trainable floating-point parameter: its gradient goes back to where it is stored."""
+    readers: tuple[int, ...]
+
+
+def weight_readers(graph: OpGraph, chain: Chain, weights: Mapping[str, Any]) -> dict[str, WeightUse]:
+    """Every parameter and buffer (canonical name) read by the chain's ops, with the positions of
+    the ops that compute with it: a module's call (``call_module``) or an op taking the tensor
+    from a ``get_attr`` node. ``weights`` maps names to ``TensorInfo`` (nbytes, dtype,
+    requires_grad). It is stored on the first stage that reads it (``weight_homes``) and sent
+    from there once per call to every other stage that reads it, as the rewriter does."""
+    cached = chain.__dict__.get("_weight_readers")
+    if cached is not None and cached[0] is graph:
+        return cached[1]
+    found: dict[str, list[int]] = {}
+    for k, op in enumerate(chain.ops):
+        if graph.infos[op].op != "get_attr":
+            for name in graph.infos[op].reads:
+                found.setdefault(name, []).append(k)
+    uses = {}
+    for name, readers in found.items():
+        info = weights.get(name)
+        nbytes = info.nbytes if info is not None else 0
+        gradient = info is not None and info.requires_grad and info.dtype.is_floating_point
+        uses[name] = WeightUse(float(nbytes), gradient, tuple(sorted(set(readers))))
+    chain.__dict__["_weight_readers"] = (graph, uses)
+    return uses
+
+
+def weight_homes(uses: Mapping[str, WeightUse], stage_of_op: Sequence[int]) -> dict[str, int]:
+    """The stage storing each weight: the first (lowest) stage that reads it."""
+    return {name: min(stage_of_op[r] for r in use.readers) for name, use in uses.items()}
 
 
 def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> tuple[list[float], list[float], list[float]]:
@@ -1019,26 +1050,59 @@ def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> t
         for s in np.unique(stage[needers]).tolist():
             compute[s] += float(chain.rebuild_time_s[layout.types[s]][g])
     comm_in, comm_out = [0.0] * S, [0.0] * S
-    producer, readers, starts, nbytes, tensors = _travel_arrays(model, graph)
-    if len(producer):
-        first = np.where(producer >= 0, stage[np.maximum(producer, 0)], 0)
-        last = np.maximum.reduceat(stage[readers], starts)
-        for hop in range(S - 1):
-            crossing = (first <= hop) & (last > hop)
-            seconds = float(model.hop_s(nbytes[crossing], hop, tensors[crossing]).sum())
-            comm_out[hop] += seconds
-            comm_in[hop + 1] += seconds
-    # A weight read on several stages lives with its first reader and goes straight to each
-    # other reader once per step (its gradient comes back): amortized over the microbatches.
-    for weight, readers in _weight_readers(graph, chain).items():
-        owner = stage_of_op[readers[0]]
-        nbytes = graph.infos[weight].output_bytes * model.directions / model.options.microbatches
-        for other in sorted({stage_of_op[r] for r in readers} - {owner}):
+    _, _, _, nbytes, tensors = _travel_arrays(model, graph)
+    for hop, crossing in enumerate(_crossings(model, graph, stage)):
+        seconds = float(model.hop_s(nbytes[crossing], hop, tensors[crossing]).sum())
+        comm_out[hop] += seconds
+        comm_in[hop + 1] += seconds
+    # A weight read on several stages lives on the first and goes straight to each other reader
+    # once per call, reused by every microbatch (its gradient comes back once): amortized.
+    m = model.options.microbatches
+    for use, owner, others in _weight_sends(model, graph, stage):
+        directions = 2 if use.gradient and model.directions == 2 else 1
+        for other in others:
             link = model.cluster_link(owner, other)
-            seconds = nbytes / link.bandwidth_bytes_per_s + link.latency_s
+            seconds = directions * (use.nbytes / link.bandwidth_bytes_per_s + link.latency_s) / m
             comm_out[owner] += seconds
             comm_in[other] += seconds
     return compute, comm_in, comm_out
+
+
+def _crossings(model: StageModel, graph: OpGraph, stage: np.ndarray) -> list[np.ndarray]:
+    """Per hop, which travelling values cross it (``_travel_arrays`` order): produced on the hop's
+    stage or before, read after it (returned values are read on the last stage)."""
+    S = len(model.layout)
+    producer, readers, starts, _, _ = _travel_arrays(model, graph)
+    if not len(producer):
+        return [np.zeros(0, dtype=bool)] * (S - 1)
+    at = np.append(stage, S - 1)  # position n: the outputs, gathered on the last stage
+    first = np.where(producer >= 0, at[np.maximum(producer, 0)], 0)
+    last = np.maximum.reduceat(at[readers], starts)
+    return [(first <= hop) & (last > hop) for hop in range(S - 1)]
+
+
+def _weight_sends(model: StageModel, graph: OpGraph, stage: np.ndarray) -> list[tuple[WeightUse, int, list[int]]]:
+    """Each weight read on several stages, its home stage and the other stages it is sent to."""
+    sends = []
+    for use in weight_readers(graph, model.chain, model.weights).values():
+        on = sorted(set(stage[list(use.readers)].tolist()))
+        if len(on) > 1:
+            sends.append((use, on[0], on[1:]))
+    return sends
+
+
+def transfers_per_call(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> list[int]:
+    """Values each stage receives per call in the forward pass, as the runtime moves them: every
+    travelling value once per microbatch over each hop it crosses (relayed stage by stage), and
+    every weight once per call from its home to each other stage that reads it."""
+    stage = np.asarray(stage_of_op, dtype=np.int64)
+    received = [0] * len(model.layout)
+    for hop, crossing in enumerate(_crossings(model, graph, stage)):
+        received[hop + 1] += int(crossing.sum()) * model.options.microbatches
+    for _, _, others in _weight_sends(model, graph, stage):
+        for other in others:
+            received[other] += 1
+    return received
 
 
 def assignment_from_cuts(n: int, cuts: Sequence[int]) -> list[int]:
@@ -1073,7 +1137,7 @@ OPS_GAP = 0.01
 
 
 def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None, *,
-          costs: Mapping[str, OpCost], parameters: Mapping[str, Any],
+          costs: Mapping[str, OpCost], parameters: Mapping[str, Any], buffers: Mapping[str, Any] | None = None,
           cost_model: AnalyticCostModel | None = None) -> Plan:
     """Split ``graph`` into pipeline stages over ``cluster`` (see the module docstring).
 
@@ -1083,6 +1147,7 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
         options: stage count, schedule, memory and solver settings.
         costs: ``cost_models.price_graph`` of the graph's module.
         parameters: ``Traced.parameters`` (canonical name → shape, dtype).
+        buffers: ``Traced.buffers``: a buffer read on several stages is sent like a weight.
         cost_model: turns costs into seconds per device type; default: the analytic roofline.
 
     Raises:
@@ -1099,7 +1164,7 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     blocks = graph.coarsen()
     types = {d.name: d for d in cluster.devices}
     times = {name: cost_model.times(costs, device) for name, device in types.items()}
-    chain = build_chain(graph, blocks, costs, parameters, times, options, fastest_link(cluster))
+    chain = build_chain(graph, blocks, costs, parameters, times, options, fastest_link(cluster), buffers)
     units = chain.n - len(chain.forbidden & set(range(1, chain.n)))  # runs of ops no cut can separate
     if stages > units:
         raise ValueError(f"{stages} stages need at least {stages} ops that a cut can separate; this graph has "
@@ -1245,6 +1310,7 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
     position = {op: k for k, op in enumerate(chain.ops)}
     producer, flat_readers, starts, nbytes, tensors = _travel_arrays(model, graph)
     readers = [sorted(set(r)) for r in chain_travellers(graph, chain).values()]
+    first, last = np.append(first, S - 1), np.append(last, S - 1)  # position n: the returned values
     inputs = producer < 0
     # Producers of model inputs sit on stage 0 and never move.
     p_first = np.where(inputs, 0, first[np.maximum(producer, 0)])
@@ -1253,7 +1319,7 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
     r_last = np.maximum.reduceat(last[flat_readers], starts)
     # A weight sends nothing along the pipeline and needs nothing before it: it can always sit
     # on the early side of a cut, so it is left out of the cuts.
-    weight = np.array([graph.infos[op].op == "get_attr" for op in chain.ops], dtype=bool)
+    weight = np.array([graph.infos[op].op == "get_attr" for op in chain.ops] + [False], dtype=bool)
     pairs = [(position[a], position[b]) for a, b in graph.dag.edges if a in position and b in position]
     u = np.array([a for a, _ in pairs], dtype=np.int64)
     v = np.array([b for _, b in pairs], dtype=np.int64)
@@ -1292,6 +1358,11 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
     layout = model.layout
     S = len(layout)
     compute, comm_in, comm_out = evaluate(model, graph, assignment)
+    received = transfers_per_call(model, graph, assignment)
+    homes = weight_homes(weight_readers(graph, chain, chain.weights), assignment)
+    stored: list[list[str]] = [[] for _ in range(S)]
+    for name in dict.fromkeys([*chain.weights, *homes]):  # a weight no op reads stays with the first stage
+        stored[homes.get(name, 0)].append(name)
     stage_ops: list[list[str]] = [[] for _ in range(S)]
     for op, s in zip(chain.ops, assignment):
         stage_ops[s].append(op)
@@ -1329,6 +1400,8 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
             comm_out_s=comm_out[s],
             memory=memory,
             memory_capacity_bytes=layout.capacity_bytes[s],
+            weights=tuple(stored[s]),
+            transfers_in=received[s],
         ))
     bottleneck = max(st.time_s for st in stage_list)
     m = options.microbatches
