@@ -102,6 +102,8 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     if options.setdefault("schedule", "gpipe") != "gpipe":
         raise ValueError(f"schedule={options['schedule']!r}: in one process the stages run a GPipe wavefront "
                          "(forward of every microbatch, then backward); leave schedule out or pass 'gpipe'")
+    if plan is not None:  # refuse a plan for other devices before anything is captured or moved
+        stage_devices(plan, resolved, cluster)
     split = SplitModule(model, None, plan, resolved, torch.device(output_device) if output_device else resolved[-1],
                         microbatches)
 
@@ -110,8 +112,8 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
         with _mode(model, training=mode == "train"):
             traced = capture(model, args, kwargs)
         chosen = plan if plan is not None else _solve(traced, resolved, cluster, mode, microbatches, options)
-        built = split_module(model, traced, chosen, resolved[: len(chosen.stages)], output_device, microbatches,
-                             _written_flags(model, traced, args, kwargs))
+        built = split_module(model, traced, chosen, stage_devices(chosen, resolved, cluster), output_device,
+                             microbatches, _written_flags(model, traced, args, kwargs))
         split.attach(built)
 
     if example_inputs is not None or example_kwargs:
@@ -122,6 +124,31 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     else:
         split.build_on_first_call(build)
     return split
+
+
+def stage_devices(plan: Plan, devices: Sequence[torch.device], cluster: Cluster | str | None = None
+                  ) -> list[torch.device]:
+    """The device of each stage: the plan names a rank of its cluster per stage (the solver
+    chooses which device runs which stage, e.g. cpu, rtx4090, rtx3090 for
+    ``"rtx4090+rtx3090+cpu"``), and rank r is ``devices[r]``. The devices (or ``cluster``, which
+    describes them) must be of the kinds the plan was made for.
+
+    Raises:
+        ValueError: a stage's rank is not among the devices, or its device is of another kind.
+    """
+    if cluster is None:
+        cluster = Cluster.from_devices([str(d) for d in devices])
+    elif isinstance(cluster, str):
+        cluster = Cluster.parse(cluster)
+    ranks = plan.device_ranks()
+    planned = [stage.devices[0].rpartition(":")[0] for stage in plan.stages]
+    given = [cluster.devices[r].name if r < len(cluster) else None for r in ranks]
+    if len(cluster) < len(devices) or any(r >= len(devices) for r in ranks) or planned != given:
+        raise ValueError(
+            f"the plan was made for {plan.cluster} (its stages run on {', '.join(s.devices[0] for s in plan.stages)}), "
+            f"but the devices given are {cluster} ({', '.join(map(str, devices))}): apply it to devices of those kinds "
+            "in that order, or plan again for these devices")
+    return [devices[r] for r in ranks]
 
 
 def _written_flags(model: nn.Module, traced: Traced, args: tuple, kwargs: dict) -> frozenset[str]:

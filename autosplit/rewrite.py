@@ -375,7 +375,7 @@ def _rewrite(gm: fx.GraphModule, traced: Traced, stage_of: dict[str, int], homes
             return fetch()
         if (key, stage) not in sent:
             sent[(key, stage)] = graph.call_function(transfer, (fetch(), devices[stage]))
-            placed[sent[(key, stage)]] = stage
+            _place(placed, sent[(key, stage)], stage)
             once.add(sent[(key, stage)])
         return sent[(key, stage)]
 
@@ -390,7 +390,7 @@ def _rewrite(gm: fx.GraphModule, traced: Traced, stage_of: dict[str, int], homes
         if key not in moved:
             assert stage > stage_of[source.name], f"{source.name} is read on stage {stage} before it is made"
             moved[key] = graph.call_function(transfer, (value_on(source, stage - 1), devices[stage]))
-            placed[moved[key]] = stage
+            _place(placed, moved[key], stage)
         return moved[key]
 
     def emit(node: fx.Node, stage: int) -> fx.Node:
@@ -415,12 +415,12 @@ def _rewrite(gm: fx.GraphModule, traced: Traced, stage_of: dict[str, int], homes
             new = graph.node_copy(node, args)
         new.args = _on_device(new.args, devices[stage])
         new.kwargs = _on_device(new.kwargs, devices[stage])
-        placed[new] = stage
+        _place(placed, new, stage)
         return new
 
     def to_output(source: fx.Node) -> fx.Node:
         node = graph.call_function(deliver, (value_on(source, last), output_device))
-        placed[node] = last
+        _place(placed, node, last)
         return node
 
     for node in gm.graph.nodes:
@@ -430,7 +430,7 @@ def _rewrite(gm: fx.GraphModule, traced: Traced, stage_of: dict[str, int], homes
             continue
         if node.op == "placeholder":  # inputs go to the first stage's device (if not already there)
             copied[node] = graph.call_function(deliver, (graph.node_copy(node), devices[0]))
-            placed[copied[node]] = 0
+            _place(placed, copied[node], 0)
             continue
         if node.op == "get_attr":
             copied[node] = graph.node_copy(node, lambda n: copied[n])
@@ -438,15 +438,19 @@ def _rewrite(gm: fx.GraphModule, traced: Traced, stage_of: dict[str, int], homes
         copied[node] = emit(node, stage)
         for other in rebuilt_on.get(node.name, ()):
             moved[(node.name, other)] = emit(node, other)
-    misplaced = audit_placement(graph, gm, placed, {id(t): homes[name] for name, t in _model_state(gm, traced)})
+    misplaced = audit_placement(graph, gm, {id(t): homes[name] for name, t in _model_state(gm, traced)})
     assert not misplaced, f"the rewrite reads tensors off their stage: {misplaced[:3]}"
     return graph
 
 
-def audit_placement(graph: fx.Graph, gm: fx.GraphModule, placed: dict[fx.Node, int],
-                    home_of: dict[int, int]) -> list[str]:
+def _place(placed: dict[fx.Node, int], node: fx.Node, stage: int) -> None:
+    placed[node] = node.meta["stage"] = stage
+
+
+def audit_placement(graph: fx.Graph, gm: fx.GraphModule, home_of: dict[int, int]) -> list[str]:
     """Every place where a node would read a tensor that is not on its stage's device, found
-    without running anything (so without needing the devices): each value is tagged with the
+    without running anything (so without needing the devices): every computing node carries
+    its stage (``node.meta["stage"]``), and each value is tagged with the
     stage whose device holds it (a weight: its home, ``home_of`` by tensor id; a moved value:
     the stage it was moved to; anything else: the stage that computed it), and every computing
     node must read only values, and call only modules whose weights, tagged with its own stage.
@@ -459,9 +463,9 @@ def audit_placement(graph: fx.Graph, gm: fx.GraphModule, placed: dict[fx.Node, i
             if isinstance(value, torch.Tensor) and id(value) in home_of:
                 tag[node] = home_of[id(value)]
             continue
-        if node not in placed:
+        if "stage" not in node.meta:
             continue
-        stage = tag[node] = placed[node]
+        stage = tag[node] = node.meta["stage"]
         if node.target in (transfer, deliver):
             continue  # a move reads from anywhere: that is its job
         for source in node.all_input_nodes:

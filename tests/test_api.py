@@ -74,3 +74,30 @@ def test_a_model_without_weights_is_planned_not_split():
     with pytest.raises(ValueError, match="layers.0.weight is on meta.*only plan with autosplit.plan"):
         autosplit.autosplit(model, devices=2, example_inputs=(torch.randn(4, 16),))
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_stages_run_on_the_devices_the_plan_chose_and_other_kinds_are_refused():
+    from numerics import assert_same
+
+    model, args, _ = models.tied_lm()
+    reference = copy.deepcopy(model)
+    devices = [torch.device("cpu", i) for i in range(3)]  # three distinct device objects
+    sm = autosplit.autosplit(model, devices=devices, cluster="rtx4090+rtx3090+cpu", example_inputs=args)
+    ranks = sm.plan.device_ranks()
+    assert ranks != sorted(ranks), "the solver put the faster GPU first: not the listed order"
+    assert sm.devices == [devices[r] for r in ranks]
+    moved_to = {n.args[1] for n in sm.graph_module.graph.nodes if n.target is autosplit.rewrite.transfer}
+    assert moved_to == {devices[r] for r in ranks[1:]}  # each later stage receives on its own device
+    out, want = sm(*args), reference(*args)
+    assert_same(out["logits"], want["logits"])
+    out["logits"].square().mean().backward()
+    want["logits"].square().mean().backward()
+    for (name, p), q in zip(sm.named_parameters(), reference.parameters(), strict=True):
+        assert_same(p.grad, q.grad, name=name)
+
+    other, other_args, _ = models.tied_lm()
+    before = {name: p.detach().clone() for name, p in other.named_parameters()}
+    with pytest.raises(ValueError, match=r"made for rtx4090\+rtx3090\+cpu .*but the devices given are 3xcpu"):
+        autosplit.autosplit(other, devices=3, example_inputs=other_args, plan=sm.plan)
+    for name, p in other.named_parameters():
+        assert torch.equal(p, before[name]) and p.device.type == "cpu", name

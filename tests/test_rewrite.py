@@ -170,3 +170,56 @@ def test_a_failed_move_leaves_every_parameter_where_it_was(monkeypatch):
     for name, p in model.named_parameters():
         assert p is before[name][0] and p.data_ptr() == before[name][1], f"{name} was left moved"
     torch.testing.assert_close(model(*args), reference(*args))
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("name", ["tied_lm", "shared_block", "masked", "gpt2"])
+def test_the_runtime_makes_the_transfers_the_plan_counts(name, microbatches, monkeypatch):
+    model, reference, traced, plan, args, kwargs = planned(name, 3, microbatches)
+    split = split_module(model, traced, plan, ["cpu"] * 3, microbatches=microbatches)
+    real_to, moves = torch.Tensor.to, []
+
+    def counting(self, *a, **k):
+        if a and isinstance(a[0], torch.device):
+            moves.append(tuple(self.shape))
+        return real_to(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting)
+    split(*args, **kwargs)
+    monkeypatch.undo()
+    assert len(moves) == sum(stage.transfers_in for stage in plan.stages) > 0
+    assert [s.transfers_in for s in plan.stages][0] == 0
+
+
+def test_a_weight_read_on_two_stages_is_stored_once_and_sent_once_per_call():
+    model, reference, traced, plan, args, kwargs = planned("tied_lm", 3, microbatches=2)
+    homes = {name: stage.index for stage in plan.stages for name in stage.weights}
+    assert sorted(homes) == sorted([*traced.parameters, *traced.buffers])  # every tensor stored exactly once
+    head_stage = plan.stage_of()[next(n for n, i in traced.nodes.items() if i.module_path == "head")]
+    assert homes["embed.weight"] == 0 < head_stage  # the tied head reads the embedding's weight elsewhere
+    split = split_module(model, traced, plan, ["cpu"] * 3, microbatches=2)
+    pipeline = split.graph_module.pipeline
+    assert pipeline.prologue is not None and len(pipeline.shared) == 1  # sent once per call, not per microbatch
+    assert_trains_like(split, reference, "tied_lm", args, kwargs, optimizer=torch.optim.SGD)
+
+
+def test_the_placement_audit_catches_a_stage_reading_a_tensor_off_its_device():
+    """The audit runs on every split (it would fail the build); here it is shown to catch what a
+    GPU would reject: bypass any one move of a tied-weight split, and a stage reads another's tensor."""
+    from autosplit.rewrite import _model_state, audit_placement
+
+    model, _, traced, plan, _, _ = planned("tied_lm", 3)
+    split = split_module(model, traced, plan, ["cpu"] * 3)
+    gm = split.graph_module
+    homes = {name: stage.index for stage in plan.stages for name in stage.weights}
+    home_of = {id(t): homes[name] for name, t in _model_state(traced.graph_module, traced)}
+    assert audit_placement(gm.graph, gm, home_of) == []
+    moves = [n for n in gm.graph.nodes if n.target is transfer]
+    assert any(n.args[0].op == "get_attr" for n in moves)  # the tied weight's move is among them
+    for move in moves:
+        graph = copy.deepcopy(gm.graph)
+        twin = next(n for n in graph.nodes if n.name == move.name)
+        readers = [r.name for r in twin.users]
+        twin.replace_all_uses_with(twin.args[0])
+        problems = audit_placement(graph, gm, home_of)
+        assert any(f"{r} on stage" in p for r in readers for p in problems), (move.name, problems)
