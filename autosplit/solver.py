@@ -51,6 +51,10 @@ and the mean stage pays every cut twice. Weights stay with their first reader an
 with what they read (no cut separates them), as the rewriter places them.
 
 Deterministic: fixed worker count with interleaved search, deterministic time limits, fixed seed.
+
+Nothing falls back silently: ops priced as free, a search step skipped or stopped at its time
+limit, a traffic bound that fell back to the work bound each add one sentence to
+``SolverReport.notes`` (those about the search only when the plan is not proven optimal).
 """
 
 from __future__ import annotations

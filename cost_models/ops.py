@@ -9,6 +9,9 @@ and a byte counter adds up what every non-view ATen op reads and writes. Autogra
 saved-tensor hooks record what the node keeps for backward. Identical nodes (the same op on the
 same shapes, e.g. in 80 identical layers) are measured once.
 
+A node that cannot run on meta (no meta kernel, or no meta backward) is counted as free and
+``OpCost.unpriced`` says which part and why, so a plan built on these costs can say so.
+
 Fused attention is the exception: on meta, ``scaled_dot_product_attention`` decomposes into the
 math path, whose L×L score matrix a fused kernel (flash / memory-efficient attention) never
 writes. Its bytes are therefore the fused kernel's: read q, k, v, write the output; it saves
