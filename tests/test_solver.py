@@ -470,6 +470,8 @@ def test_a_solver_time_out_still_returns_the_best_plan_found_with_its_gap():
     rushed = solve(graph, cluster, SolverOptions(time_limit_s=1e-9), costs=costs, parameters=traced.parameters)
     patient = solve(graph, cluster, SolverOptions(), costs=costs, parameters=traced.parameters)
     assert rushed.solver.status == "FEASIBLE" and patient.solver.status == "OPTIMAL"
+    assert rushed.solver.notes == ("op-level CP-SAT found no split within its time limit (1e-09 s)",)
+    assert patient.solver.notes == ()  # proven: nothing to say
     assert 0 <= rushed.solver.gap < 1 and rushed.solver.bound_s <= rushed.bottleneck_s
     assert rushed.bottleneck_s == pytest.approx(patient.bottleneck_s, rel=0.05)  # the DP split stands
 
