@@ -140,6 +140,9 @@ class SolverOptions:
             raise ValueError(f"memory_headroom must be in [0, 1), e.g. 0.1; got {self.memory_headroom!r}")
         if self.precision not in TRAINING_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}; got {self.precision!r}")
+        if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_STATES)}, e.g. 'adamw'; "
+                             f"got {self.optimizer!r}")
         if not self.time_limit_s > 0 or self.workers < 1:
             raise ValueError(f"time_limit_s and workers must be positive, e.g. 10.0 and 2; "
                              f"got {self.time_limit_s!r}, {self.workers!r}")

@@ -124,6 +124,8 @@ def test_a_request_the_model_cannot_meet_or_a_broken_factory_is_an_input_error(t
     assert err == "autosplit: error: building the model failed: RuntimeError: no weights here\n"
     assert main(["plan", one_op, "--devices", "2", "--gpu", "h100", "--microbatches", "0"]) == 1
     assert "microbatches must be a positive int" in capsys.readouterr().err
+    assert main(["plan", one_op, "--devices", "2", "--gpu", "h100", "--optimizer", "lion"]) == 1
+    assert "optimizer must be one of" in capsys.readouterr().err
 
 
 def test_a_failure_inside_autosplit_is_reported_as_a_bug(tmp_path, monkeypatch, capsys):

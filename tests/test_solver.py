@@ -432,6 +432,8 @@ def test_options_are_validated():
         SolverOptions(precision="fp12")
     with pytest.raises(TypeError, match="no_split takes module classes or names"):
         SolverOptions(no_split=(3,))
+    with pytest.raises(ValueError, match="optimizer must be one of sgd, sgd-momentum, adam, adamw"):
+        SolverOptions(optimizer="lion")
 
 
 def test_more_stages_than_separable_ops_is_refused():
