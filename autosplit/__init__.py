@@ -4,7 +4,7 @@ The public surface is small; everything not listed in ``__all__`` is internal.
 """
 
 from autosplit.api import autosplit, plan
-from autosplit.errors import AutosplitError, InfeasibleError, InputSignatureError, MicrobatchError, TraceError
+from autosplit.errors import AutosplitError, ConfigError, InfeasibleError, InputSignatureError, MicrobatchError, TraceError
 from autosplit.graph import OpGraph
 from autosplit.plan import Plan
 from autosplit.rewrite import PlanMismatchError, SplitModule
@@ -13,6 +13,7 @@ from autosplit.trace import TensorSpec, Traced, capture, spec
 
 __all__ = [
     "AutosplitError",
+    "ConfigError",
     "InfeasibleError",
     "InputSignatureError",
     "MicrobatchError",

@@ -3,13 +3,17 @@
     autosplit trace gpt2-xl --batch 8 --seq 1024     # capture a preset on meta, print its blocks
     autosplit trace my_models.py:build               # a factory returning a model or (model, inputs)
 
-Flags mirror the API's options one to one. Errors print one line and exit non-zero; ``--debug``
-adds the traceback.
+Flags mirror the API's options one to one. Errors print one line; ``--debug`` shows the traceback
+instead. Exit status: 0 done; 1 the input cannot be used (a flag, the cluster, the options, the
+model, or a request the model cannot meet: autosplit's own error classes); 2 a malformed command
+line (argparse); 70 (``EX_SOFTWARE``) anything else, which is a bug in autosplit, and the line
+says so and what was being done.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -17,7 +21,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -30,22 +34,60 @@ from autosplit.trace import TRACERS, TensorSpec, Traced, capture, spec
 
 logger = logging.getLogger(__name__)
 
+EXIT_INPUT = 1
+"""The input cannot be used: the message says what to change."""
+EXIT_BUG = 70
+"""An unexpected failure inside autosplit (``EX_SOFTWARE`` of sysexits.h)."""
+
+
+class _InputError(AutosplitError):
+    """A flag, the cluster, the options or the model given on the command line cannot be used."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose or os.environ.get("AUTOSPLIT_DEBUG") else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    args.step = "starting"
     try:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
-    except (AutosplitError, ValueError, TypeError, ImportError, FileNotFoundError) as e:  # noqa: B014
+    except Exception as e:
         if args.debug:
             raise
-        message = str(e).strip().replace("\n", " ") if not isinstance(e, AutosplitError) else str(e).strip()
-        print(f"autosplit: error: {message}", file=sys.stderr)
-        return 2
+        if isinstance(e, AutosplitError):
+            print(f"autosplit: error: {str(e).strip()}", file=sys.stderr)
+            return EXIT_INPUT
+        print(f"autosplit: internal error while {args.step}: {_one_line(e)} -- this is a bug in autosplit: "
+              f"rerun with --debug for the traceback and report it with the command line", file=sys.stderr)
+        return EXIT_BUG
+
+
+@contextlib.contextmanager
+def _user_input(*kinds: type[BaseException], what: str = "") -> Iterator[None]:
+    """Exceptions of ``kinds`` raised inside come from what the user gave: report them as input
+    errors (one line, exit 1), naming ``what`` failed when the exception is not a plain
+    ValueError, TypeError, ImportError or OSError."""
+    try:
+        yield
+    except AutosplitError:
+        raise
+    except kinds as e:
+        plain = isinstance(e, (ValueError, TypeError, ImportError, OSError))
+        raise _InputError(" ".join(str(e).split()) if plain else f"{what} failed: {_one_line(e)}") from e
+
+
+def _one_line(e: BaseException) -> str:
+    message = " ".join(str(e).split())
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
+def _step(console: Any, args: argparse.Namespace, text: str) -> Any:
+    """Record the step for an internal error's message; a spinner on a terminal."""
+    args.step = text
+    return console.status(text, spinner="dots") if console.is_terminal else _nothing()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,12 +179,13 @@ def _run_trace(args: argparse.Namespace) -> int:
 
     console = Console()
     start = time.perf_counter()
-    with console.status("building the model", spinner="dots") if console.is_terminal else _nothing():
+    with _step(console, args, "building the model"), _user_input(Exception, what="building the model"):
         model, inputs = load_model(args.model, batch=args.batch, seq=args.seq)
-    with console.status("capturing the graph", spinner="dots") if console.is_terminal else _nothing():
+    with _step(console, args, "capturing the graph"):
         traced = capture(model, inputs, tracer=args.tracer)
         graph = OpGraph.from_traced(traced)
         blocks = graph.coarsen()
+    args.step = "printing the blocks"
     console.print(block_table(traced, blocks))
     elapsed_s = time.perf_counter() - start
     summary = [
@@ -166,44 +209,53 @@ def _run_plan(args: argparse.Namespace) -> int:
     from autosplit.solver import SolverOptions, solve
     from cost_models import Cluster, get_device, price_graph
 
-    if args.dtype not in _DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, e.g. bf16; got {args.dtype!r}")
-    if args.cluster:
-        cluster = Cluster.parse(args.cluster)
-    elif args.gpu:
-        cluster = Cluster.parse(f"{args.devices or 1}x{get_device(args.gpu).name}")
-    else:
-        cluster = Cluster.local(args.devices)
+    args.step = "reading the options"
+    with _user_input(ValueError, TypeError, KeyError):
+        if args.dtype not in _DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, e.g. bf16; got {args.dtype!r}")
+        if args.cluster:
+            cluster = Cluster.parse(args.cluster)
+        elif args.gpu:
+            cluster = Cluster.parse(f"{args.devices or 1}x{get_device(args.gpu).name}")
+        else:
+            cluster = Cluster.local(args.devices)
     dtype = _DTYPES[args.dtype]
     precision = args.precision or ("fp32" if dtype == torch.float32 else "bf16-mixed")
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # a file or a pipe: room for the whole table
     start = time.perf_counter()
-    with console.status("building the model", spinner="dots") if console.is_terminal else _nothing():
+    with _step(console, args, "building the model"), _user_input(Exception, what="building the model"):
         model, inputs = load_model(args.model, batch=args.batch, seq=args.seq)
         model = model.to(dtype)
-    with console.status("capturing and pricing", spinner="dots") if console.is_terminal else _nothing():
+    seq = next((x.shape[1] for x in inputs if isinstance(x, TensorSpec) and len(x.shape) == 2), None)
+    args.step = "reading the options"
+    with _user_input(ValueError, TypeError):
+        options = SolverOptions(mode=args.mode, schedule=args.schedule, microbatches=args.microbatches,
+                                precision=precision, optimizer=args.optimizer, weight_dtype=args.dtype,
+                                samples_per_microbatch=args.batch, tokens_per_sample=seq)
+    with _step(console, args, "capturing and pricing"):
         traced = capture(model, inputs)
         costs = price_graph(traced.graph_module, training=args.mode == "train")
-    seq = next((x.shape[1] for x in inputs if isinstance(x, TensorSpec) and len(x.shape) == 2), None)
-    options = SolverOptions(mode=args.mode, schedule=args.schedule, microbatches=args.microbatches,
-                            precision=precision, optimizer=args.optimizer, weight_dtype=args.dtype,
-                            samples_per_microbatch=args.batch, tokens_per_sample=seq)
-    with console.status(f"solving for {cluster}", spinner="dots") if console.is_terminal else _nothing():
+    with _step(console, args, f"solving for {cluster}"):
         plan = solve(OpGraph.from_traced(traced), cluster, options, costs=costs, parameters=traced.parameters,
                      buffers=traced.buffers)
+    args.step = "printing the plan"
     console.print(plan.table())
     for line in plan.summary():
         console.print(line, soft_wrap=True, highlight=False)
     console.print(f"planned in {time.perf_counter() - start:.1f} s", highlight=False)
     if args.json:
-        plan.save(args.json)
+        args.step = f"writing {args.json}"
+        with _user_input(OSError):
+            plan.save(args.json)
         console.print(f"plan written to {args.json}", highlight=False)
     if args.plot:
-        from autosplit.plot import plot
+        args.step = f"drawing {args.plot}"
+        with _user_input(ImportError, OSError):
+            from autosplit.plot import plot
 
-        console.print(f"plot written to {plot(plan, args.plot)}", highlight=False)
+            console.print(f"plot written to {plot(plan, args.plot)}", highlight=False)
     return 0
 
 

@@ -22,3 +22,8 @@ class InfeasibleError(AutosplitError):
 class MicrobatchError(AutosplitError, ValueError):
     """A batch that cannot be cut into microbatches, outputs that cannot be joined from them, or
     layers that would compute differently per microbatch (batch statistics)."""
+
+
+class ConfigError(AutosplitError, ValueError):
+    """A request the model cannot meet as asked, found once the model is known: more stages than
+    ops a cut can separate, a pin on a stage that does not exist or inside one block."""

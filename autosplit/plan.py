@@ -74,6 +74,9 @@ class SolverReport:
     """The best lower bound on the bottleneck the solver proved."""
     method: str = ""
     """What found the plan, e.g. ``cp-sat blocks + dp refinement``."""
+    notes: tuple[str, ...] = ()
+    """One short sentence per thing that makes the plan less than it claims: ops priced as
+    free, a search step skipped or stopped at its time limit, a bound that fell back."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,7 @@ class Plan:
             f"({self.schedule}), bubble {self.bubble_fraction:.1%}",
             f"solver       {self.solver.status} by {self.solver.method}, gap {self.solver.gap:.2%}, "
             f"{self.solver.wall_s:.2f} s",
-        ]
+        ] + [f"note         {note}" for note in self.solver.notes]
 
     def __str__(self) -> str:
         from rich.console import Console
@@ -191,7 +194,8 @@ class Plan:
                 raw[key] = tuple(raw[key])
             stages.append(Stage(**raw))
         fields = {k: v for k, v in data.items() if k not in ("stages", "solver")}
-        return cls(stages=tuple(stages), solver=SolverReport(**data["solver"]), **fields)
+        solver = {**data["solver"], "notes": tuple(data["solver"].get("notes", ()))}  # older plans have none
+        return cls(stages=tuple(stages), solver=SolverReport(**solver), **fields)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:

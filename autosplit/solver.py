@@ -51,6 +51,10 @@ and the mean stage pays every cut twice. Weights stay with their first reader an
 with what they read (no cut separates them), as the rewriter places them.
 
 Deterministic: fixed worker count with interleaved search, deterministic time limits, fixed seed.
+
+Nothing falls back silently: ops priced as free, a search step skipped or stopped at its time
+limit, a traffic bound that fell back to the work bound each add one sentence to
+``SolverReport.notes`` (those about the search only when the plan is not proven optimal).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ import numpy as np
 from ortools.graph.python import max_flow
 from ortools.sat.python import cp_model
 
-from autosplit.errors import InfeasibleError
+from autosplit.errors import ConfigError, InfeasibleError
 from autosplit.graph import INPUT, OUTPUT, OpGraph, writes_in_place
 from autosplit.plan import Plan, SolverReport, Stage
 from cost_models import AnalyticCostModel, Cluster, Link, OpCost
@@ -136,6 +140,9 @@ class SolverOptions:
             raise ValueError(f"memory_headroom must be in [0, 1), e.g. 0.1; got {self.memory_headroom!r}")
         if self.precision not in TRAINING_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}; got {self.precision!r}")
+        if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_STATES)}, e.g. 'adamw'; "
+                             f"got {self.optimizer!r}")
         if not self.time_limit_s > 0 or self.workers < 1:
             raise ValueError(f"time_limit_s and workers must be positive, e.g. 10.0 and 2; "
                              f"got {self.time_limit_s!r}, {self.workers!r}")
@@ -316,7 +323,7 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
         matched = [k for k, op in enumerate(ops) if _under(infos[op].module_path, path)
                    or (infos[op].op == "get_attr" and any(_under(r.rpartition(".")[0], path) for r in infos[op].reads))]
         if not matched:
-            raise ValueError(f"pin names module {path!r}, which runs no op of this model; "
+            raise ConfigError(f"pin names module {path!r}, which runs no op of this model; "
                              f"pin takes qualified module names such as 'transformer.h.0'")
         pins[matched] = stage
     forbidden: set[int] = set(glued)
@@ -783,7 +790,7 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
     for b in range(B):
         pinned = {int(p) for p in chain.pins[bounds[b]:bounds[b + 1]] if p >= 0}
         if len(pinned) > 1:
-            raise ValueError(f"block {chain.block_names[b]} holds ops pinned to stages {sorted(pinned)}: "
+            raise ConfigError(f"block {chain.block_names[b]} holds ops pinned to stages {sorted(pinned)}: "
                              "pin whole blocks (e.g. a layer) to one stage")
 
     # Tensors between blocks, grouped by (producer block, consumer blocks, weight): producer −1
@@ -1152,6 +1159,7 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
 
     Raises:
         InfeasibleError: no split fits the devices' memory; says what would.
+        ConfigError: more stages than separable ops, or pins this model cannot honour.
 
     Example:
         >>> plan = solve(OpGraph.from_traced(traced), Cluster.parse("4xh100"),
@@ -1167,11 +1175,11 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     chain = build_chain(graph, blocks, costs, parameters, times, options, fastest_link(cluster), buffers)
     units = chain.n - len(chain.forbidden & set(range(1, chain.n)))  # runs of ops no cut can separate
     if stages > units:
-        raise ValueError(f"{stages} stages need at least {stages} ops that a cut can separate; this graph has "
+        raise ConfigError(f"{stages} stages need at least {stages} ops that a cut can separate; this graph has "
                          f"{units}: use fewer stages")
     for path, stage in options.pin.items():
         if not 0 <= stage < stages:
-            raise ValueError(f"pin puts {path!r} on stage {stage}, but there are {stages} stages (0..{stages - 1})")
+            raise ConfigError(f"pin puts {path!r} on stage {stage}, but there are {stages} stages (0..{stages - 1})")
 
     # 1. Block-level DP on every candidate device order; keep the best order.
     block_cuts = sorted(set(chain.block_starts + [chain.n]) - chain.forbidden | {0, chain.n})
@@ -1220,39 +1228,75 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     #    within the stages it could take in a better split: proves the plan optimal among all
     #    op-level splits, or improves it.
     status, bound_s = "FEASIBLE", 0.0
-    lower = traffic_bound_s(model, graph, bottleneck)
+    unproven: list[str] = []  # why the plan may not be optimal, shown when it is not proven so
+    bound_notes: list[str] = []
+    lower = traffic_bound_s(model, graph, bottleneck, notes=bound_notes)
     if options.refine and bottleneck > lower * (1 + OPS_GAP):
-        found = _refine_ops(model, graph, assignment, bottleneck, options)
+        found = _refine_ops(model, graph, assignment, bottleneck, options, notes=unproven)
         if found is not None:
             result, per_op, complete = found
             value = _bottleneck(model, graph, per_op)
             if value < bottleneck * (1 - 1e-9):
                 bottleneck, assignment = value, per_op
                 method = f"{method} + cp-sat ops"
-                lower = traffic_bound_s(model, graph, bottleneck)
+                bound_notes.clear()
+                lower = traffic_bound_s(model, graph, bottleneck, notes=bound_notes)
             if complete:
                 status, bound_s = result.status, result.bound_s
-    elif not options.refine and cp is not None:  # a block split, and CP-SAT searched all block splits
-        status, bound_s = cp.status, cp.bound_s
+                if result.status != "OPTIMAL":
+                    unproven.append(f"op-level CP-SAT stopped at its time limit "
+                                    f"({min(options.time_limit_s, OPS_TIME_S):g} s) without a proof")
+    elif options.refine:
+        unproven.append(f"op-level CP-SAT not run: the plan is within {OPS_GAP:.0%} of the lower bound")
+    else:
+        unproven.append("op-level refinement off (refine=False): only cuts between blocks were searched")
+        if cp is None:
+            unproven.append(f"block-level CP-SAT found no split within its time limit ({options.time_limit_s:g} s); "
+                            "the DP's split stands")
+        else:  # a block split, and CP-SAT searched all block splits
+            status, bound_s = cp.status, cp.bound_s
+            if cp.status != "OPTIMAL":
+                unproven.append(f"block-level CP-SAT stopped at its time limit ({options.time_limit_s:g} s) "
+                                "without a proof")
     return _plan(graph, chain, model, cluster, options, assignment, costs, status, max(bound_s, lower), lower,
-                 method, time.perf_counter() - start)
+                 method, time.perf_counter() - start, notes=unpriced_notes(costs),
+                 unproven=unproven + bound_notes)
+
+
+def unpriced_notes(costs: Mapping[str, OpCost], shown: int = 3) -> list[str]:
+    """One note for the ops whose forward could not be priced (counted as free), one for those
+    whose backward could not (free or estimated): the first ``shown`` names and a count."""
+    forward = [name for name, cost in costs.items() if cost.unpriced.startswith("forward")]
+    backward = [name for name, cost in costs.items() if cost.unpriced.startswith("backward")]
+    notes = []
+    for names, what in ((forward, "priced as free: cannot run on meta"),
+                        (backward, "backward unmeasured (free or estimated): no backward on meta")):
+        if names:
+            listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+            notes.append(f"{len(names)} op{'s' if len(names) > 1 else ''} {what} ({listed})")
+    return notes
 
 
 def _refine_ops(model: StageModel, graph: OpGraph, assignment: Sequence[int], bottleneck: float,
-                options: SolverOptions) -> tuple[CpResult, list[int], bool] | None:
+                options: SolverOptions, notes: list[str] | None = None) -> tuple[CpResult, list[int], bool] | None:
     """CP-SAT with every op that could move in a split better than ``assignment`` (see
     ``stage_ranges``) as a block of its own, the others fixed, hinted and bounded by
     ``assignment``. Returns the result, its split per op, and whether every such op was free (then
-    an OPTIMAL status proves the split optimal over all op-level splits on this device order)."""
+    an OPTIMAL status proves the split optimal over all op-level splits on this device order).
+    Appends to ``notes`` why it returns None or leaves ops fixed."""
+    notes = notes if notes is not None else []
     chain = model.chain
     n = chain.n
     first, last = stage_ranges(model, graph, bottleneck)
     stage = np.asarray(assignment)
-    if np.any(stage < first) or np.any(stage > last):
-        return None  # priced differently from the ranges: cannot be the incumbent
+    if np.any(stage < first) or np.any(stage > last):  # priced differently from the ranges
+        notes.append("op-level CP-SAT skipped: the plan lies outside the stage ranges of its own bottleneck")
+        return None
     free = last > first
     complete = int(free.sum()) <= OPS_MAX
     if not complete:  # too many: the ops around the cuts
+        notes.append(f"op-level CP-SAT moved only ops within {WINDOW_OPS} of a cut: {int(free.sum())} could move, "
+                     f"more than {OPS_MAX}")
         near = np.zeros(n, dtype=bool)
         for cut in np.nonzero(np.diff(stage))[0] + 1:
             near[max(0, cut - WINDOW_OPS):cut + WINDOW_OPS + 1] = True
@@ -1265,6 +1309,7 @@ def _refine_ops(model: StageModel, graph: OpGraph, assignment: Sequence[int], bo
     limited = dataclasses.replace(options, time_limit_s=min(options.time_limit_s, OPS_TIME_S))
     found = cp_sat_blocks(single, graph, [assignment[k] for k in starts], limited, bottleneck, ranges=(low, high))
     if found is None:
+        notes.append(f"op-level CP-SAT found no split within its time limit ({limited.time_limit_s:g} s)")
         return None
     bounds = starts + [n]
     per_op = [found.assignment[b] for b in range(len(starts)) for _ in range(bounds[b + 1] - bounds[b])]
@@ -1285,7 +1330,8 @@ def lower_bound_s(model: StageModel) -> float:
     return max(combined, float(per_op.max()) if len(per_op) else 0.0)
 
 
-def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> float:
+def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float, *,
+                    notes: list[str] | None = None) -> float:
     """A lower bound on the bottleneck that adds the traffic every split must send, given a split
     of bottleneck ``incumbent_s``: on identical devices, min(incumbent, (work + 2 · Σ_k least
     traffic over cut k) ÷ S). The stages' times add up to the work plus each cut's traffic twice
@@ -1296,7 +1342,8 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
     ``stage_ranges`` allows for any split at most ``incumbent_s``, the one whose crossing values
     cost least on hop k.
     Splits above the incumbent are bounded by the incumbent itself. Memory is ignored, so the
-    bound holds for every split; mixed devices get the work bound (``lower_bound_s``).
+    bound holds for every split; mixed devices get the work bound (``lower_bound_s``). Where the
+    max flow fails, the work bound is returned and ``notes`` says why.
     """
     chain, layout = model.chain, model.layout
     S = len(layout)
@@ -1345,8 +1392,13 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
         infinite = sum(c for _, _, c in arcs if c > 0) + 1
         for a, b, c in arcs:
             flow.add_arc_with_capacity(a, b, c if c >= 0 else infinite)
-        if flow.solve(0, 1) != flow.OPTIMAL or flow.optimal_flow() >= infinite:
-            return plain  # the ranges contradict each other: not a valid incumbent
+        solved = flow.solve(0, 1)
+        if solved != flow.OPTIMAL or flow.optimal_flow() >= infinite:
+            why = (f"max flow status {solved}" if solved != flow.OPTIMAL else
+                   "the stage ranges contradict each other")  # not a valid incumbent
+            if notes is not None:
+                notes.append(f"the traffic bound fell back to the work bound: {why} on hop {hop}")
+            return plain
         least += flow.optimal_flow() * tick_s
     work = chain.time_s[layout.types[0]][-1]
     return max(plain, min(incumbent_s, (work + 2 * least) / S))
@@ -1354,7 +1406,9 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float) -> fl
 
 def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, options: SolverOptions,
           assignment: list[int], costs: Mapping[str, OpCost], status: str, proven_s: float, bound: float,
-          method: str, wall_s: float) -> Plan:
+          method: str, wall_s: float, notes: Sequence[str] = (), unproven: Sequence[str] = ()) -> Plan:
+    """The Plan of ``assignment``. ``notes`` are shown always, ``unproven`` (why the search may
+    have missed a better split) only when the plan does not meet its bound."""
     layout = model.layout
     S = len(layout)
     compute, comm_in, comm_out = evaluate(model, graph, assignment)
@@ -1410,13 +1464,21 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
     base, _, windows = method.partition(" + ")
     proven_bound = min(max(bound, proven_s), bottleneck)
     gap = max(0.0, (bottleneck - proven_bound) / bottleneck) if bottleneck > 0 else 0.0
+    notes = list(notes)
     if gap <= 1e-6:
         status = "OPTIMAL"  # the bound meets the plan
     elif gap > 1e-3:
+        if status == "OPTIMAL":
+            notes.append(f"CP-SAT's proof holds in its rounded pricing; priced exactly the plan is {gap:.2%} "
+                         "above the proven bound")
         status = "FEASIBLE"  # proven only in the solver's rounded pricing: say how far it may be
+    if status != "OPTIMAL":
+        notes.extend(unproven)
     label = {"dp": "block dp", "cp-sat": "cp-sat blocks", "dp refinement": "cp-sat blocks + dp refinement"}[base]
     report = SolverReport(status=status, gap=gap, wall_s=wall_s, bound_s=proven_bound,
-                          method=f"{label} + {windows}" if windows else label)
+                          method=f"{label} + {windows}" if windows else label, notes=tuple(notes))
+    for note in notes:
+        logger.info("plan note: %s", note)
     logger.info("plan: bottleneck %.4g s (lower bound %.4g s) by %s in %.2f s", bottleneck, bound, report.method, wall_s)
     return Plan(
         stages=tuple(stage_list),

@@ -9,6 +9,9 @@ and a byte counter adds up what every non-view ATen op reads and writes. Autogra
 saved-tensor hooks record what the node keeps for backward. Identical nodes (the same op on the
 same shapes, e.g. in 80 identical layers) are measured once.
 
+A node that cannot run on meta (no meta kernel, or no meta backward) is counted as free and
+``OpCost.unpriced`` says which part and why, so a plan built on these costs can say so.
+
 Fused attention is the exception: on meta, ``scaled_dot_product_attention`` decomposes into the
 math path, whose L×L score matrix a fused kernel (flash / memory-efficient attention) never
 writes. Its bytes are therefore the fused kernel's: read q, k, v, write the output; it saves
@@ -70,6 +73,9 @@ class OpCost:
     this node, or this node's own output), or ``"<name>:<i>"`` for intermediates of its own.
     A stage's activation memory is the sum over the union of its nodes' keys, so a tensor two
     consumers keep is counted once."""
+    unpriced: str = ""
+    """Why part of the node could not be priced (empty when all of it was), starting with
+    ``forward`` or ``backward``: that part counts as free (or estimated), and plans say so."""
 
     @property
     def saved_bytes(self) -> int:
@@ -198,7 +204,8 @@ def _measure(node: fx.Node, gm: fx.GraphModule, needs_grad: Mapping[str, bool],
             logger.debug("%s (%s) cannot run under autograd (%s); priced without backward", node.name, node.target, e)
             return _measure(node, gm, {}, training)
         logger.warning("cannot price %s (%s) on meta, counting it as free: %s", node.name, node.target, e)
-        return OpCost(output_bytes=_bytes_of(node.meta.get("val"))), ()
+        return OpCost(output_bytes=_bytes_of(node.meta.get("val")),
+                      unpriced=f"forward cannot run on meta: {_reason(e)}"), ()
     cost: dict[str, Any] = dict(
         op_class=_classify(fwd_bytes.ops) if fwd_bytes.kernels else "view",
         dtype=_compute_dtype(args, kwargs, out),
@@ -212,7 +219,7 @@ def _measure(node: fx.Node, gm: fx.GraphModule, needs_grad: Mapping[str, bool],
         wrt = [t for t, _ in inputs.values() if t.requires_grad] + [p for p in state.values() if p.requires_grad]
         bwd_flops, bwd_bytes = FlopCounterMode(display=False), _ByteCounter()
         with bwd_flops, bwd_bytes:
-            _backward(out, wrt)
+            failed = _backward(out, wrt)
         cost.update(bwd_flops=bwd_flops.get_total_flops() + bwd_bytes.grouped_mm_flops, bwd_bytes=bwd_bytes.bytes,
                     bwd_kernels=bwd_bytes.kernels)
         if wrt and cost["fwd_flops"] and not cost["bwd_flops"]:
@@ -222,6 +229,9 @@ def _measure(node: fx.Node, gm: fx.GraphModule, needs_grad: Mapping[str, bool],
             operands = sum(1 for t in wrt if t.requires_grad)
             cost.update(bwd_flops=operands * cost["fwd_flops"], bwd_bytes=operands * cost["fwd_bytes"],
                         bwd_kernels=operands * cost["fwd_kernels"])
+        if failed and not _is_sdpa(node):  # fused attention prices its backward by formula
+            how = "estimated from the forward" if cost["bwd_flops"] else "counted as free"
+            cost.update(unpriced=f"backward cannot run on meta, {how}: {failed}")
         template = _saved_template(saved, inputs, out, state)
     if _is_sdpa(node):
         fused, fused_saved = _fused_attention(args, kwargs, out, inputs, training)
@@ -239,15 +249,25 @@ def call_node(node: fx.Node, module: nn.Module | None, state: dict, args: tuple,
     return node.target(*args, **kwargs)
 
 
-def _backward(out: Any, wrt: list[torch.Tensor]) -> None:
-    """Gradients of every differentiable output with respect to ``wrt`` (the backward pass)."""
+def _backward(out: Any, wrt: list[torch.Tensor]) -> str:
+    """Gradients of every differentiable output with respect to ``wrt`` (the backward pass).
+    Returns why it could not run (an op without a meta backward), or "" when it ran."""
     outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
     if not outputs or not wrt:
-        return
+        return ""
     try:
         torch.autograd.grad(outputs, wrt, [torch.empty_like(t) for t in outputs], allow_unused=True)
     except RuntimeError as e:  # an op without a meta backward: its backward is left unpriced
         logger.warning("no backward on meta for %s: %s", [t.shape for t in outputs], e)
+        return _reason(e)
+    return ""
+
+
+def _reason(e: BaseException) -> str:
+    """An exception in one short line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__
 
 
 def node_inputs(node: fx.Node, gm: fx.GraphModule, needs_grad: Mapping[str, bool], device: torch.device | str = "meta"):

@@ -161,6 +161,19 @@ class GatedNet(nn.Module):
         return self.gate(self.pre(x))
 
 
+class NoMetaKernel(nn.Module):
+    """Calls an op with no meta kernel (``torch.unique``): it cannot be priced on meta."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.a = nn.Linear(d, d)
+        self.b = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h) + torch.unique(h).sum()
+
+
 def tiny_gpt2_config(**overrides: Any):
     from transformers import GPT2Config
 
@@ -225,6 +238,10 @@ def masked(device: str = "cpu") -> Built:
 
 def dataclass_out(device: str = "cpu") -> Built:
     return _build(DataclassOut, device), (torch.randn(3, 8, device=device),), {}
+
+
+def no_meta_kernel(device: str = "cpu") -> Built:
+    return _build(NoMetaKernel, device), (torch.randn(4, 8, device=device),), {}
 
 
 def gpt2(device: str = "cpu") -> Built:

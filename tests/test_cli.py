@@ -44,15 +44,15 @@ def test_trace_a_file_factory(tmp_path, capsys):
     (["trace", "json:nothing"], "json has no callable 'nothing'"),
     (["trace", "gpt2", "--seq", "5000"], "gpt2 takes sequences up to 1024 tokens"),
 ])
-def test_errors_are_one_line_and_exit_2(argv, fragment, capsys):
-    assert main(argv) == 2
+def test_errors_are_one_line_and_exit_1(argv, fragment, capsys):
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("autosplit: error: ") and fragment in err and err.count("\n") == 1
 
 
 def test_python_dash_m_runs_the_same_command():
     done = subprocess.run([sys.executable, "-m", "autosplit", "trace", "nope"], capture_output=True, text=True)
-    assert done.returncode == 2 and "unknown preset 'nope'" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 1 and "unknown preset 'nope'" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -91,11 +91,86 @@ def test_plan_a_preset_prints_the_stages_and_writes_json(tmp_path, capsys):
 def test_plan_errors_are_one_line():
     done = subprocess.run([sys.executable, "-m", "autosplit", "plan", "gpt2-xl", "--devices", "1", "--gpu", "rtx3090",
                            "--seq", "1024"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
     assert "does not fit" in done.stderr and "use at least" in done.stderr
     bad = subprocess.run([sys.executable, "-m", "autosplit", "plan", "gpt2", "--gpu", "h1000"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "h1000" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 1 and "h1000" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _factory(tmp_path, name, body):
+    path = tmp_path / f"{name}.py"
+    path.write_text(textwrap.dedent(body))
+    return f"{path}:build"
+
+
+def test_a_request_the_model_cannot_meet_or_a_broken_factory_is_an_input_error(tmp_path, capsys):
+    one_op = _factory(tmp_path, "one_op", """
+        import torch
+        from torch import nn
+
+        def build():
+            return nn.Linear(8, 8), (torch.randn(2, 8),)
+    """)
+    assert main(["plan", one_op, "--devices", "3", "--gpu", "h100"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("autosplit: error: 3 stages need at least 3 ops") and err.count("\n") == 1
+    broken = _factory(tmp_path, "broken", """
+        def build():
+            raise RuntimeError("no weights here")
+    """)
+    assert main(["plan", broken, "--devices", "2", "--gpu", "h100"]) == 1
+    err = capsys.readouterr().err
+    assert err == "autosplit: error: building the model failed: RuntimeError: no weights here\n"
+    assert main(["plan", one_op, "--devices", "2", "--gpu", "h100", "--microbatches", "0"]) == 1
+    assert "microbatches must be a positive int" in capsys.readouterr().err
+    assert main(["plan", one_op, "--devices", "2", "--gpu", "h100", "--optimizer", "lion"]) == 1
+    assert "optimizer must be one of" in capsys.readouterr().err
+
+
+def test_a_failure_inside_autosplit_is_reported_as_a_bug(tmp_path, monkeypatch, capsys):
+    import autosplit.solver
+
+    def broken(*args, **kwargs):
+        raise ValueError("cut positions out of order")
+
+    monkeypatch.setattr(autosplit.solver, "chain_dp", broken)
+    model = _factory(tmp_path, "mlp", """
+        import torch
+        from torch import nn
+
+        def build():
+            return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), (torch.randn(2, 8),)
+    """)
+    argv = ["plan", model, "--devices", "2", "--gpu", "h100"]
+    assert main(argv) == 70
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error while solving for 2xh100-sxm" in err
+    assert "ValueError: cut positions out of order" in err and "bug in autosplit" in err and "--debug" in err
+    with pytest.raises(ValueError, match="cut positions out of order"):  # --debug: the traceback
+        main(argv + ["--debug"])
+
+
+def test_plan_prints_and_saves_its_notes(tmp_path, capsys):
+    import json
+
+    from autosplit import Plan
+
+    model = _factory(tmp_path, "no_meta", """
+        import models
+
+        def build():
+            model, args, _ = models.no_meta_kernel()
+            return model, args
+    """)
+    path = tmp_path / "plan.json"
+    # fp32: the example input is fp32 (fx captures it; export cannot size torch.unique's output)
+    assert main(["plan", model, "--devices", "2", "--gpu", "h100", "--dtype", "fp32", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "note         1 op priced as free: cannot run on meta (unique)" in out
+    notes = json.loads(path.read_text())["solver"]["notes"]
+    assert notes[0] == "1 op priced as free: cannot run on meta (unique)"
+    assert Plan.load(path).solver.notes == tuple(notes)
 
 
 @pytest.mark.parametrize("microbatches", [1, 4])

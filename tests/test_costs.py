@@ -144,6 +144,46 @@ def test_gpt2_forward_flops_match_the_textbook_formula():
     assert abs(total - expected) / expected < 0.05
 
 
+class _HostBackward(torch.autograd.Function):
+    """Doubles its input; the backward reads the gradient on the host, which meta tensors cannot."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.from_numpy(grad.cpu().numpy() * 2)
+
+
+@torch.fx.wrap  # one node for the traced graph, not the ops of its forward
+def _host_double(x):
+    return _HostBackward.apply(x)
+
+
+class _HostBackwardNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return _host_double(self.lin(x))
+
+
+def test_ops_that_cannot_run_on_meta_say_why_they_count_as_free():
+    model, args, _ = models.no_meta_kernel()
+    _, costs = priced(model, *args)
+    assert costs["unique"].unpriced.startswith("forward cannot run on meta: NotImplementedError: aten::_unique2")
+    assert costs["unique"].fwd_flops == costs["unique"].fwd_bytes == 0
+    assert "\n" not in costs["unique"].unpriced and len(costs["unique"].unpriced) < 250
+    assert all(not c.unpriced for name, c in costs.items() if name != "unique")
+    _, costs = priced(_HostBackwardNet(), torch.randn(4, 8), tracer="fx")
+    host = costs["_host_double"]
+    assert host.unpriced.startswith("backward cannot run on meta, counted as free: NotImplementedError")
+    assert host.fwd_bytes > 0 and host.bwd_bytes == host.bwd_kernels == 0
+    assert not costs["lin"].unpriced
+
+
 # --------------------------------------------------------------------------- roofline time
 
 

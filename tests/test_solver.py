@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import models
-from autosplit import OpGraph, capture, presets, spec
+from autosplit import ConfigError, OpGraph, capture, presets, spec
 from autosplit.plan import Plan
 from autosplit.solver import (
     Chain,
@@ -35,8 +35,9 @@ from autosplit.solver import (
     solve,
     stage_ranges,
     traffic_bound_s,
+    unpriced_notes,
 )
-from cost_models import AnalyticCostModel, Cluster, get_device, price_graph
+from cost_models import AnalyticCostModel, Cluster, OpCost, get_device, price_graph
 
 
 def synthetic_chain(times, cross, state=None):
@@ -373,6 +374,53 @@ def test_plans_are_deterministic_and_round_trip_through_json(tmp_path):
         Plan.from_dict({**first.to_dict(), "format_version": 99})
 
 
+def test_a_plan_notes_the_ops_it_could_not_price_and_keeps_the_notes_in_json(tmp_path):
+    model, args, _ = models.no_meta_kernel()
+    traced, graph, costs = priced(model, *args)
+    plan = solve(graph, Cluster.parse("2xh100"), SolverOptions(), costs=costs, parameters=traced.parameters)
+    assert plan.solver.notes[0] == "1 op priced as free: cannot run on meta (unique)"
+    assert "note         1 op priced as free: cannot run on meta (unique)" in plan.summary()
+    assert Plan.load(plan.save(tmp_path / "plan.json")) == plan
+    older = plan.to_dict()
+    del older["solver"]["notes"]  # a plan saved before notes existed
+    assert Plan.from_dict(older).solver.notes == ()
+
+
+def test_unpriced_notes_name_a_few_ops_and_count_the_rest():
+    costs = {f"op{k}": OpCost(unpriced="forward cannot run on meta: NotImplementedError") for k in range(5)}
+    costs["fine"] = OpCost()
+    costs["grad"] = OpCost(unpriced="backward cannot run on meta, counted as free: RuntimeError")
+    assert unpriced_notes(costs) == [
+        "5 ops priced as free: cannot run on meta (op0, op1, op2 and 2 more)",
+        "1 op backward unmeasured (free or estimated): no backward on meta (grad)",
+    ]
+    assert unpriced_notes({"fine": OpCost()}) == []
+
+
+def test_the_traffic_bound_says_when_it_falls_back_to_the_work_bound(monkeypatch):
+    import autosplit.solver as solver
+
+    traced, graph, costs = priced(Skips(depth=4), spec((256, 256)))
+    cluster = Cluster.parse("3xh100")
+    _, _, model = block_model(graph, costs, traced, cluster, SolverOptions())
+    incumbent = lower_bound_s(model) * 1.5
+    notes = []
+    assert traffic_bound_s(model, graph, incumbent, notes=notes) > lower_bound_s(model) and notes == []
+
+    class NoFlow:  # a max-flow solver that never finds the optimum
+        OPTIMAL = 0
+
+        def add_arc_with_capacity(self, *arc):
+            pass
+
+        def solve(self, source, sink):
+            return 3
+
+    monkeypatch.setattr(solver.max_flow, "SimpleMaxFlow", NoFlow)
+    assert traffic_bound_s(model, graph, incumbent, notes=notes) == lower_bound_s(model)
+    assert notes == ["the traffic bound fell back to the work bound: max flow status 3 on hop 0"]
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="schedule must be one of"):
         SolverOptions(schedule="zb")
@@ -384,6 +432,8 @@ def test_options_are_validated():
         SolverOptions(precision="fp12")
     with pytest.raises(TypeError, match="no_split takes module classes or names"):
         SolverOptions(no_split=(3,))
+    with pytest.raises(ValueError, match="optimizer must be one of sgd, sgd-momentum, adam, adamw"):
+        SolverOptions(optimizer="lion")
 
 
 def test_more_stages_than_separable_ops_is_refused():
@@ -393,7 +443,7 @@ def test_more_stages_than_separable_ops_is_refused():
     chain = block_model(graph, costs, traced, Cluster.parse("2xh100"), SolverOptions())[1]
     units = chain.n - len(chain.forbidden & set(range(1, chain.n)))  # weights stay glued to their readers
     assert units < chain.n
-    with pytest.raises(ValueError, match=f"{units + 1} stages need at least {units + 1} ops that a cut can separate; "
+    with pytest.raises(ConfigError, match=f"{units + 1} stages need at least {units + 1} ops that a cut can separate; "
                                          f"this graph has {units}: use fewer stages"):
         solve(graph, Cluster.parse(f"{units + 1}xh100"), SolverOptions(), costs=costs, parameters=traced.parameters)
 
@@ -422,6 +472,8 @@ def test_a_solver_time_out_still_returns_the_best_plan_found_with_its_gap():
     rushed = solve(graph, cluster, SolverOptions(time_limit_s=1e-9), costs=costs, parameters=traced.parameters)
     patient = solve(graph, cluster, SolverOptions(), costs=costs, parameters=traced.parameters)
     assert rushed.solver.status == "FEASIBLE" and patient.solver.status == "OPTIMAL"
+    assert rushed.solver.notes == ("op-level CP-SAT found no split within its time limit (1e-09 s)",)
+    assert patient.solver.notes == ()  # proven: nothing to say
     assert 0 <= rushed.solver.gap < 1 and rushed.solver.bound_s <= rushed.bottleneck_s
     assert rushed.bottleneck_s == pytest.approx(patient.bottleneck_s, rel=0.05)  # the DP split stands
 
