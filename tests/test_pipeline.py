@@ -65,16 +65,16 @@ def test_outputs_that_cannot_be_joined_and_batches_that_cannot_be_cut_get_clear_
         def forward(self, x):
             return self.b(self.a(x)).sum(0)
 
-    x = torch.randn(4, 4)
+    x = torch.randn(6, 4)
     with pytest.raises(MicrobatchError, match="returns a scalar.*compute the loss outside"):
         autosplit.autosplit(LossInside(), devices=2, example_inputs=(x,), microbatches=2)(x)
-    with pytest.raises(MicrobatchError, match="shape \\(4,\\) per microbatch of 2.*not the batch"):
+    with pytest.raises(MicrobatchError, match="shape \\(4,\\) per microbatch of 3.*not the batch"):
         autosplit.autosplit(NotBatchFirst(), devices=2, example_inputs=(x,), microbatches=2)(x)
     with pytest.raises(MicrobatchError, match="batch of 3 cannot be cut into 2"):
         cut_microbatches([torch.randn(3, 4)], 2)
     with pytest.raises(MicrobatchError, match="needs a tensor input with a batch dimension"):
         cut_microbatches([1.0, torch.tensor(2.0)], 2)
-    flag, mask = 0.5, torch.ones(1, 4)  # not batched: every microbatch gets them whole
+    flag, mask = 0.5, torch.ones(1, 3)  # not batched: every microbatch gets them whole
     assert [chunk[1:] for chunk in cut_microbatches([torch.zeros(4, 2), flag, mask], 2)] == [[flag, mask]] * 2
 
 
