@@ -13,6 +13,8 @@ import models
 from autosplit import MicrobatchError
 from autosplit.modes import InMode
 from autosplit.pipeline import cut_microbatches
+from autosplit.rewrite import split_module
+from cost_models import Cluster, price_graph
 from numerics import assert_same
 
 
@@ -298,3 +300,18 @@ def test_bad_batch_dims_are_refused_with_the_inputs_and_the_fix():
                                               "but the batch is 2"):
         autosplit.autosplit(model, devices=2, example_inputs=(x[:, :2], bias), microbatches=2,
                             batch_dims={"x": 1, "bias": 1})
+
+
+def test_a_capture_from_specs_that_name_the_batch_declares_its_dimension():
+    torch.manual_seed(0)
+    model = models.SeqFirst()
+    reference = copy.deepcopy(model)
+    one = (autosplit.spec((4, 2, 8), dims=("seq", "batch", None)), autosplit.spec((4, 8)))  # one microbatch
+    traced = autosplit.capture(model, one)
+    plan = autosplit.solve(autosplit.OpGraph.from_traced(traced), Cluster.parse("2xh100"),
+                           autosplit.SolverOptions(microbatches=2), costs=price_graph(traced.graph_module),
+                           parameters=traced.parameters)
+    sm = split_module(model, traced, plan, ["cpu", "cpu"], microbatches=2, batch_dims={"bias": None})
+    x, bias = torch.randn(4, 4, 8), torch.randn(4, 8)
+    _same_training(sm, reference, x, bias)
+    assert sm.graph_module.pipeline.batch_dims == {"x": 1, "bias": None}
