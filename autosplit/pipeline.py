@@ -127,8 +127,9 @@ def _inferred_dim(name: str, value: Any, batch: int, source: tuple[str, int]) ->
                 f"batch_dims={{{name!r}: None}} passes it whole to every microbatch")
         found.add(0 if sized else None)
     if len(found) > 1:
-        raise MicrobatchError(f"input {name!r} holds tensors with and without the batch ({batch}) in dimension 0: "
-                              f"declare it with batch_dims={{{name!r}: 0}} or {{{name!r}: None}}")
+        raise MicrobatchError(f"input {name!r} holds tensors with and without the batch ({batch}) in dimension 0, "
+                              "and a batch dimension applies to every tensor of an input: pass them as separate "
+                              f"inputs, or batch_dims={{{name!r}: None}} to pass it whole to every microbatch")
     return found.pop() if found else None
 
 
@@ -182,11 +183,11 @@ class Pipeline(nn.Module):
         self.results = list(results)
         self.devices = list(devices)
         self.microbatches = microbatches
+        # The forward argument each placeholder comes from (exported: one per tensor of a container).
         self.arguments = list(arguments) if arguments is not None else list(self.placeholders)
-        """The forward argument each placeholder comes from (several for a container, when exported)."""
+        # The batch dimension of each argument, or None to pass it whole; arguments missing here are
+        # resolved by resolve_batch_dims at the first call and kept for every later one.
         self.batch_dims = dict(batch_dims or {})
-        """The batch dimension of each argument, or None to pass it whole; arguments missing here
-        are resolved by :func:`resolve_batch_dims` at the first call and kept for every later one."""
         last_use: dict[str, int] = {}
         for s, names in enumerate(self.inputs):
             for name in names:

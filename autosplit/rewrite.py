@@ -243,10 +243,11 @@ def _placeholder_arguments(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     spec = getattr(gm, "_in_spec", None)
     if spec is None:
         return [str(n.target) for n in placeholders]
-    positional = [p.name for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    parameters = inspect.signature(model.forward).parameters.values()
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = next((p.name for p in parameters if p.kind == p.VAR_POSITIONAL), "args")
     args_spec, kwargs_spec = spec.children()
-    names = [positional[i] if i < len(positional) else f"args[{i}]" for i in range(args_spec.num_children)]
+    names = [positional[i] if i < len(positional) else rest for i in range(args_spec.num_children)]
     names += list(kwargs_spec.context)
     children = [*args_spec.children(), *kwargs_spec.children()]
     arguments = [name for name, child in zip(names, children) for _ in range(child.num_leaves)]

@@ -12,7 +12,7 @@ import autosplit
 import models
 from autosplit import MicrobatchError
 from autosplit.modes import InMode
-from autosplit.pipeline import cut_microbatches
+from autosplit.pipeline import cut_microbatches, resolve_batch_dims
 from autosplit.rewrite import split_module
 from cost_models import Cluster, price_graph
 from numerics import assert_same
@@ -315,3 +315,13 @@ def test_a_capture_from_specs_that_name_the_batch_declares_its_dimension():
     x, bias = torch.randn(4, 4, 8), torch.randn(4, 8)
     _same_training(sm, reference, x, bias)
     assert sm.graph_module.pipeline.batch_dims == {"x": 1, "bias": None}
+
+
+def test_every_tensor_of_a_container_input_is_cut_along_its_one_batch_dimension():
+    x, pair = torch.randn(4, 2), (torch.randn(4, 3), torch.randn(4, 5))
+    assert resolve_batch_dims({"x": x, "pair": pair}, microbatches=2) == {"x": 0, "pair": 0}
+    assert [tuple(t.shape) for t in cut_microbatches([x, pair], 2, [0, 0])[1][1]] == [(2, 3), (2, 5)]
+    mixed = (torch.randn(4, 3), torch.randn(3))
+    with pytest.raises(MicrobatchError, match="'pair' holds tensors with and without the batch.*'pair': None"):
+        resolve_batch_dims({"x": x, "pair": mixed}, microbatches=2)
+    assert resolve_batch_dims({"x": x, "pair": mixed}, {"pair": None}, microbatches=2) == {"x": 0, "pair": None}
