@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from autosplit.errors import AutosplitError
+from autosplit.errors import AutosplitError, InputSignatureError
 from autosplit.graph import OpGraph
 from autosplit.modes import in_mode, written_flags
-from autosplit.pipeline import cut_microbatches
+from autosplit.pipeline import check_batch_dims, cut_microbatches, resolve_batch_dims
 from autosplit.plan import Plan
 from autosplit.rewrite import SplitModule, split_module
 from autosplit.solver import SolverOptions, solve
@@ -77,7 +78,7 @@ def plan(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, e
 def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, example_inputs: Any = None,
               example_kwargs: dict[str, Any] | None = None, mode: str = "train", microbatches: int | None = None,
               cluster: Cluster | str | None = None, plan: Plan | None = None, output_device: Any = None,
-              **options: Any) -> SplitModule:
+              batch_dims: Mapping[str, int | None] | None = None, **options: Any) -> SplitModule:
     """Split ``model`` over ``devices`` and return a module that trains like it.
 
     Without example inputs the split is planned on the first forward call, with that batch. With
@@ -89,6 +90,16 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     split is captured and planned for one microbatch. Layers that couple the samples of a batch
     (BatchNorm in training mode) are refused with m > 1.
 
+    ``batch_dims`` says which dimension of each input holds the batch, by forward-argument name
+    (positional inputs by their parameter's name, keyword inputs by key): ``{"x": 1}`` cuts x
+    along dimension 1, ``{"table": None}`` passes it whole to every microbatch; the dimension
+    applies to every tensor of an argument that is a container. Undeclared inputs are taken as
+    batch first: the batch is dimension 0 of the first tensor, and another tensor is cut along
+    dimension 0 where that is its only dimension of the batch's size, passed whole where it has
+    none. An input of the batch's size in another dimension, e.g. (seq, batch, hidden) with
+    seq = batch or a (batch, batch) matrix, is refused until declared. The dimensions are fixed
+    with the first batch and kept for every call.
+
     Example:
         >>> sm = autosplit(model, devices=2, example_inputs=(x,))
         >>> sm(x).sum().backward()
@@ -99,6 +110,12 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
         raise ValueError(f"microbatches must be a positive int, e.g. microbatches=4; got {microbatches!r}")
     resolved = resolve_devices(devices)
     _check_options(options)
+    if batch_dims is not None:
+        if not isinstance(batch_dims, Mapping):
+            raise TypeError(f"batch_dims must map forward-argument names to the batch dimension or None, "
+                            f"e.g. batch_dims={{'x': 1}}; got {type(batch_dims).__name__}")
+        names = _input_names(model)
+        check_batch_dims(batch_dims, names if names is not None else list(batch_dims))
     if options.setdefault("schedule", "gpipe") != "gpipe":
         raise ValueError(f"schedule={options['schedule']!r}: in one process the stages run a GPipe wavefront "
                          "(forward of every microbatch, then backward); leave schedule out or pass 'gpipe'")
@@ -108,12 +125,13 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
                         microbatches)
 
     def build(args: tuple, kwargs: dict) -> None:
-        args, kwargs = first_microbatch(args, kwargs, microbatches)
+        dims = input_batch_dims(model, args, kwargs, batch_dims, microbatches) if microbatches > 1 else {}
+        args, kwargs = first_microbatch(args, kwargs, microbatches, batch_dims=dims, model=model)
         with _mode(model, training=mode == "train"):
             traced = capture(model, args, kwargs)
         chosen = plan if plan is not None else _solve(traced, resolved, cluster, mode, microbatches, options)
         built = split_module(model, traced, chosen, stage_devices(chosen, resolved, cluster), output_device,
-                             microbatches, _written_flags(model, traced, args, kwargs))
+                             microbatches, _written_flags(model, traced, args, kwargs), batch_dims=dims)
         split.attach(built)
 
     if example_inputs is not None or example_kwargs:
@@ -181,13 +199,60 @@ def _mode(model: nn.Module, training: bool) -> Iterator[None]:
             module.training = was
 
 
-def first_microbatch(args: tuple, kwargs: dict, microbatches: int) -> tuple[tuple, dict]:
+def first_microbatch(args: tuple, kwargs: dict, microbatches: int, *, model: nn.Module | None = None,
+                     batch_dims: Mapping[str, int | None] | None = None) -> tuple[tuple, dict]:
     """The first of ``microbatches`` equal microbatches of a call's inputs (the batch itself for 1):
-    what a pipelined split is captured and planned with."""
+    what a pipelined split is captured and planned with. Inputs are cut along the dimensions
+    :func:`input_batch_dims` gives them (``batch_dims`` declares some or all); without ``model``
+    every tensor is taken as an input of its own, batch first."""
     if microbatches == 1:
         return args, kwargs
-    flat, structure = pytree.tree_flatten((args, kwargs))
-    return pytree.tree_unflatten(cut_microbatches(flat, microbatches)[0], structure)
+    if model is None:
+        flat, structure = pytree.tree_flatten((args, kwargs))
+        return pytree.tree_unflatten(cut_microbatches(flat, microbatches)[0], structure)
+    names, _ = _arguments(model, args, kwargs)
+    dims = input_batch_dims(model, args, kwargs, batch_dims, microbatches)
+    values = [*args, *kwargs.values()]
+    first = cut_microbatches(values, microbatches, [dims[name] for name in [*names, *kwargs]])[0]
+    return tuple(first[: len(args)]), dict(zip(kwargs, first[len(args):]))
+
+
+def input_batch_dims(model: nn.Module, args: tuple, kwargs: dict, batch_dims: Mapping[str, int | None] | None,
+                     microbatches: int) -> dict[str, int | None]:
+    """The batch dimension (or None) of every input of a call, by forward-argument name:
+    ``batch_dims`` where declared, the batch-first rule elsewhere (see :func:`autosplit`)."""
+    _, arguments = _arguments(model, args, kwargs)
+    declared = {name: dim for name, dim in (batch_dims or {}).items() if name in arguments}
+    return resolve_batch_dims(arguments, declared, microbatches=microbatches)
+
+
+def _arguments(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[str], dict[str, Any]]:
+    """The name of each positional input, and every input by name in the forward's order
+    (``*args`` as one argument, ``**kwargs`` entries by key, after the named parameters)."""
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = next((p.name for p in parameters if p.kind == p.VAR_POSITIONAL), None)
+    if len(args) > len(positional) and rest is None:
+        raise InputSignatureError(f"{type(model).__name__}.forward takes {len(positional)} positional inputs, "
+                                  f"got {len(args)}: pass the rest by keyword")
+    names = [positional[i] if i < len(positional) else rest for i in range(len(args))]
+    given: dict[str, Any] = {}
+    for name, value in zip(names, args):
+        if name == rest:
+            given.setdefault(name, []).append(value)
+        else:
+            given[name] = value
+    given.update(kwargs)
+    order = {p.name: i for i, p in enumerate(parameters)}
+    return names, {name: given[name] for name in sorted(given, key=lambda n: order.get(n, len(order)))}
+
+
+def _input_names(model: nn.Module) -> list[str] | None:
+    """The names ``batch_dims`` may use: the forward's parameters (any name with ``**kwargs``)."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters]
 
 
 def _solve(traced, devices, cluster, mode: str, microbatches: int, options: dict[str, Any]) -> Plan:

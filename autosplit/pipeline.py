@@ -3,7 +3,9 @@
     runner = Pipeline.from_graph(split_graph, stage_of, devices, microbatches=4)
 
 The split graph is cut into one graph module per stage. A batch is cut into equal microbatches
-along dimension 0; at clock tick k stage s runs microbatch k − s, so while stage 1 works on
+along each input's batch dimension: declared (``batch_dims``), else dimension 0 where that is
+plainly the batch; an input that could hold the batch elsewhere is refused until declared
+(:func:`resolve_batch_dims`). At clock tick k stage s runs microbatch k − s, so while stage 1 works on
 microbatch 0, stage 0 already works on microbatch 1. On CUDA every device gets its own stream:
 kernels are queued without waiting, copies between devices order the two streams (the copy
 kernel waits for the sender's stream and the receiver's stream waits for the copy), and the
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Collection, Iterator, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -30,27 +32,139 @@ from autosplit.errors import MicrobatchError
 _COMPUTE = ("call_function", "call_method", "call_module")
 
 
-def batch_size(values: Sequence[Any]) -> int | None:
-    """The batch size of flat inputs: dimension 0 of the first tensor that has dimensions."""
-    return next((v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+def batch_size(values: Sequence[Any], dims: Sequence[int | None] | None = None) -> int | None:
+    """The batch size of flat inputs: the size along its batch dimension of the first value that
+    is cut (``dims``, one per value), or without ``dims`` dimension 0 of the first tensor."""
+    if dims is None:
+        return next((v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    for value, dim in zip(values, dims):
+        tensors = _tensors(value) if dim is not None else []
+        if tensors:
+            return tensors[0].shape[dim]
+    return None
 
 
-def cut_microbatches(values: Sequence[Any], microbatches: int) -> list[list[Any]]:
-    """Cut every tensor whose dimension 0 is the batch into ``microbatches`` equal chunks; every
-    other value (flags, tensors without the batch dimension) goes to each microbatch whole."""
-    batch = batch_size(values)
-    if batch is None:
-        raise MicrobatchError(f"microbatches={microbatches} needs a tensor input with a batch dimension "
-                              "(dimension 0); this call has none: use microbatches=1")
+def resolve_batch_dims(arguments: Mapping[str, Any], declared: Mapping[str, int | None] | None = None, *,
+                       microbatches: int) -> dict[str, int | None]:
+    """The dimension that holds the batch in each input (None: passed whole to every microbatch).
+
+    ``arguments`` are a call's inputs by forward-argument name, in signature order; ``declared``
+    gives some of them their batch dimension or None (``batch_dims``); a dimension applies to
+    every tensor in the argument, containers included. Undeclared inputs follow the common case,
+    batch first: the batch is dimension 0 of the first tensor (unless a declared input fixes it),
+    and a tensor is cut along dimension 0 when that is its only dimension of the batch's size,
+    passed whole when it has none. A tensor that has the batch's size elsewhere, e.g. (T, B, H)
+    with T ≠ B, or (B, B), could be either, so it is refused until declared.
+
+    Raises:
+        ValueError, TypeError: ``declared`` names an unknown input or a dimension it lacks.
+        MicrobatchError: an input is ambiguous, or the batch cannot be cut into ``microbatches``.
+    """
+    declared = dict(declared or {})
+    check_batch_dims(declared, list(arguments))
+    dims: dict[str, int | None] = {name: None for name in arguments}
+    for name, dim in declared.items():
+        tensors = _tensors(arguments[name])
+        if dim is None or not tensors:
+            continue
+        low = min(t.dim() for t in tensors)
+        if not -low <= dim < low:
+            shape = tuple(next(t for t in tensors if t.dim() == low).shape)
+            raise ValueError(f"batch_dims={{{name!r}: {dim}}} is out of range for {name!r} of shape {shape}: "
+                             f"give a dimension in [{-low}, {low - 1}], or None to pass it whole")
+        dims[name] = dim % low
+    source = next(((n, d) for n, d in dims.items() if d is not None), None)
+    if source is None:
+        first = next((n for n in arguments if n not in declared
+                      and any(t.dim() > 0 for t in _tensors(arguments[n]))), None)
+        if first is None:
+            raise MicrobatchError(f"microbatches={microbatches} needs a tensor input with a batch dimension; this "
+                                  "call has none: use microbatches=1, or declare one with batch_dims={'x': 0}")
+        source = (first, 0)
+    name, dim = source
+    batch = next(t for t in _tensors(arguments[name]) if t.dim() > 0).shape[dim]
+    for name, value in arguments.items():
+        if name not in declared:
+            dims[name] = _inferred_dim(name, value, batch, source)
+    for name, dim in dims.items():
+        for t in _tensors(arguments[name]) if dim is not None else []:
+            if t.shape[dim] != batch:
+                raise MicrobatchError(
+                    f"input {name!r} has shape {tuple(t.shape)}: {t.shape[dim]} along its batch dimension {dim}, but "
+                    f"the batch is {batch} ({source[0]!r} dimension {source[1]}); pass inputs with one batch size, "
+                    f"or batch_dims={{{name!r}: None}} to pass it whole")
     if batch % microbatches:
         raise MicrobatchError(f"a batch of {batch} cannot be cut into {microbatches} equal microbatches: "
                               f"pass a batch that is a multiple of {microbatches}, or change microbatches")
-    columns = [v.chunk(microbatches) if _batched(v, batch) else [v] * microbatches for v in values]
+    return dims
+
+
+def check_batch_dims(declared: Mapping[str, Any], names: Sequence[str]) -> None:
+    """Refuse ``batch_dims`` entries that name no input of ``names`` or are not an int or None."""
+    unknown = [name for name in declared if name not in names]
+    if unknown:
+        raise ValueError(f"batch_dims names {unknown}, which the forward does not take: its inputs are "
+                         f"{', '.join(names)}; key batch_dims by those names, e.g. {{{names[0]!r}: 1}}" if names
+                         else f"batch_dims names {unknown}, but the forward takes no inputs")
+    for name, dim in declared.items():
+        if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool)):
+            raise TypeError(f"batch_dims[{name!r}] must be the int dimension that holds the batch, or None to "
+                            f"pass the input whole; got {dim!r}")
+
+
+def _inferred_dim(name: str, value: Any, batch: int, source: tuple[str, int]) -> int | None:
+    """Dimension 0 where a tensor's batch-sized dimension is only dimension 0, None where it has
+    none; an input that has the batch's size anywhere else is refused (see resolve_batch_dims)."""
+    found: set[int | None] = set()
+    for t in _tensors(value):
+        sized = [d for d in range(t.dim()) if t.shape[d] == batch]
+        if sized not in ([], [0]):
+            raise MicrobatchError(
+                f"input {name!r} has shape {tuple(t.shape)}, and the batch is {batch} ({source[0]!r} dimension "
+                f"{source[1]}): it cannot be told which of its dimensions {sized} holds the batch, if any. Declare "
+                f"it: batch_dims={{{name!r}: {sized[-1]}}} cuts it along dimension {sized[-1]}"
+                f"{f' (any of {sized} may be given)' if len(sized) > 1 else ''}, "
+                f"batch_dims={{{name!r}: None}} passes it whole to every microbatch")
+        found.add(0 if sized else None)
+    if len(found) > 1:
+        raise MicrobatchError(f"input {name!r} holds tensors with and without the batch ({batch}) in dimension 0, "
+                              "and a batch dimension applies to every tensor of an input: pass them as separate "
+                              f"inputs, or batch_dims={{{name!r}: None}} to pass it whole to every microbatch")
+    return found.pop() if found else None
+
+
+def cut_microbatches(values: Sequence[Any], microbatches: int, dims: Sequence[int | None] | None = None,
+                     names: Sequence[str] | None = None) -> list[list[Any]]:
+    """Cut each value into ``microbatches`` equal chunks along its batch dimension (``dims``, one
+    per value; every tensor of a container along the same one); a value whose dimension is None
+    goes to each microbatch whole. Without ``dims`` they are resolved by :func:`resolve_batch_dims`
+    from the values themselves, named by ``names`` (default ``input 0``, ``input 1``...)."""
+    if dims is None:
+        names = list(names) if names is not None else [f"input {i}" for i in range(len(values))]
+        resolved = resolve_batch_dims(dict(zip(names, values)), microbatches=microbatches)
+        dims = [resolved[name] for name in names]
+    batch = batch_size(values, dims)
+    if batch is None:
+        raise MicrobatchError(f"microbatches={microbatches} needs a tensor input with a batch dimension; this "
+                              "call has none: use microbatches=1")
+    if batch % microbatches:
+        raise MicrobatchError(f"a batch of {batch} cannot be cut into {microbatches} equal microbatches: "
+                              f"pass a batch that is a multiple of {microbatches}, or change microbatches")
+    columns = [_cut(v, d, microbatches) if d is not None else [v] * microbatches for v, d in zip(values, dims)]
     return [list(row) for row in zip(*columns)] if columns else [[] for _ in range(microbatches)]
 
 
-def _batched(value: Any, batch: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+def _cut(value: Any, dim: int, microbatches: int) -> list[Any]:
+    """``value`` in ``microbatches`` chunks along ``dim``: every tensor in it chunked, the rest shared."""
+    leaves, structure = pytree.tree_flatten(value)
+    columns = [leaf.chunk(microbatches, dim) if isinstance(leaf, torch.Tensor) and leaf.dim() > 0
+               else [leaf] * microbatches for leaf in leaves]
+    return [pytree.tree_unflatten(list(row), structure) for row in zip(*columns)] if leaves else [value] * microbatches
+
+
+def _tensors(value: Any) -> list[Any]:
+    """The tensors in ``value``, containers included, that have dimensions."""
+    return [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor) and x.dim() > 0]
 
 
 class Pipeline(nn.Module):
@@ -59,7 +173,8 @@ class Pipeline(nn.Module):
 
     def __init__(self, stages: Sequence[fx.GraphModule], inputs: Sequence[Sequence[str]],
                  outputs: Sequence[Sequence[str]], placeholders: Sequence[str], results: Sequence[str],
-                 devices: Sequence[torch.device], microbatches: int, prologue: fx.GraphModule | None = None,
+                 devices: Sequence[torch.device], microbatches: int, arguments: Sequence[str] | None = None,
+                 batch_dims: Mapping[str, int | None] | None = None, prologue: fx.GraphModule | None = None,
                  shared: Sequence[str] = ()):
         super().__init__()
         self.stages = nn.ModuleList(stages)
@@ -74,6 +189,11 @@ class Pipeline(nn.Module):
         self.results = list(results)
         self.devices = list(devices)
         self.microbatches = microbatches
+        # The forward argument each placeholder comes from (exported: one per tensor of a container).
+        self.arguments = list(arguments) if arguments is not None else list(self.placeholders)
+        # The batch dimension of each argument, or None to pass it whole; arguments missing here are
+        # resolved by resolve_batch_dims at the first call and kept for every later one.
+        self.batch_dims = dict(batch_dims or {})
         last_use: dict[str, int] = {}
         for s, names in enumerate(self.inputs):
             for name in names:
@@ -84,12 +204,14 @@ class Pipeline(nn.Module):
 
     @classmethod
     def from_graph(cls, gm: fx.GraphModule, stage_of: dict[fx.Node, int], devices: Sequence[torch.device],
-                   microbatches: int, once: Collection[fx.Node] = ()) -> "Pipeline":
+                   microbatches: int, arguments: Sequence[str] | None = None,
+                   batch_dims: Mapping[str, int | None] | None = None, once: Collection[fx.Node] = ()) -> "Pipeline":
         """Cut ``gm`` into one graph module per stage. ``stage_of`` gives the stage of every node
         that computes (placeholders, weights and the output node need none); a stage's graph takes
         the values it reads from the inputs or from earlier stages and returns those read later.
-        The nodes in ``once`` (which read weights only) run once per call, in a prologue whose
-        results every microbatch reads."""
+        ``arguments`` and ``batch_dims``: see the attributes of the same names. The nodes in
+        ``once`` (which read weights only) run once per call, in a prologue whose results every
+        microbatch reads."""
         graph = gm.graph
         count = len(devices)
         output = next(n for n in graph.nodes if n.op == "output")
@@ -137,12 +259,13 @@ class Pipeline(nn.Module):
             outputs.append([n.name for n in sends])
         placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
         return cls(stages, inputs, outputs, placeholders, [n.name for n in results], devices, microbatches,
-                   prologue, [n.name for n in graph.nodes if n in once])
+                   arguments, batch_dims, prologue, [n.name for n in graph.nodes if n in once])
 
     def forward(self, *flat: Any) -> tuple[Any, ...]:
-        envs = [dict(zip(self.placeholders, chunk)) for chunk in cut_microbatches(flat, self.microbatches)]
+        dims = self._dims(flat)
+        envs = [dict(zip(self.placeholders, chunk)) for chunk in cut_microbatches(flat, self.microbatches, dims)]
         count, m = len(self.stages), self.microbatches
-        chunk = batch_size(flat) // m
+        chunk = batch_size(flat, dims) // m
         with self._on_streams(flat) as callers:
             if self.prologue is not None:
                 shared = dict(zip(self.shared, self.prologue()))
@@ -163,6 +286,16 @@ class Pipeline(nn.Module):
                 if isinstance(value, torch.Tensor) and value.device in callers:
                     value.record_stream(callers[value.device])
         return joined
+
+    def _dims(self, flat: Sequence[Any]) -> list[int | None]:
+        """The batch dimension of each placeholder; undeclared arguments resolved once, at the first call."""
+        if any(name not in self.batch_dims for name in self.arguments):
+            grouped: dict[str, list[Any]] = {}
+            for name, value in zip(self.arguments, flat):
+                grouped.setdefault(name, []).append(value)
+            declared = {name: dim for name, dim in self.batch_dims.items() if name in grouped}
+            self.batch_dims = resolve_batch_dims(grouped, declared, microbatches=self.microbatches)
+        return [self.batch_dims[name] for name in self.arguments]
 
     @contextlib.contextmanager
     def _on_streams(self, flat: Sequence[Any]) -> Iterator[dict[torch.device, Any]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 import operator
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -30,9 +30,9 @@ from torch import nn
 from autosplit.errors import AutosplitError, InputSignatureError, MicrobatchError
 from autosplit.graph import OpGraph, writes_in_place
 from autosplit.modes import in_mode
-from autosplit.pipeline import Pipeline, cut_microbatches
+from autosplit.pipeline import Pipeline, cut_microbatches, resolve_batch_dims
 from autosplit.plan import Plan
-from autosplit.trace import Traced
+from autosplit.trace import TensorSpec, Traced
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +97,10 @@ class SplitModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.graph_module is None:
-            build, self.__dict__["_build"] = self._build, None
-            if build is None:
+            if self._build is None:
                 raise RuntimeError("this SplitModule has no plan: build it with autosplit.autosplit()")
-            build(args, kwargs)
+            self._build(args, kwargs)  # kept until it succeeds: a refused batch leaves it to retry
+            self.__dict__["_build"] = None
         if self._fixed_shapes:
             self._check_shapes(args, kwargs)
         if self.microbatches > 1:
@@ -118,8 +118,12 @@ class SplitModule(nn.Module):
             bound = self._signature.bind(*args, **kwargs).arguments
         except TypeError:
             return  # the graph's own call reports arguments that do not fit
-        values = cut_microbatches(list(bound.values()), self.microbatches)[0] if self.microbatches > 1 else \
-            list(bound.values())
+        values = list(bound.values())
+        if self.microbatches > 1:  # cut as the pipeline will: along the batch dimensions it keeps
+            kept = {name: dim for name, dim in self.graph_module.pipeline.batch_dims.items() if name in bound}
+            dims = kept if kept.keys() == bound.keys() else \
+                resolve_batch_dims(bound, kept, microbatches=self.microbatches)
+            values = cut_microbatches(values, self.microbatches, [dims[name] for name in bound])[0]
         for name, value in zip(bound, values):
             expected = self._fixed_shapes.get(name)
             if expected is not None and isinstance(value, torch.Tensor) and tuple(value.shape) != expected:
@@ -171,12 +175,15 @@ class SplitModule(nn.Module):
 
 def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence[torch.device | str],
                  output_device: torch.device | str | None = None, microbatches: int = 1,
-                 written_flags: Collection[str] = ()) -> SplitModule:
+                 written_flags: Collection[str] = (), batch_dims: Mapping[str, int | None] | None = None
+                 ) -> SplitModule:
     """Build the :class:`SplitModule` of ``model`` for ``plan`` on ``devices`` (one per stage).
 
     With ``microbatches`` > 1 each call cuts its batch into that many microbatches and runs the
     stages in a GPipe wavefront (:mod:`autosplit.pipeline`); ``traced`` is then the capture of
-    one microbatch.
+    one microbatch. ``batch_dims`` maps forward arguments to the dimension that holds their batch
+    (None: passed whole); specs captured with a dimension named ``"batch"`` declare it too, and
+    the rest are resolved at the first call (:func:`autosplit.pipeline.resolve_batch_dims`).
 
     Dropout and batch-norm flags that the capture fixed follow ``train()``/``eval()`` again, but
     for the nodes in ``written_flags`` (:func:`autosplit.modes.written_flags`).
@@ -209,7 +216,8 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
     split = fx.GraphModule(_targets(gm, graph, in_modes), graph, class_name="SplitGraph")
     split.graph.lint()
     if microbatches > 1:
-        split = _pipelined(split, placed, once, devices, microbatches)
+        declared = {**_spec_batch_dims(model, traced), **dict(batch_dims or {})}
+        split = _pipelined(split, placed, once, devices, microbatches, _placeholder_arguments(model, gm), declared)
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
             setattr(split, attr, getattr(gm, attr))
@@ -222,11 +230,11 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
 
 
 def _pipelined(split: fx.GraphModule, placed: dict[fx.Node, int], once: set[fx.Node], devices: list[torch.device],
-               microbatches: int) -> fx.GraphModule:
+               microbatches: int, arguments: list[str], batch_dims: dict[str, int | None]) -> fx.GraphModule:
     """The split graph with its body replaced by a :class:`Pipeline` over the same stages: the
     inputs and the output structure stay the split graph's. The nodes in ``once`` (weights sent
     to the other stages that read them) run once per call, before the microbatches."""
-    pipeline = Pipeline.from_graph(split, placed, devices, microbatches, once=once)
+    pipeline = Pipeline.from_graph(split, placed, devices, microbatches, arguments, batch_dims, once=once)
     top = fx.Graph()
     top._codegen = split.graph._codegen
     inputs = [top.node_copy(n) for n in split.graph.nodes if n.op == "placeholder"]
@@ -236,6 +244,41 @@ def _pipelined(split: fx.GraphModule, placed: dict[fx.Node, int], once: set[fx.N
     top.output(fx.node.map_arg(output.args[0], lambda n: by_name[n.name]) if output.args else None)
     top.lint()
     return fx.GraphModule({"pipeline": pipeline}, top, class_name="PipelinedSplitGraph")
+
+
+def _placeholder_arguments(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+    """The forward argument each input placeholder of ``gm`` comes from. An fx graph has one per
+    argument, named after it; an exported graph one per tensor of the flattened (args, kwargs),
+    in the order of its input tree: positional arguments take their parameter's name."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None:
+        return [str(n.target) for n in placeholders]
+    parameters = inspect.signature(model.forward).parameters.values()
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = next((p.name for p in parameters if p.kind == p.VAR_POSITIONAL), "args")
+    args_spec, kwargs_spec = spec.children()
+    names = [positional[i] if i < len(positional) else rest for i in range(args_spec.num_children)]
+    names += list(kwargs_spec.context)
+    children = [*args_spec.children(), *kwargs_spec.children()]
+    arguments = [name for name, child in zip(names, children) for _ in range(child.num_leaves)]
+    assert len(arguments) == len(placeholders), (arguments, placeholders)
+    return arguments
+
+
+def _spec_batch_dims(model: nn.Module, traced: Traced) -> dict[str, int]:
+    """Batch dimensions declared by the specs the model was captured with: ``dims=("batch", ...)``."""
+    try:
+        bound = inspect.signature(model.forward).bind(*traced.example_args, **traced.example_kwargs).arguments
+    except TypeError:
+        return {}
+    declared = {}
+    for name, value in bound.items():
+        named = [x.dims.index("batch") for x in pytree.tree_leaves(value)
+                 if isinstance(x, TensorSpec) and "batch" in x.dims]
+        if named:
+            declared[name] = named[0]
+    return declared
 
 
 def _check_fingerprint(traced: Traced, plan: Plan) -> None:

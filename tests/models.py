@@ -122,6 +122,24 @@ class MaskedModel(nn.Module):
         return self.out(y)
 
 
+class SeqFirst(nn.Module):
+    """Reads a (seq, batch, hidden) input, as ``nn.RNN`` does by default, and a (seq, hidden)
+    bias shared by the batch; mixes along the sequence and returns batch first. With
+    ``branch`` the forward branches on a shape, so fx cannot trace it and torch.export does."""
+
+    def __init__(self, d: int = 8, branch: bool = False):
+        super().__init__()
+        self.inp, self.mix, self.out = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if self.branch and x.dim() == 3:
+            x = x * 1.0
+        h = torch.tanh(self.inp(x)) + bias.unsqueeze(1)
+        h = self.mix(h.cumsum(0))  # each step sees the steps before it: cutting the sequence changes it
+        return self.out(h).transpose(0, 1)
+
+
 @dataclasses.dataclass
 class Prediction:
     value: torch.Tensor
