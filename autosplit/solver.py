@@ -546,13 +546,6 @@ def device_orders(cluster: Cluster, stages: int) -> Iterator[tuple[int, ...]]:
     return extend()
 
 
-def layouts(cluster: Cluster, stages: int, headroom: float) -> Iterator[Layout]:
-    """The layouts of ``device_orders`` (``order_count`` of them)."""
-    if stages > len(cluster):
-        raise ValueError(f"{stages} stages need at least {stages} devices; the cluster {cluster} has {len(cluster)}")
-    return (Layout.of(cluster, order, headroom) for order in device_orders(cluster, stages))
-
-
 @dataclass(frozen=True)
 class OrderChoice:
     """The device order chosen for the pipeline and how sure the choice is."""
@@ -653,7 +646,8 @@ def search_orders(chain: Chain, cluster: Cluster, stages: int, options: SolverOp
     previous stage's kind and at j over the link to the next stage's kind. The next kind is part
     of the state so each stage is priced exactly:
 
-        G(s, U, κₚ, κ)[i] = min over κₙ, j of max(cost(s, κₚ → κ → κₙ, [i, j)), G(s + 1, U + e_κ, κ, κₙ)[j])
+        G(s, U, κₚ, κ)[i] = min over κₙ, j of
+                            max(cost(s, κₚ → κ → κₙ, [i, j)), G(s + 1, U + e_κ, κ, κₙ)[j])
 
     the best bottleneck of stages s.. when stage s has kind κ and starts at i, the one before it
     had kind κₚ and U counts the kinds of stages 0..s − 1 (each kind at most its devices). A
@@ -735,7 +729,7 @@ def search_orders(chain: Chain, cluster: Cluster, stages: int, options: SolverOp
         return sorted((k for k in range(K) if U[k] < avail[k]), key=lambda k: pools[k][U[k]])
 
     # The walk: the prefix's exact value F[i] (max over its stages, the next stage starting at i).
-    U, kinds_used = start, [next(k for k in by_rank(start) if G[0][(start, k)][K][0] <= reach)]
+    U, kinds_used = start, [next(k for k in by_rank(start) if (start, k) in G[0] and G[0][(start, k)][K][0] <= reach)]
     F = np.full(C, inf)
     F[0] = 0.0
     for s in range(S - 1):

@@ -357,7 +357,8 @@ def orders() -> None:
         found = search_orders(chain, cluster, len(cluster), options, cuts) if len(counts) > 1 else None
         search_s = time.perf_counter() - start
         # What pricing every order one by one would cost: the chain DP on one order, times the orders.
-        model_one = StageModel(chain, Layout.of(cluster, range(len(cluster)), options.memory_headroom), options, cluster)
+        layout = Layout.of(cluster, range(len(cluster)), options.memory_headroom)
+        model_one = StageModel(chain, layout, options, cluster)
         start = time.perf_counter()
         chain_dp(model_one, cuts)
         one_s = time.perf_counter() - start
@@ -370,7 +371,7 @@ def orders() -> None:
         total = order_count(counts, len(cluster))
         report = plan.solver
         rows.append(f"| {text} | {total:,} | {f'{search_s:.2f}' if found else '—'} | {one_s * total / 86400:,.1f} | "
-                    f"{solve_s:.2f} | {report.orders_tried} | {report.order_gap if report.order_gap is not None else '—'} | "
+                    f"{solve_s:.2f} | {report.orders_tried} | {'—' if report.order_gap is None else report.order_gap} | "
                     f"{report.status}, gap {report.gap:.1%} | {runs} |")
         print(rows[-1], flush=True)
     body = "\n".join([
@@ -386,7 +387,8 @@ def orders() -> None:
         "whole `solve` (order, CP-SAT over blocks with its 10 s deterministic limit, op-level refinement).",
         "`order gap` 0: the chosen order is proven best among all distinct orders for block-level splits.",
         "",
-        "| cluster | distinct orders | search s | one by one, days | solve s | orders priced | order gap | status | order along the pipeline |",
+        "| cluster | distinct orders | search s | one by one, days | solve s | orders priced | order gap | status "
+        "| order along the pipeline |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])

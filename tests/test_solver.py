@@ -488,7 +488,8 @@ def test_distinct_device_orders_are_counted_and_listed_once_each(text, stages):
     kind = lambda r: (cluster.devices[r].name, cluster.hosts[r])  # noqa: E731
     every = {tuple(map(kind, p)) for p in itertools.permutations(range(len(cluster)), stages)}
     orders = list(device_orders(cluster, stages))
-    assert len(orders) == len(set(orders)) == len(every) == order_count(list(Counter(map(kind, range(len(cluster)))).values()), stages)
+    counts = list(Counter(map(kind, range(len(cluster)))).values())
+    assert len(orders) == len(set(orders)) == len(every) == order_count(counts, stages)
     assert {tuple(map(kind, order)) for order in orders} == every and orders == sorted(orders)
     assert all(len(set(order)) == stages for order in orders)
 
