@@ -35,6 +35,7 @@ from autosplit.solver import (
     lower_bound_s,
     order_count,
     replicable,
+    search_orders,
     solve,
     stage_ranges,
     traffic_bound_s,
@@ -555,3 +556,28 @@ def test_an_order_search_too_large_to_run_says_the_order_is_not_proven(monkeypat
                  parameters=traced.parameters)
     assert plan.solver.orders_total == 180 and 1 <= plan.solver.orders_tried <= 3 and plan.solver.order_gap is None
     assert "order not proven best" in "\n".join(plan.summary()) and "gap unknown" in "\n".join(plan.summary())
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from(["2xh100+2xl4+rtx4090", "h100+l4+rtx4090", "2x1xh100+2x1xl4", "3xl4+h100"]),
+       st.integers(4, 9), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_the_order_search_is_exact_on_random_chains_with_memory_limits(text, n, stages, seed):
+    cluster = Cluster.parse(text)
+    stages = min(stages, n, len(cluster))
+    rng = np.random.default_rng(seed)
+    prefix = lambda v: np.concatenate([[0.0], np.cumsum(v)])  # noqa: E731
+    work = rng.uniform(0.1, 1.0, n)
+    chain = dataclasses.replace(
+        synthetic_chain(work, rng.uniform(0, 5e10, n - 1), state=rng.uniform(0, 30 * 2**30, n)),
+        time_s={d.name: prefix(work * rng.uniform(0.5, 3.0)) for d in cluster.devices})
+    options = SolverOptions(mode="infer", stages=stages)
+    best, first = math.inf, None  # every order priced; ties go to the first in device_orders
+    for order in device_orders(cluster, stages):
+        found = chain_dp(StageModel(chain, Layout.of(cluster, order, 0.1), options, cluster), range(n + 1))
+        if found is not None and found[0] < best * (1 - 1e-9):
+            best, first = found[0], order
+    searched = search_orders(chain, cluster, stages, options, range(n + 1))
+    if first is None:
+        assert searched is None
+    else:
+        assert searched[0] == pytest.approx(best, rel=1e-9) and searched[1] == first
