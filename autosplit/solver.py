@@ -604,8 +604,9 @@ def choose_order(chain: Chain, cluster: Cluster, stages: int, options: SolverOpt
         if cells <= ORDER_SEARCH_MAX_CELLS:
             start = time.perf_counter()
             searched = search_orders(chain, cluster, stages, options, block_cuts)
-            logger.info("order search: best of %d device orders in %.2f s (%.3g cells)", total,
-                        time.perf_counter() - start, cells)
+            logger.info("order search over %d device orders in %.2f s (%.3g cells): %s", total,
+                        time.perf_counter() - start, cells,
+                        "no block split fits" if searched is None else f"best {searched[0]:.4g} s")
         else:
             logger.info("order search skipped: %.3g cells > %.3g; pricing the cluster's order and its orders "
                         "by speed", cells, ORDER_SEARCH_MAX_CELLS)
