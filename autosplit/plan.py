@@ -77,6 +77,16 @@ class SolverReport:
     notes: tuple[str, ...] = ()
     """One short sentence per thing that makes the plan less than it claims: ops priced as
     free, a search step skipped or stopped at its time limit, a bound that fell back."""
+    orders_tried: int = 1
+    """Device orders along the pipeline priced one by one (each with the chain DP)."""
+    orders_total: int = 1
+    """Distinct device orders: sequences of the cluster's device kinds (type and host), one per
+    stage, each kind used at most as often as it has devices. 1 on identical devices of one host."""
+    order_gap: float | None = 0.0
+    """How much faster, relatively, the best order's block-level split could be than the chosen
+    order's: 0 when the order is proven best (every distinct order priced, or the exact order
+    search met it), None when unknown (too many orders to search). The status and ``gap`` speak
+    of splits on the chosen order."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +156,20 @@ class Plan:
             f"({self.schedule}), bubble {self.bubble_fraction:.1%}",
             f"solver       {self.solver.status} by {self.solver.method}, gap {self.solver.gap:.2%}, "
             f"{self.solver.wall_s:.2f} s",
+            *self._order_line(),
         ] + [f"note         {note}" for note in self.solver.notes]
+
+    def _order_line(self) -> list[str]:
+        """How sure the device order is, for clusters with more than one order."""
+        report = self.solver
+        if report.orders_total <= 1:
+            return []
+        total, tried = f"{report.orders_total:,}", f"{report.orders_tried:,}"
+        if report.order_gap == 0:
+            how = "each priced" if report.orders_tried >= report.orders_total else f"exact order search, {tried} priced"
+            return [f"devices      order proven best of {total} distinct orders ({how})"]
+        far = "gap unknown" if report.order_gap is None else f"at most {report.order_gap:.2%} from the best"
+        return [f"devices      order not proven best: {tried} of {total} distinct orders priced, {far}"]
 
     def __str__(self) -> str:
         from rich.console import Console

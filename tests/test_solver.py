@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import models
+import autosplit.solver as solver_module
 from autosplit import ConfigError, OpGraph, capture, presets, spec
 from autosplit.plan import Plan
 from autosplit.solver import (
@@ -27,11 +28,14 @@ from autosplit.solver import (
     build_chain,
     chain_dp,
     cp_sat_blocks,
+    device_orders,
     evaluate,
     fastest_link,
     link_load,
     lower_bound_s,
+    order_count,
     replicable,
+    search_orders,
     solve,
     stage_ranges,
     traffic_bound_s,
@@ -528,3 +532,104 @@ def test_splits_not_contiguous_in_the_chain_order_are_found_around_the_cuts(monk
             assert stage[u] <= stage[v], (u, v)
     chain_order = [n for n in traced.nodes if n in stage]
     assert any(stage[a] > stage[b] for a, b in zip(chain_order, chain_order[1:]))  # not one interval per stage
+
+
+@pytest.mark.parametrize("text, stages", [("rtx4090+rtx3090+l4", 3), ("rtx4090+rtx3090+l4", 2), ("2xh100+l4", 3),
+                                          ("2xh100+l4", 2), ("2x2xh100", 4), ("2x2xh100+2x1xl4", 4), ("3xh100", 2)])
+def test_distinct_device_orders_are_counted_and_listed_once_each(text, stages):
+    cluster = Cluster.parse(text)
+    kind = lambda r: (cluster.devices[r].name, cluster.hosts[r])  # noqa: E731
+    every = {tuple(map(kind, p)) for p in itertools.permutations(range(len(cluster)), stages)}
+    orders = list(device_orders(cluster, stages))
+    counts = list(Counter(map(kind, range(len(cluster)))).values())
+    assert len(orders) == len(set(orders)) == len(every) == order_count(counts, stages)
+    assert {tuple(map(kind, order)) for order in orders} == every and orders == sorted(orders)
+    assert all(len(set(order)) == stages for order in orders)
+
+
+def test_device_orders_of_many_devices_are_listed_without_their_n_factorial_permutations():
+    # 12 devices of 3 kinds: 12! = 479,001,600 rank permutations, 12! / (4!)^3 = 34,650 distinct orders.
+    cluster = Cluster.parse("4xh100+4xa100+4xl4")
+    orders = list(device_orders(cluster, 12))
+    assert len(orders) == len(set(orders)) == order_count([4, 4, 4], 12) == math.factorial(12) // math.factorial(4) ** 3
+    assert orders[0] == tuple(range(12)) and orders == sorted(orders)
+    assert order_count([4, 4, 4, 4], 16) == 63_063_000
+    assert order_count([2, 1], 2) == 3 and order_count([1, 1, 1], 2) == 6  # aa ab ba; and 3 × 2
+    assert order_count([8] * 8, 64) == math.factorial(64) // math.factorial(8) ** 8
+
+
+def test_the_order_search_picks_the_order_that_pricing_every_order_picks(monkeypatch):
+    model, args, _ = models.gpt2()
+    traced, graph, costs = priced(model, *args)
+    for text, options in [("2xh100+2xl4+rtx4090", SolverOptions(microbatches=4)),
+                          ("2xh100+2xl4+rtx4090", SolverOptions(microbatches=4, mode="infer", stages=3)),
+                          ("h100+l4+rtx3090", SolverOptions(mode="infer"))]:
+        cluster = Cluster.parse(text)
+        every = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+        with monkeypatch.context() as patch:
+            patch.setattr(solver_module, "ORDERS_PRICED", 0)
+            searched = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+        assert [s.devices for s in searched.stages] == [s.devices for s in every.stages], text
+        assert searched.bottleneck_s == every.bottleneck_s
+        total = order_count(list(Counter((d.name, h) for d, h in zip(cluster.devices, cluster.hosts)).values()),
+                            options.stages or len(cluster))
+        assert every.solver.orders_tried == every.solver.orders_total == searched.solver.orders_total == total > 1
+        assert searched.solver.orders_tried == 1 and searched.solver.order_gap == every.solver.order_gap == 0.0
+
+
+def test_sixteen_devices_of_four_kinds_plan_with_the_order_report(tmp_path):
+    model = widths_model([64] * 21)
+    traced, graph, costs = priced(model, spec((32, 64)))
+    cluster = Cluster.parse("4xh100+4xa100+4xrtx4090+4xl4")
+    options = SolverOptions(microbatches=8, time_limit_s=0.5)
+    first = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    second = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    report = first.solver
+    assert (report.orders_total, report.orders_tried, report.order_gap) == (63_063_000, 1, 0.0)
+    assert sorted(s.devices[0] for s in first.stages) == sorted(f"{d.name}:{r}" for r, d in enumerate(cluster.devices))
+    assert [s.devices for s in first.stages] == [s.devices for s in second.stages]
+    assert first.bottleneck_s == second.bottleneck_s
+    assert "order proven best of 63,063,000 distinct orders" in "\n".join(first.summary())
+    again = Plan.load(first.save(tmp_path / "plan.json"))
+    assert again == first
+    older = first.to_dict()  # a plan file written before the order fields existed still loads
+    for key in ("orders_tried", "orders_total", "order_gap"):
+        del older["solver"][key]
+    assert Plan.from_dict(older).solver.orders_total == 1
+    single = solve(graph, Cluster.parse("4xh100"), options, costs=costs, parameters=traced.parameters)
+    assert single.solver.orders_total == 1 and not any(line.startswith("devices") for line in single.summary())
+
+
+def test_an_order_search_too_large_to_run_says_the_order_is_not_proven(monkeypatch):
+    model = widths_model([64] * 9)
+    traced, graph, costs = priced(model, spec((32, 64)))
+    monkeypatch.setattr(solver_module, "ORDER_SEARCH_MAX_CELLS", 0)
+    plan = solve(graph, Cluster.parse("2x2xh100+2x1xl4"), SolverOptions(time_limit_s=0.5), costs=costs,
+                 parameters=traced.parameters)
+    assert plan.solver.orders_total == 180 and 1 <= plan.solver.orders_tried <= 3 and plan.solver.order_gap is None
+    assert "order not proven best" in "\n".join(plan.summary()) and "gap unknown" in "\n".join(plan.summary())
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from(["2xh100+2xl4+rtx4090", "h100+l4+rtx4090", "2x1xh100+2x1xl4", "3xl4+h100"]),
+       st.integers(4, 9), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_the_order_search_is_exact_on_random_chains_with_memory_limits(text, n, stages, seed):
+    cluster = Cluster.parse(text)
+    stages = min(stages, n, len(cluster))
+    rng = np.random.default_rng(seed)
+    prefix = lambda v: np.concatenate([[0.0], np.cumsum(v)])  # noqa: E731
+    work = rng.uniform(0.1, 1.0, n)
+    chain = dataclasses.replace(
+        synthetic_chain(work, rng.uniform(0, 5e10, n - 1), state=rng.uniform(0, 30 * 2**30, n)),
+        time_s={d.name: prefix(work * rng.uniform(0.5, 3.0)) for d in cluster.devices})
+    options = SolverOptions(mode="infer", stages=stages)
+    best, first = math.inf, None  # every order priced; ties go to the first in device_orders
+    for order in device_orders(cluster, stages):
+        found = chain_dp(StageModel(chain, Layout.of(cluster, order, 0.1), options, cluster), range(n + 1))
+        if found is not None and found[0] < best * (1 - 1e-9):
+            best, first = found[0], order
+    searched = search_orders(chain, cluster, stages, options, range(n + 1))
+    if first is None:
+        assert searched is None
+    else:
+        assert searched[0] == pytest.approx(best, rel=1e-9) and searched[1] == first
