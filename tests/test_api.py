@@ -8,6 +8,7 @@ import torch
 import autosplit
 import models
 from autosplit import Plan, spec
+from numerics import assert_same
 
 
 def test_one_line_makes_a_training_loop_multi_device():
@@ -18,6 +19,7 @@ def test_one_line_makes_a_training_loop_multi_device():
     assert sm.output_device == torch.device("cpu")  # no accelerator here: CPU devices
     (x,) = args
     opt, ref_opt = torch.optim.AdamW(sm.parameters(), lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in reference.parameters()]
     for _ in range(3):
         for module, optimizer in ((sm, opt), (reference, ref_opt)):
             loss = module(x)["logits"].square().mean()
@@ -25,8 +27,9 @@ def test_one_line_makes_a_training_loop_multi_device():
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad()
-    for (name, p), q in zip(sm.named_parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # the three steps taken, not the weights: steps of ~lr are lost in weights of ~1 at 1e-5 of their size
+    for (name, p), q, p0 in zip(sm.named_parameters(), reference.parameters(), before, strict=True):
+        assert_same(p.detach() - p0, q.detach() - p0, name=f"{name} update")
 
 
 @pytest.mark.parametrize("microbatches", [1, 2])
@@ -35,7 +38,7 @@ def test_without_example_inputs_the_first_batch_plans_the_split(microbatches):
     reference = copy.deepcopy(model)
     sm = autosplit.autosplit(model, devices=3, microbatches=microbatches)
     assert sm.plan is None
-    torch.testing.assert_close(sm(*args), reference(*args))
+    assert_same(sm(*args), reference(*args))
     assert len(sm.plan.stages) == 3 and sm.plan.microbatches == microbatches
 
 

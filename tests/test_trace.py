@@ -11,6 +11,7 @@ from torch import nn
 import autosplit
 import models
 from autosplit import InputSignatureError, TraceError, capture, spec
+from numerics import assert_same
 
 HF = {"gpt2", "llama", "mixtral"}
 
@@ -115,7 +116,7 @@ def test_batchnorm_buffers_are_read_and_capture_changes_nothing():
     traced.graph_module(*args).sum().backward()
     reference(*args).sum().backward()
     for (name, got), want in zip(model.named_buffers(), reference.buffers()):
-        torch.testing.assert_close(got, want, msg=name)
+        assert_same(got, want, name=name)
 
 
 def test_tied_weights_are_one_parameter_with_an_alias():
@@ -141,10 +142,10 @@ def test_keyword_inputs_and_flags():
     placeholders = [n.target for n in traced.graph.nodes if n.op == "placeholder"]
     assert placeholders == ["x", "mask", "scale"]
     x, mask = args[0], kwargs["mask"]
-    torch.testing.assert_close(traced.graph_module(x, mask=mask, scale=0.5), model(x, mask=mask, scale=0.5))
+    assert_same(traced.graph_module(x, mask=mask, scale=0.5), model(x, mask=mask, scale=0.5))
     # Without a mask the other branch is captured.
     unmasked = capture(model, args)
-    torch.testing.assert_close(unmasked.graph_module(x), model(x))
+    assert_same(unmasked.graph_module(x), model(x))
 
 
 def test_dataclass_outputs_with_both_tracers():
@@ -166,14 +167,14 @@ def test_hugging_face_models_train_through_the_graph(name):
     traced.graph_module(*args, **kwargs).logits.square().mean().backward()
     reference(*args, use_cache=False, **kwargs).logits.square().mean().backward()
     for (name_, got), want in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6, msg=name_)
+        assert_same(got.grad, want.grad, name=f"{name_}.grad")
 
 
 def test_export_can_be_forced_and_fx_refuses_hugging_face():
     model, args, _ = models.mlp()
     traced = capture(model, args, tracer="export")
     assert traced.tracer == "export"
-    torch.testing.assert_close(traced.graph_module(*args), model(*args))
+    assert_same(traced.graph_module(*args), model(*args))
     gpt2, ids, _ = models.gpt2("meta")
     with pytest.raises(TraceError, match="torch.fx.symbolic_trace"):
         capture(gpt2, ids, tracer="fx")
@@ -187,7 +188,7 @@ def test_leaf_modules_by_class_and_by_name():
         targets = [i.target for i in traced.nodes.values() if i.op == "call_module"]
         assert "stage1.0" in targets and "stage1.0.conv1" not in targets
         assert traced.nodes["stage1_0"].reads[0] == "stage1.0.conv1.weight"
-        torch.testing.assert_close(traced.graph_module(*args), model(*args))
+        assert_same(traced.graph_module(*args), model(*args))
 
 
 def test_untraceable_model_names_the_module_the_line_and_the_fixes():
@@ -206,7 +207,7 @@ def test_marking_the_data_dependent_module_a_leaf_makes_it_capturable():
     model = models.GatedNet()
     x = torch.randn(2, 8)
     traced = capture(model, (x,), leaf_modules=[models.DataDependentGate])
-    torch.testing.assert_close(traced.graph_module(x), model(x))
+    assert_same(traced.graph_module(x), model(x))
 
 
 @pytest.mark.parametrize(
