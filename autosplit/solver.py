@@ -79,8 +79,10 @@ from cost_models.memory import (
     OPTIMIZER_STEP_TEMPORARIES,
     SCHEDULES,
     TRAINING_PRECISIONS,
+    MemoryBreakdown,
+    OpsMemory,
     microbatches_in_flight,
-    stage_memory,
+    peak_breakdown,
     training_state_bytes,
     weight_bytes,
 )
@@ -193,6 +195,9 @@ class Chain:
     """Per group, the positions of the ops that need it: a stage holding one of them rebuilds it."""
     rebuild_next: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.int64))
     """Per group and position i, the first position ≥ i of an op that needs it (n if none)."""
+    memory: OpsMemory | None = None
+    """The ops' memory (parameters, saved tensors, outputs): what a stage of them holds. Without
+    it, each op's ``param_count`` and ``activation_bytes`` step, nothing shared."""
 
     @property
     def n(self) -> int:
@@ -330,9 +335,15 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
             forbidden.update(range(min(ks) + 1, max(ks) + 1))
     largest = max((costs[op].output_bytes for op in ops if op in costs), default=0)
     chain = Chain(ops, time_s, prefix(state), prefix(params), prefix(activations), cross, count,
-                  float(largest), pins, block_starts, block_names, forbidden, replicated, no_gradient)
+                  float(largest), pins, block_starts, block_names, forbidden, replicated, no_gradient,
+                  memory=OpsMemory.from_costs(ops, costs if train else _unsaved(costs, ops), params))
     _rebuild_groups(chain, graph, rebuilt, times_by_type, train)
     return chain
+
+
+def _unsaved(costs: Mapping[str, OpCost], ops: Sequence[str]) -> dict[str, OpCost]:
+    """Inference keeps nothing for backward."""
+    return {op: dataclasses.replace(costs[op], saved={}) for op in ops if op in costs}
 
 
 def link_load(info: Any, gradient: bool) -> tuple[float, float]:
@@ -445,6 +456,12 @@ def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
 
 
+def memory_rules(options: SolverOptions) -> dict[str, str]:
+    """The options that set what a parameter and an activation cost (``cost_models.memory.peak_terms``)."""
+    return dict(mode=options.mode, precision=options.precision, optimizer=options.optimizer,
+                weight_dtype=options.weight_dtype)
+
+
 def _state_bytes_per_param(options: SolverOptions) -> float:
     if options.mode == "train":
         return training_state_bytes(1, precision=options.precision, optimizer=options.optimizer).total_bytes
@@ -520,10 +537,10 @@ class StageModel:
         S = len(layout)
         self.in_flight = [microbatches_in_flight(options.schedule, num_stages=S, stage=s, microbatches=options.microbatches)
                           if train else 1 for s in range(S)]
-        self.transient = (2 if train else 1) * chain.largest_output_bytes
-        per_value = TRAINING_PRECISIONS[options.precision].state_bytes
-        states = OPTIMIZER_STATES.get(options.optimizer.lower(), 0)
-        self.step_bytes_per_param = per_value * OPTIMIZER_STEP_TEMPORARIES if train and states else 0.0
+        self.memory = chain.memory or OpsMemory(
+            np.zeros(chain.n), np.diff(chain.param_count),
+            [(float(b), [k]) for k, b in enumerate(np.diff(chain.activation_bytes))])
+        self.rules = memory_rules(options)
         self.other_pins = []
         for s in range(S):
             other = (chain.pins >= 0) & (chain.pins != s)
@@ -590,16 +607,14 @@ class StageModel:
         return self.work_s(s, i, j) + self.traffic_s(s, i, j)
 
     def memory_bytes(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
-        """Peak bytes of the stage: the larger of backward (activations and transients live)
-        and the optimizer step (activations freed, step temporaries live)."""
-        c = self.chain
-        gpu = self.layout.gpu[s]
-        state = c.state_bytes[j] - c.state_bytes[i]
-        activations = (c.activation_bytes[j] - c.activation_bytes[i]) * self.in_flight[s]
-        scale = 1 + (FRAGMENTATION if gpu else 0.0)
-        backward = scale * (state + activations) + self.transient
-        step = scale * state + (c.param_count[j] - c.param_count[i]) * self.step_bytes_per_param
-        return np.maximum(backward, step) + (GPU_CONTEXT_BYTES if gpu else 0.0)
+        """Peak bytes of stage s on ops [i, j) (``OpsMemory.total_bytes``: the one memory model)."""
+        return self.memory.total_bytes(i, j, in_flight=self.in_flight[s], gpu=self.layout.gpu[s], **self.rules)
+
+    def breakdown(self, s: int, stage_of_op: Sequence[int]) -> MemoryBreakdown:
+        """Peak memory by kind of stage s in any op → stage assignment (chain order); equals
+        ``memory_bytes`` where the stage is a run of the chain."""
+        quantities = self.memory.quantities_of(np.asarray(stage_of_op) == s)
+        return peak_breakdown(quantities, in_flight=self.in_flight[s], gpu=self.layout.gpu[s], **self.rules)
 
     def allowed(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
         ok = self.memory_bytes(s, i, j) <= self.layout.capacity_bytes[s]
@@ -884,22 +899,9 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
     lowest = max(0, ticks(lower_bound_s(model)) - slack)
     highest = max(ticks(hint_s), max(hint_ticks)) + slack if hint_s is not None else ticks(total) * 4 + 10**6
     bottleneck = m.new_int_var(lowest, max(highest, lowest), "bottleneck")
-    kib = 2**10
     for s in range(S):
         m.add(bottleneck >= sum(block_ticks[s][b] * y[b][s] for b in range(B)) + sum(stage_terms[s]))
-        # Memory in KiB, rounded up per block (conservative).
-        gpu = layout.gpu[s]
-        scale = 1 + (FRAGMENTATION if gpu else 0.0)
-        fixed = model.transient + (GPU_CONTEXT_BYTES if gpu else 0.0)
-        capacity = int((layout.capacity_bytes[s] - fixed) // kib)
-        state = [chain.state_bytes[bounds[b + 1]] - chain.state_bytes[bounds[b]] for b in range(B)]
-        act = [(chain.activation_bytes[bounds[b + 1]] - chain.activation_bytes[bounds[b]]) * model.in_flight[s]
-               for b in range(B)]
-        m.add(sum(math.ceil(scale * (state[b] + act[b]) / kib) * y[b][s] for b in range(B)) <= capacity)
-        step = [(chain.param_count[bounds[b + 1]] - chain.param_count[bounds[b]]) * model.step_bytes_per_param
-                for b in range(B)]
-        capacity_step = int((layout.capacity_bytes[s] - (GPU_CONTEXT_BYTES if gpu else 0.0)) // kib)
-        m.add(sum(math.ceil((scale * state[b] + step[b]) / kib) * y[b][s] for b in range(B)) <= capacity_step)
+    _memory_constraints(m, model, y, bounds, block_of_op, first, last)
     if hint is not None:
         for b in range(B):
             for s in range(S):
@@ -939,6 +941,85 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
     assignment = [row.index(True) for row in chosen]
     return CpResult(assignment, best * tick_s, "OPTIMAL" if proven else "FEASIBLE", bound * tick_s,
                     time.perf_counter() - start)
+
+
+MEMORY_UNITS_PER_BYTE = 20
+"""CP-SAT prices memory in 1/20 bytes, so that the GPU's 5% fragmentation allowance is integral."""
+
+
+def _memory_constraints(m: cp_model.CpModel, model: StageModel, y: list[list[Any]], bounds: Sequence[int],
+                        block_of_op: np.ndarray, first: Sequence[int], last: Sequence[int]) -> None:
+    """The memory of every stage (``OpsMemory``, ``peak_terms``) as linear constraints on the
+    block → stage booleans ``y``, exact but for rounding each block's term up to a 1/20 byte.
+
+    A tensor saved by ops of one block is that block's; one saved in several blocks gets a
+    boolean per stage, true when any of them is on it, so it counts once. The largest output
+    and the largest pair of consecutive outputs are integers at least each block's own (and each
+    pair across two adjacent blocks both on the stage): at the optimum they are the maxima.
+    Training's peak is the larger of backward and the optimizer step: one constraint each.
+    """
+    memory, layout, rules = model.memory, model.layout, model.rules
+    S, B = len(layout), len(bounds) - 1
+    train = rules["mode"] == "train"
+    unit = MEMORY_UNITS_PER_BYTE
+    params = [float(memory.params(bounds[b], bounds[b + 1])) for b in range(B)]
+    largest = [float(memory.largest_output_bytes(bounds[b], bounds[b + 1])) for b in range(B)]
+    own = [0.0] * B
+    shared: dict[tuple[int, ...], float] = {}
+    for nbytes, savers in memory.saved:
+        blocks = tuple(sorted({int(block_of_op[k]) for k in savers}))
+        if len(blocks) == 1:
+            own[blocks[0]] += nbytes
+        else:
+            shared[blocks] = shared.get(blocks, 0.0) + nbytes
+    out = memory.outputs_bytes
+    for s in range(S):
+        here = [b for b in range(B) if first[b] <= s <= last[b]]
+        if not here:
+            continue
+        placeable = set(here)
+        gpu = layout.gpu[s]
+        frag = FRAGMENTATION if gpu else 0.0
+        scale = 1 + frag
+        capacity = int(math.floor((layout.capacity_bytes[s] - (GPU_CONTEXT_BYTES if gpu else 0.0)) * unit))
+        saved = [math.ceil(own[b]) * y[b][s] for b in here]
+        for blocks, nbytes in shared.items():
+            on = [b for b in blocks if b in placeable]
+            if on:
+                u = m.new_bool_var("")
+                for b in on:
+                    m.add_implication(y[b][s], u)
+                saved.append(math.ceil(nbytes) * u)
+        top = max((largest[b] for b in here), default=0.0)
+        big = m.new_int_var(0, int(math.ceil(top)), "")
+        for b in here:
+            if largest[b] > 0:
+                m.add(big >= int(math.ceil(largest[b])) * y[b][s])
+        f = model.in_flight[s]
+        if train:
+            p = TRAINING_PRECISIONS[rules["precision"]]
+            states = OPTIMIZER_STATES[rules["optimizer"].lower()]
+            state_per_param = p.weight_bytes + p.grad_bytes + p.master_bytes + states * p.state_bytes
+            step_per_param = p.state_bytes * OPTIMIZER_STEP_TEMPORARIES if states else 0.0
+            # backward: state and activations live, the largest output and its gradient on top
+            m.add(sum(math.ceil(params[b] * scale * state_per_param * unit) * y[b][s] for b in here)
+                  + round(scale * f * unit) * sum(saved) + 2 * unit * big <= capacity)
+            # the optimizer step: activations freed (but their fragmentation), its temporaries live
+            m.add(sum(math.ceil(params[b] * (scale * state_per_param + step_per_param) * unit) * y[b][s] for b in here)
+                  + round(frag * f * unit) * sum(saved) <= capacity)
+        else:
+            peak = m.new_int_var(0, int(math.ceil(2 * top)) + 1, "")
+            for b in here:
+                within = float(memory.inference_peak_bytes(bounds[b], bounds[b + 1]))
+                if within > 0:
+                    m.add(peak >= int(math.ceil(within)) * y[b][s])
+                if b + 1 in placeable and bounds[b + 1] < memory.n:
+                    both = m.new_bool_var("")
+                    m.add(both >= y[b][s] + y[b + 1][s] - 1)
+                    m.add(peak >= int(math.ceil(out[bounds[b + 1] - 1] + out[bounds[b + 1]])) * both)
+            per_param = weight_bytes(1, rules["weight_dtype"])
+            m.add(sum(math.ceil(params[b] * scale * per_param * unit) * y[b][s] for b in here)
+                  + round(scale * unit) * peak + unit * big <= capacity)
 
 
 # --------------------------------------------------------------------------- evaluating an assignment
@@ -1312,10 +1393,8 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
         if s == S - 1:
             nodes = nodes + [n for n in graph.order if graph[n]["kind"] == OUTPUT]
         owned = int(sum(params[k] for k, st in enumerate(assignment) if st == s))
-        memory = stage_memory(owned, costs, [n for n in nodes if n in costs], mode=options.mode,
-                              precision=options.precision, optimizer=options.optimizer,
-                              weight_dtype=options.weight_dtype, schedule=options.schedule, num_stages=S, stage=s,
-                              microbatches=options.microbatches, device_kind="gpu" if layout.gpu[s] else "cpu")
+        memory = model.breakdown(s, assignment)
+        quantities = model.memory.quantities_of(np.asarray(assignment) == s)
         modules = [graph.infos[n].module_path for n in sorted(stage_ops[s], key=order.__getitem__)
                    if graph.infos[n].module_path and graph.infos[n].op.startswith("call_")]
         stage_list.append(Stage(
@@ -1329,6 +1408,9 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
             comm_out_s=comm_out[s],
             memory=memory,
             memory_capacity_bytes=layout.capacity_bytes[s],
+            saved_bytes_per_microbatch=quantities["activations"],
+            largest_output_bytes=quantities["largest_output"],
+            device_kind="gpu" if layout.gpu[s] else "cpu",
         ))
     bottleneck = max(st.time_s for st in stage_list)
     m = options.microbatches

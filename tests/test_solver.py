@@ -39,12 +39,13 @@ from autosplit.solver import (
 from cost_models import AnalyticCostModel, Cluster, get_device, price_graph
 
 
-def synthetic_chain(times, cross, state=None):
+def synthetic_chain(times, cross, params=None):
     n = len(times)
     prefix = lambda v: np.concatenate([[0.0], np.cumsum(v)])  # noqa: E731
+    params = params if params is not None else [0.0] * n
     return Chain(
         ops=[f"op{k}" for k in range(n)], time_s={"h100-sxm": prefix(times)},
-        state_bytes=prefix(state if state is not None else [0.0] * n), param_count=prefix([0.0] * n),
+        state_bytes=prefix([16.0 * p for p in params]), param_count=prefix(params),
         activation_bytes=prefix([0.0] * n), cross_bytes=np.array([0.0] + list(cross) + [0.0]),
         cross_count=np.array([0.0] + [1.0] * (n - 1) + [0.0]), largest_output_bytes=0.0,
         pins=np.full(n, -1), block_starts=list(range(n)), block_names=[f"op{k}" for k in range(n)],
@@ -84,11 +85,12 @@ def test_chain_dp_equals_brute_force(case):
 
 
 def test_chain_dp_respects_memory():
-    chain = synthetic_chain([1.0] * 6, [0.0] * 5, state=[30 * 2**30] * 6)  # 30 GiB per op
+    # 1.5G parameters per op: 24 GiB of bf16-mixed AdamW state, 6 GiB more in the optimizer step
+    chain = synthetic_chain([1.0] * 6, [0.0] * 5, params=[1.5 * 2**30] * 6)
     cluster = Cluster.parse("3xh100")
     model = StageModel(chain, Layout.of(cluster, range(3), 0.1), SolverOptions(), cluster)
     bottleneck, cuts = chain_dp(model, range(7))
-    assert cuts == [2, 4]  # two ops (60 GiB) fit in 72 GiB, three would not
+    assert cuts == [2, 4]  # two ops (about 63 GiB at the step) fit in 72 GiB, three would not
     tight = StageModel(chain, Layout.of(cluster, range(3), 0.5), SolverOptions(), cluster)
     assert chain_dp(tight, range(7)) is None  # 40 GiB usable: one op each is 3 stages for 6 ops
 
