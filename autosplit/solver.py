@@ -1461,32 +1461,136 @@ def _jsonable(value: Any) -> Any:
 
 
 def _infeasible(chain: Chain, cluster: Cluster, stages: int, options: SolverOptions) -> InfeasibleError:
-    """The memory the model needs, what the cluster offers, and what would fit."""
+    """Why no split fits, from the constraint that binds, and remedies checked against the same
+    memory model (``OpsMemory``): each is tried by filling the stages greedily from the front,
+    which finds a split of a chain whenever one fits (a stage's memory only grows as it takes
+    more ops), so a remedy is named only if it would actually fit."""
     gib = 2**30
-    count = chain.param_count[-1]
-    devices = cluster.devices[:stages]
-    have = sum(d.memory_bytes * (1 - options.memory_headroom) for d in devices)
-    largest = max(devices, key=lambda d: d.memory_bytes)
-    state = chain.state_bytes[-1]
-    activations = chain.activation_bytes[-1] * (options.microbatches if options.schedule == "gpipe" else 1)
-    overhead = sum(GPU_CONTEXT_BYTES if d.kind == "gpu" else 0 for d in devices)
-    need = state + activations + overhead
-    per_device = largest.memory_bytes * (1 - options.memory_headroom) - (GPU_CONTEXT_BYTES if largest.kind == "gpu" else 0)
-    enough = max(stages + 1, math.ceil((state + activations) / max(per_device, 1)))
-    what = (f"{options.mode} at {options.precision} with {options.optimizer}" if options.mode == "train"
-            else f"inference with {options.weight_dtype} weights")
-    tips = [f"at least {enough} × {largest.name}"]
-    if options.mode == "train":
-        tips.append(f"mode='infer' (weights alone: {weight_bytes(count, 'bf16') / gib:.1f} GiB in bf16)")
-        if options.precision != "bf16":
-            tips.append(f"precision='bf16' ({training_state_bytes(count, precision='bf16', optimizer=options.optimizer).total_bytes / gib:.1f} GiB of state)")
+    layout = Layout.of(cluster, range(stages), options.memory_headroom)
+    model = StageModel(chain, layout, options, cluster)
+    cuts = [k for k in range(chain.n + 1) if k not in chain.forbidden]
+    device = layout.types[0] if len(set(layout.types)) == 1 else "devices"
+    head = f"no split into {stages} stages fits {stages} × {device}"
+    fill = _fill(model, cuts)
+    if fill.stage is None:  # the stages hold everything: pins or no-split rules bind
+        return InfeasibleError(f"{head}: the ops fit by memory alone, but not with the pins {dict(options.pin)} "
+                               f"and no-split rules {list(options.no_split)}: relax them")
+    s, i = fill.stage, fill.position
+    what = (f"{options.mode} at {options.precision} with {options.optimizer}, schedule {options.schedule!r}, "
+            f"{options.microbatches} microbatch{'es' if options.microbatches != 1 else ''}"
+            if options.mode == "train" else f"inference with {options.weight_dtype} weights")
+    unit_end = next(k for k in cuts if k > i)
+    q = model.memory.quantities(i, unit_end)
+    m = peak_breakdown(q, in_flight=model.in_flight[s], gpu=layout.gpu[s], **model.rules)
+    capacity = layout.capacity_bytes[s]
+    ops = chain.ops[i:unit_end]
+    paths = [_block_of(chain, i), _block_of(chain, unit_end - 1)]
+    where = paths[0] + (f" … {paths[-1]}" if paths[-1] != paths[0] else "")
+    state_gib = (m.weights_bytes + m.grads_bytes + m.optimizer_bytes) / gib
+    if fill.unit_too_big:
+        reason = (f"stage {s} ({layout.types[s]}:{layout.ranks[s]}) must hold at least the ops no cut can separate "
+                  f"from {where} ({len(ops)} ops): {state_gib:.1f} GiB of weights and state, "
+                  + (f"{m.activations_bytes / gib:.1f} GiB of activations ({model.in_flight[s]} microbatches in flight "
+                     f"× {q['activations'] / gib:.2f} GiB), " if options.mode == "train" else
+                     f"{m.activations_bytes / gib:.1f} GiB of live activations, ")
+                  + f"{m.workspace_bytes / gib:.1f} GiB of workspace: {m.total_bytes / gib:.1f} GiB, but it has "
+                  f"{capacity / gib:.1f} GiB after {options.memory_headroom:.0%} headroom")
     else:
-        tips.append(f"weight_dtype='int4' ({weight_bytes(count, 'int4') / gib:.1f} GiB of weights)")
-    if activations > 0.1 * need:
-        tips.append("a smaller batch, or more microbatches with schedule='1f1b'")
-    return InfeasibleError(
-        f"the model does not fit: {what} needs about {need / gib:.1f} GiB "
-        f"({state / gib:.1f} GiB of weights and training state for {count / 1e9:.2f}B parameters, "
-        f"{activations / gib:.1f} GiB of activations), but {stages} × {devices[0].name if len(set(d.name for d in devices)) == 1 else 'devices'} "
-        f"offer {have / gib:.1f} GiB after {options.memory_headroom:.0%} headroom; use " + ", or ".join(tips) + "."
-    )
+        ahead = model.memory.quantities(0, chain.n)
+        reason = (f"filled from the front, the {stages} stages hold only ops 0..{i - 1} of {chain.n} "
+                  f"(up to {where}); the whole model is {training_state_bytes(ahead['params'], precision=options.precision, optimizer=options.optimizer).total_bytes / gib if options.mode == 'train' else weight_bytes(ahead['params'], options.weight_dtype) / gib:.1f} GiB of "
+                  f"weights{' and state' if options.mode == 'train' else ''}"
+                  + (f" and {ahead['activations'] / gib:.2f} GiB of activations per microbatch, of which stage s keeps "
+                     f"{'all ' + str(options.microbatches) if options.schedule == 'gpipe' else 'min(S − s, microbatches)'}"
+                     f" in flight ({', '.join(str(f) for f in model.in_flight[:4])}{', …' if stages > 4 else ''})"
+                     if options.mode == "train" else ""))
+    tips = _remedies(chain, cluster, stages, options, cuts, fill)
+    return InfeasibleError(f"the model does not fit: {what}: {head}: {reason}. "
+                           + ("Would fit: " + "; or ".join(tips) + "." if tips else
+                              "Nothing tried fits (fewer in-flight microbatches, smaller microbatches, more devices, "
+                              "a lighter precision): the largest indivisible part needs tensor parallelism."))
+
+
+@dataclass
+class _Fill:
+    stage: int | None
+    """The stage that cannot take the next op (None: all ops placed)."""
+    position: int
+    unit_too_big: bool
+    """Whether that stage cannot take even the next indivisible run of ops on its own."""
+
+
+def _fill(model: StageModel, cuts: Sequence[int]) -> _Fill:
+    """Fill the stages from the front, each as far as its memory allows (pins ignored)."""
+    n, S = model.chain.n, len(model.layout)
+    cuts_arr = np.array(cuts)
+    i = 0
+    for s in range(S):
+        later = cuts_arr[cuts_arr > i]
+        fits = lambda k: model.memory_bytes(s, np.array([i]), int(later[k]))[0] <= model.layout.capacity_bytes[s]  # noqa: E731
+        if not len(later) or not fits(0):
+            return _Fill(s, i, True)
+        lo, hi = 0, len(later)  # memory grows with the stage's end: the last end that fits
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        i = int(later[lo])
+        if i == n:
+            return _Fill(None, n, False)
+    return _Fill(S - 1, i, False)
+
+
+def _fits(chain: Chain, cluster: Cluster, stages: int, options: SolverOptions, cuts: Sequence[int],
+          activation_scale: float = 1.0) -> bool:
+    """Whether some split fits by memory (``_fill``), with activations scaled (a smaller microbatch)."""
+    if stages > len(cluster):
+        cluster = Cluster.from_specs([max(cluster.devices, key=lambda d: d.memory_bytes)] * stages)
+    model = StageModel(chain, Layout.of(cluster, range(stages), options.memory_headroom), options, cluster)
+    if activation_scale != 1.0:
+        mem = model.memory
+        model.memory = OpsMemory(mem.outputs_bytes * activation_scale, np.diff(mem.param_count),
+                                 [(b * activation_scale, savers) for b, savers in mem.saved])
+    return _fill(model, cuts).stage is None
+
+
+def _remedies(chain: Chain, cluster: Cluster, stages: int, options: SolverOptions, cuts: Sequence[int],
+              fill: _Fill) -> list[str]:
+    """Changes that make a split fit, each checked with ``_fits``."""
+    tips = []
+    gib = 2**30
+    replace = dataclasses.replace
+    if options.mode == "train":
+        m = options.microbatches
+        fewer = [k for k in range(m - 1, 0, -1) if _fits(chain, cluster, stages, replace(options, microbatches=k), cuts)]
+        if fewer:
+            tips.append(f"microbatches={fewer[0]} ({'at most ' + str(fewer[0]) + ' in flight per stage' if options.schedule == 'gpipe' else f'stage 0 keeps {fewer[0]} in flight, not {min(stages, m)}'}; "
+                        f"same batch means larger microbatches: keep their size)")
+        if options.schedule == "gpipe" and _fits(chain, cluster, stages, replace(options, schedule="1f1b"), cuts):
+            tips.append("schedule='1f1b' (stage s keeps S − s microbatches in flight, not all)")
+        lo, hi = 0.0, 1.0
+        if _fits(chain, cluster, stages, options, cuts, 1 / 64):
+            for _ in range(12):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if _fits(chain, cluster, stages, options, cuts, mid) else (lo, mid)
+            tips.append(f"microbatches of at most {lo:.0%} of the traced size (activations scale with it)")
+            tips.append("recomputing activations in backward (activation checkpointing) of the stages' blocks")
+        if options.precision not in ("bf16",) and _fits(chain, cluster, stages, replace(options, precision="bf16"), cuts):
+            tips.append("precision='bf16'")
+    if fill.unit_too_big:
+        tips.append("tensor parallelism over the indivisible part (its weights and activations split over a group)")
+    for more in range(stages + 1, 4 * stages + 1):
+        if more > len(cluster) and _fits(chain, cluster, more, options, cuts):
+            largest = max(cluster.devices, key=lambda d: d.memory_bytes)
+            tips.append(f"at least {more} × {largest.name} ({more} stages)")
+            break
+    if options.mode == "train" and _fits(chain, cluster, stages, replace(options, mode="infer"), cuts):
+        tips.append(f"mode='infer' (weights alone: {weight_bytes(chain.param_count[-1], options.weight_dtype) / gib:.1f} GiB)")
+    if options.mode == "infer" and options.weight_dtype != "int4" \
+            and _fits(chain, cluster, stages, replace(options, weight_dtype="int4"), cuts):
+        tips.append(f"weight_dtype='int4' ({weight_bytes(chain.param_count[-1], 'int4') / gib:.1f} GiB of weights)")
+    return tips
+
+
+def _block_of(chain: Chain, position: int) -> str:
+    """The block (a layer, an embedding) the op at ``position`` belongs to."""
+    return chain.block_names[max(0, int(np.searchsorted(chain.block_starts, position, side="right")) - 1)]
