@@ -1564,7 +1564,7 @@ def _remedies(chain: Chain, cluster: Cluster, stages: int, options: SolverOption
         fewer = [k for k in range(m - 1, 0, -1) if _fits(chain, cluster, stages, replace(options, microbatches=k), cuts)]
         if fewer:
             tips.append(f"microbatches={fewer[0]} ({'at most ' + str(fewer[0]) + ' in flight per stage' if options.schedule == 'gpipe' else f'stage 0 keeps {fewer[0]} in flight, not {min(stages, m)}'}; "
-                        f"same batch means larger microbatches: keep their size)")
+                        f"at the same microbatch size, so a smaller batch per step)")
         if options.schedule == "gpipe" and _fits(chain, cluster, stages, replace(options, schedule="1f1b"), cuts):
             tips.append("schedule='1f1b' (stage s keeps S − s microbatches in flight, not all)")
         lo, hi = 0.0, 1.0
