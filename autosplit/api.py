@@ -24,6 +24,7 @@ from autosplit.modes import in_mode, written_flags
 from autosplit.pipeline import check_batch_dims, cut_microbatches, resolve_batch_dims
 from autosplit.plan import Plan
 from autosplit.rewrite import SplitModule, split_module
+from autosplit.schedule import recheck_schedule
 from autosplit.solver import SolverOptions, solve
 from autosplit.trace import TensorSpec, Traced, capture
 from cost_models import Cluster, price_graph
@@ -82,7 +83,9 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     """Split ``model`` over ``devices`` and return a module that trains like it.
 
     Without example inputs the split is planned on the first forward call, with that batch. With
-    ``plan`` (e.g. ``Plan.load(path)``) that plan is applied instead of solving again.
+    ``plan`` (e.g. ``Plan.load(path)``) that plan is applied instead of solving again, on the
+    devices it assigns each stage; its memory is checked again for the GPipe wavefront this
+    runner runs (a plan made for 1F1B may not fit when every stage holds all microbatches).
 
     With ``microbatches`` = m > 1 (default: the plan's, else 1) every call cuts its batch into m
     equal microbatches along dimension 0 and runs the stages in a GPipe wavefront, so the devices
@@ -119,8 +122,10 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     if options.setdefault("schedule", "gpipe") != "gpipe":
         raise ValueError(f"schedule={options['schedule']!r}: in one process the stages run a GPipe wavefront "
                          "(forward of every microbatch, then backward); leave schedule out or pass 'gpipe'")
-    if plan is not None:  # refuse a plan for other devices before anything is captured or moved
+    if plan is not None:  # refuse a plan for other devices or memory before anything is captured or moved
         stage_devices(plan, resolved, cluster)
+        if (plan.schedule, plan.microbatches) != ("gpipe", microbatches):
+            plan = recheck_schedule(plan, "gpipe", microbatches)  # what the one-process runner runs
     split = SplitModule(model, None, plan, resolved, torch.device(output_device) if output_device else resolved[-1],
                         microbatches)
 

@@ -52,6 +52,13 @@ class Stage:
     """Values this stage receives per call in the forward pass (one per microbatch for each
     activation crossing into it, relayed stage by stage, and one per call for each weight stored
     elsewhere); each sends its gradient back in training."""
+    saved_bytes_per_microbatch: float = 0.0
+    """Bytes its ops keep for backward per microbatch (each tensor once): ``memory.activations_bytes``
+    is this times the microbatches in flight under the schedule (training)."""
+    largest_output_bytes: float = 0.0
+    """Its largest output: training holds it and its gradient at once (in ``workspace_bytes``)."""
+    device_kind: str = "gpu"
+    """``"gpu"`` or ``"cpu"``: a GPU adds allocator fragmentation and the CUDA context."""
 
     @property
     def time_s(self) -> float:

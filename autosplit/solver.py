@@ -88,8 +88,10 @@ from cost_models.memory import (
     OPTIMIZER_STEP_TEMPORARIES,
     SCHEDULES,
     TRAINING_PRECISIONS,
+    MemoryBreakdown,
+    OpsMemory,
     microbatches_in_flight,
-    stage_memory,
+    peak_breakdown,
     training_state_bytes,
     weight_bytes,
 )
@@ -207,6 +209,9 @@ class Chain:
     """Per group and position i, the first position ≥ i of an op that needs it (n if none)."""
     weights: Mapping[str, Any] = field(default_factory=dict)
     """Every parameter and buffer by canonical name (``TensorInfo``: bytes, dtype, requires_grad)."""
+    memory: OpsMemory | None = None
+    """The ops' memory (parameters, saved tensors, outputs): what a stage of them holds. Without
+    it, each op's ``param_count`` and ``activation_bytes`` step, nothing shared."""
 
     @property
     def n(self) -> int:
@@ -345,9 +350,16 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
     largest = max((costs[op].output_bytes for op in ops if op in costs), default=0)
     chain = Chain(ops, time_s, prefix(state), prefix(params), prefix(activations), cross, count,
                   float(largest), pins, block_starts, block_names, forbidden, replicated, no_gradient,
-                  weights={**(buffers or {}), **parameters})
+                  weights={**(buffers or {}), **parameters},
+                  memory=OpsMemory.from_costs(ops, costs if train else _unsaved(costs, ops), params))
+
     _rebuild_groups(chain, graph, rebuilt, times_by_type, train)
     return chain
+
+
+def _unsaved(costs: Mapping[str, OpCost], ops: Sequence[str]) -> dict[str, OpCost]:
+    """Inference keeps nothing for backward."""
+    return {op: dataclasses.replace(costs[op], saved={}) for op in ops if op in costs}
 
 
 def link_load(info: Any, gradient: bool) -> tuple[float, float]:
@@ -452,6 +464,12 @@ def replicable(graph: OpGraph, exclude: Collection[str] = ()) -> dict[str, tuple
 
 def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
+
+
+def memory_rules(options: SolverOptions) -> dict[str, str]:
+    """The options that set what a parameter and an activation cost (``cost_models.memory.peak_terms``)."""
+    return dict(mode=options.mode, precision=options.precision, optimizer=options.optimizer,
+                weight_dtype=options.weight_dtype)
 
 
 def _state_bytes_per_param(options: SolverOptions) -> float:
@@ -771,10 +789,10 @@ class StageModel:
         S = len(layout)
         self.in_flight = [microbatches_in_flight(options.schedule, num_stages=S, stage=s, microbatches=options.microbatches)
                           if train else 1 for s in range(S)]
-        self.transient = (2 if train else 1) * chain.largest_output_bytes
-        per_value = TRAINING_PRECISIONS[options.precision].state_bytes
-        states = OPTIMIZER_STATES.get(options.optimizer.lower(), 0)
-        self.step_bytes_per_param = per_value * OPTIMIZER_STEP_TEMPORARIES if train and states else 0.0
+        self.memory = chain.memory or OpsMemory(
+            np.zeros(chain.n), np.diff(chain.param_count),
+            [(float(b), [k]) for k, b in enumerate(np.diff(chain.activation_bytes))])
+        self.rules = memory_rules(options)
         self.other_pins = []
         for s in range(S):
             other = (chain.pins >= 0) & (chain.pins != s)
@@ -842,16 +860,14 @@ class StageModel:
         return self.work_s(s, i, j) + self.traffic_s(s, i, j)
 
     def memory_bytes(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
-        """Peak bytes of the stage: the larger of backward (activations and transients live)
-        and the optimizer step (activations freed, step temporaries live)."""
-        c = self.chain
-        gpu = self.layout.gpu[s]
-        state = c.state_bytes[j] - c.state_bytes[i]
-        activations = (c.activation_bytes[j] - c.activation_bytes[i]) * self.in_flight[s]
-        scale = 1 + (FRAGMENTATION if gpu else 0.0)
-        backward = scale * (state + activations) + self.transient
-        step = scale * state + (c.param_count[j] - c.param_count[i]) * self.step_bytes_per_param
-        return np.maximum(backward, step) + (GPU_CONTEXT_BYTES if gpu else 0.0)
+        """Peak bytes of stage s on ops [i, j) (``OpsMemory.total_bytes``: the one memory model)."""
+        return self.memory.total_bytes(i, j, in_flight=self.in_flight[s], gpu=self.layout.gpu[s], **self.rules)
+
+    def breakdown(self, s: int, stage_of_op: Sequence[int]) -> MemoryBreakdown:
+        """Peak memory by kind of stage s in any op → stage assignment (chain order); equals
+        ``memory_bytes`` where the stage is a run of the chain."""
+        quantities = self.memory.quantities_of(np.asarray(stage_of_op) == s)
+        return peak_breakdown(quantities, in_flight=self.in_flight[s], gpu=self.layout.gpu[s], **self.rules)
 
     def allowed(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
         ok = self.memory_bytes(s, i, j) <= self.layout.capacity_bytes[s]
@@ -1137,22 +1153,9 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
     lowest = max(0, ticks(lower_bound_s(model)) - slack)
     highest = max(ticks(hint_s), max(hint_ticks)) + slack if hint_s is not None else ticks(total) * 4 + 10**6
     bottleneck = m.new_int_var(lowest, max(highest, lowest), "bottleneck")
-    kib = 2**10
     for s in range(S):
         m.add(bottleneck >= sum(block_ticks[s][b] * y[b][s] for b in range(B)) + sum(stage_terms[s]))
-        # Memory in KiB, rounded up per block (conservative).
-        gpu = layout.gpu[s]
-        scale = 1 + (FRAGMENTATION if gpu else 0.0)
-        fixed = model.transient + (GPU_CONTEXT_BYTES if gpu else 0.0)
-        capacity = int((layout.capacity_bytes[s] - fixed) // kib)
-        state = [chain.state_bytes[bounds[b + 1]] - chain.state_bytes[bounds[b]] for b in range(B)]
-        act = [(chain.activation_bytes[bounds[b + 1]] - chain.activation_bytes[bounds[b]]) * model.in_flight[s]
-               for b in range(B)]
-        m.add(sum(math.ceil(scale * (state[b] + act[b]) / kib) * y[b][s] for b in range(B)) <= capacity)
-        step = [(chain.param_count[bounds[b + 1]] - chain.param_count[bounds[b]]) * model.step_bytes_per_param
-                for b in range(B)]
-        capacity_step = int((layout.capacity_bytes[s] - (GPU_CONTEXT_BYTES if gpu else 0.0)) // kib)
-        m.add(sum(math.ceil((scale * state[b] + step[b]) / kib) * y[b][s] for b in range(B)) <= capacity_step)
+    _memory_constraints(m, model, y, bounds, block_of_op, first, last)
     if hint is not None:
         for b in range(B):
             for s in range(S):
@@ -1192,6 +1195,85 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
     assignment = [row.index(True) for row in chosen]
     return CpResult(assignment, best * tick_s, "OPTIMAL" if proven else "FEASIBLE", bound * tick_s,
                     time.perf_counter() - start)
+
+
+MEMORY_UNITS_PER_BYTE = 20
+"""CP-SAT prices memory in 1/20 bytes, so that the GPU's 5% fragmentation allowance is integral."""
+
+
+def _memory_constraints(m: cp_model.CpModel, model: StageModel, y: list[list[Any]], bounds: Sequence[int],
+                        block_of_op: np.ndarray, first: Sequence[int], last: Sequence[int]) -> None:
+    """The memory of every stage (``OpsMemory``, ``peak_terms``) as linear constraints on the
+    block → stage booleans ``y``, exact but for rounding each block's term up to a 1/20 byte.
+
+    A tensor saved by ops of one block is that block's; one saved in several blocks gets a
+    boolean per stage, true when any of them is on it, so it counts once. The largest output
+    and the largest pair of consecutive outputs are integers at least each block's own (and each
+    pair across two adjacent blocks both on the stage): at the optimum they are the maxima.
+    Training's peak is the larger of backward and the optimizer step: one constraint each.
+    """
+    memory, layout, rules = model.memory, model.layout, model.rules
+    S, B = len(layout), len(bounds) - 1
+    train = rules["mode"] == "train"
+    unit = MEMORY_UNITS_PER_BYTE
+    params = [float(memory.params(bounds[b], bounds[b + 1])) for b in range(B)]
+    largest = [float(memory.largest_output_bytes(bounds[b], bounds[b + 1])) for b in range(B)]
+    own = [0.0] * B
+    shared: dict[tuple[int, ...], float] = {}
+    for nbytes, savers in memory.saved:
+        blocks = tuple(sorted({int(block_of_op[k]) for k in savers}))
+        if len(blocks) == 1:
+            own[blocks[0]] += nbytes
+        else:
+            shared[blocks] = shared.get(blocks, 0.0) + nbytes
+    out = memory.outputs_bytes
+    for s in range(S):
+        here = [b for b in range(B) if first[b] <= s <= last[b]]
+        if not here:
+            continue
+        placeable = set(here)
+        gpu = layout.gpu[s]
+        frag = FRAGMENTATION if gpu else 0.0
+        scale = 1 + frag
+        capacity = int(math.floor((layout.capacity_bytes[s] - (GPU_CONTEXT_BYTES if gpu else 0.0)) * unit))
+        saved = [math.ceil(own[b]) * y[b][s] for b in here]
+        for blocks, nbytes in shared.items():
+            on = [b for b in blocks if b in placeable]
+            if on:
+                u = m.new_bool_var("")
+                for b in on:
+                    m.add_implication(y[b][s], u)
+                saved.append(math.ceil(nbytes) * u)
+        top = max((largest[b] for b in here), default=0.0)
+        big = m.new_int_var(0, int(math.ceil(top)), "")
+        for b in here:
+            if largest[b] > 0:
+                m.add(big >= int(math.ceil(largest[b])) * y[b][s])
+        f = model.in_flight[s]
+        if train:
+            p = TRAINING_PRECISIONS[rules["precision"]]
+            states = OPTIMIZER_STATES[rules["optimizer"].lower()]
+            state_per_param = p.weight_bytes + p.grad_bytes + p.master_bytes + states * p.state_bytes
+            step_per_param = p.state_bytes * OPTIMIZER_STEP_TEMPORARIES if states else 0.0
+            # backward: state and activations live, the largest output and its gradient on top
+            m.add(sum(math.ceil(params[b] * scale * state_per_param * unit) * y[b][s] for b in here)
+                  + round(scale * f * unit) * sum(saved) + 2 * unit * big <= capacity)
+            # the optimizer step: activations freed (but their fragmentation), its temporaries live
+            m.add(sum(math.ceil(params[b] * (scale * state_per_param + step_per_param) * unit) * y[b][s] for b in here)
+                  + round(frag * f * unit) * sum(saved) <= capacity)
+        else:
+            peak = m.new_int_var(0, int(math.ceil(2 * top)) + 1, "")
+            for b in here:
+                within = float(memory.inference_peak_bytes(bounds[b], bounds[b + 1]))
+                if within > 0:
+                    m.add(peak >= int(math.ceil(within)) * y[b][s])
+                if b + 1 in placeable and bounds[b + 1] < memory.n:
+                    both = m.new_bool_var("")
+                    m.add(both >= y[b][s] + y[b + 1][s] - 1)
+                    m.add(peak >= int(math.ceil(out[bounds[b + 1] - 1] + out[bounds[b + 1]])) * both)
+            per_param = weight_bytes(1, rules["weight_dtype"])
+            m.add(sum(math.ceil(params[b] * scale * per_param * unit) * y[b][s] for b in here)
+                  + round(scale * unit) * peak + unit * big <= capacity)
 
 
 # --------------------------------------------------------------------------- evaluating an assignment
@@ -1679,10 +1761,8 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
         if s == S - 1:
             nodes = nodes + [n for n in graph.order if graph[n]["kind"] == OUTPUT]
         owned = int(sum(params[k] for k, st in enumerate(assignment) if st == s))
-        memory = stage_memory(owned, costs, [n for n in nodes if n in costs], mode=options.mode,
-                              precision=options.precision, optimizer=options.optimizer,
-                              weight_dtype=options.weight_dtype, schedule=options.schedule, num_stages=S, stage=s,
-                              microbatches=options.microbatches, device_kind="gpu" if layout.gpu[s] else "cpu")
+        memory = model.breakdown(s, assignment)
+        quantities = model.memory.quantities_of(np.asarray(assignment) == s)
         modules = [graph.infos[n].module_path for n in sorted(stage_ops[s], key=order.__getitem__)
                    if graph.infos[n].module_path and graph.infos[n].op.startswith("call_")]
         stage_list.append(Stage(
@@ -1698,6 +1778,9 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
             memory_capacity_bytes=layout.capacity_bytes[s],
             weights=tuple(stored[s]),
             transfers_in=received[s],
+            saved_bytes_per_microbatch=quantities["activations"],
+            largest_output_bytes=quantities["largest_output"],
+            device_kind="gpu" if layout.gpu[s] else "cpu",
         ))
     bottleneck = max(st.time_s for st in stage_list)
     m = options.microbatches
@@ -1756,32 +1839,136 @@ def _jsonable(value: Any) -> Any:
 
 
 def _infeasible(chain: Chain, cluster: Cluster, stages: int, options: SolverOptions) -> InfeasibleError:
-    """The memory the model needs, what the cluster offers, and what would fit."""
+    """Why no split fits, from the constraint that binds, and remedies checked against the same
+    memory model (``OpsMemory``): each is tried by filling the stages greedily from the front,
+    which finds a split of a chain whenever one fits (a stage's memory only grows as it takes
+    more ops), so a remedy is named only if it would actually fit."""
     gib = 2**30
-    count = chain.param_count[-1]
-    devices = cluster.devices[:stages]
-    have = sum(d.memory_bytes * (1 - options.memory_headroom) for d in devices)
-    largest = max(devices, key=lambda d: d.memory_bytes)
-    state = chain.state_bytes[-1]
-    activations = chain.activation_bytes[-1] * (options.microbatches if options.schedule == "gpipe" else 1)
-    overhead = sum(GPU_CONTEXT_BYTES if d.kind == "gpu" else 0 for d in devices)
-    need = state + activations + overhead
-    per_device = largest.memory_bytes * (1 - options.memory_headroom) - (GPU_CONTEXT_BYTES if largest.kind == "gpu" else 0)
-    enough = max(stages + 1, math.ceil((state + activations) / max(per_device, 1)))
-    what = (f"{options.mode} at {options.precision} with {options.optimizer}" if options.mode == "train"
-            else f"inference with {options.weight_dtype} weights")
-    tips = [f"at least {enough} × {largest.name}"]
-    if options.mode == "train":
-        tips.append(f"mode='infer' (weights alone: {weight_bytes(count, 'bf16') / gib:.1f} GiB in bf16)")
-        if options.precision != "bf16":
-            tips.append(f"precision='bf16' ({training_state_bytes(count, precision='bf16', optimizer=options.optimizer).total_bytes / gib:.1f} GiB of state)")
+    layout = Layout.of(cluster, range(stages), options.memory_headroom)
+    model = StageModel(chain, layout, options, cluster)
+    cuts = [k for k in range(chain.n + 1) if k not in chain.forbidden]
+    device = layout.types[0] if len(set(layout.types)) == 1 else "devices"
+    head = f"no split into {stages} stages fits {stages} × {device}"
+    fill = _fill(model, cuts)
+    if fill.stage is None:  # the stages hold everything: pins or no-split rules bind
+        return InfeasibleError(f"{head}: the ops fit by memory alone, but not with the pins {dict(options.pin)} "
+                               f"and no-split rules {list(options.no_split)}: relax them")
+    s, i = fill.stage, fill.position
+    what = (f"{options.mode} at {options.precision} with {options.optimizer}, schedule {options.schedule!r}, "
+            f"{options.microbatches} microbatch{'es' if options.microbatches != 1 else ''}"
+            if options.mode == "train" else f"inference with {options.weight_dtype} weights")
+    unit_end = next(k for k in cuts if k > i)
+    q = model.memory.quantities(i, unit_end)
+    m = peak_breakdown(q, in_flight=model.in_flight[s], gpu=layout.gpu[s], **model.rules)
+    capacity = layout.capacity_bytes[s]
+    ops = chain.ops[i:unit_end]
+    paths = [_block_of(chain, i), _block_of(chain, unit_end - 1)]
+    where = paths[0] + (f" … {paths[-1]}" if paths[-1] != paths[0] else "")
+    state_gib = (m.weights_bytes + m.grads_bytes + m.optimizer_bytes) / gib
+    if fill.unit_too_big:
+        reason = (f"stage {s} ({layout.types[s]}:{layout.ranks[s]}) must hold at least the ops no cut can separate "
+                  f"from {where} ({len(ops)} ops): {state_gib:.1f} GiB of weights and state, "
+                  + (f"{m.activations_bytes / gib:.1f} GiB of activations ({model.in_flight[s]} microbatches in flight "
+                     f"× {q['activations'] / gib:.2f} GiB), " if options.mode == "train" else
+                     f"{m.activations_bytes / gib:.1f} GiB of live activations, ")
+                  + f"{m.workspace_bytes / gib:.1f} GiB of workspace: {m.total_bytes / gib:.1f} GiB, but it has "
+                  f"{capacity / gib:.1f} GiB after {options.memory_headroom:.0%} headroom")
     else:
-        tips.append(f"weight_dtype='int4' ({weight_bytes(count, 'int4') / gib:.1f} GiB of weights)")
-    if activations > 0.1 * need:
-        tips.append("a smaller batch, or more microbatches with schedule='1f1b'")
-    return InfeasibleError(
-        f"the model does not fit: {what} needs about {need / gib:.1f} GiB "
-        f"({state / gib:.1f} GiB of weights and training state for {count / 1e9:.2f}B parameters, "
-        f"{activations / gib:.1f} GiB of activations), but {stages} × {devices[0].name if len(set(d.name for d in devices)) == 1 else 'devices'} "
-        f"offer {have / gib:.1f} GiB after {options.memory_headroom:.0%} headroom; use " + ", or ".join(tips) + "."
-    )
+        ahead = model.memory.quantities(0, chain.n)
+        reason = (f"filled from the front, the {stages} stages hold only ops 0..{i - 1} of {chain.n} "
+                  f"(up to {where}); the whole model is {training_state_bytes(ahead['params'], precision=options.precision, optimizer=options.optimizer).total_bytes / gib if options.mode == 'train' else weight_bytes(ahead['params'], options.weight_dtype) / gib:.1f} GiB of "
+                  f"weights{' and state' if options.mode == 'train' else ''}"
+                  + (f" and {ahead['activations'] / gib:.2f} GiB of activations per microbatch, of which stage s keeps "
+                     f"{'all ' + str(options.microbatches) if options.schedule == 'gpipe' else 'min(S − s, microbatches)'}"
+                     f" in flight ({', '.join(str(f) for f in model.in_flight[:4])}{', …' if stages > 4 else ''})"
+                     if options.mode == "train" else ""))
+    tips = _remedies(chain, cluster, stages, options, cuts, fill)
+    return InfeasibleError(f"the model does not fit: {what}: {head}: {reason}. "
+                           + ("Would fit: " + "; or ".join(tips) + "." if tips else
+                              "Nothing tried fits (fewer in-flight microbatches, smaller microbatches, more devices, "
+                              "a lighter precision): the largest indivisible part needs tensor parallelism."))
+
+
+@dataclass
+class _Fill:
+    stage: int | None
+    """The stage that cannot take the next op (None: all ops placed)."""
+    position: int
+    unit_too_big: bool
+    """Whether that stage cannot take even the next indivisible run of ops on its own."""
+
+
+def _fill(model: StageModel, cuts: Sequence[int]) -> _Fill:
+    """Fill the stages from the front, each as far as its memory allows (pins ignored)."""
+    n, S = model.chain.n, len(model.layout)
+    cuts_arr = np.array(cuts)
+    i = 0
+    for s in range(S):
+        later = cuts_arr[cuts_arr > i]
+        fits = lambda k: model.memory_bytes(s, np.array([i]), int(later[k]))[0] <= model.layout.capacity_bytes[s]  # noqa: E731
+        if not len(later) or not fits(0):
+            return _Fill(s, i, True)
+        lo, hi = 0, len(later)  # memory grows with the stage's end: the last end that fits
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        i = int(later[lo])
+        if i == n:
+            return _Fill(None, n, False)
+    return _Fill(S - 1, i, False)
+
+
+def _fits(chain: Chain, cluster: Cluster, stages: int, options: SolverOptions, cuts: Sequence[int],
+          activation_scale: float = 1.0) -> bool:
+    """Whether some split fits by memory (``_fill``), with activations scaled (a smaller microbatch)."""
+    if stages > len(cluster):
+        cluster = Cluster.from_specs([max(cluster.devices, key=lambda d: d.memory_bytes)] * stages)
+    model = StageModel(chain, Layout.of(cluster, range(stages), options.memory_headroom), options, cluster)
+    if activation_scale != 1.0:
+        mem = model.memory
+        model.memory = OpsMemory(mem.outputs_bytes * activation_scale, np.diff(mem.param_count),
+                                 [(b * activation_scale, savers) for b, savers in mem.saved])
+    return _fill(model, cuts).stage is None
+
+
+def _remedies(chain: Chain, cluster: Cluster, stages: int, options: SolverOptions, cuts: Sequence[int],
+              fill: _Fill) -> list[str]:
+    """Changes that make a split fit, each checked with ``_fits``."""
+    tips = []
+    gib = 2**30
+    replace = dataclasses.replace
+    if options.mode == "train":
+        m = options.microbatches
+        fewer = [k for k in range(m - 1, 0, -1) if _fits(chain, cluster, stages, replace(options, microbatches=k), cuts)]
+        if fewer:
+            tips.append(f"microbatches={fewer[0]} ({'at most ' + str(fewer[0]) + ' in flight per stage' if options.schedule == 'gpipe' else f'stage 0 keeps {fewer[0]} in flight, not {min(stages, m)}'}; "
+                        f"at the same microbatch size, so a smaller batch per step)")
+        if options.schedule == "gpipe" and _fits(chain, cluster, stages, replace(options, schedule="1f1b"), cuts):
+            tips.append("schedule='1f1b' (stage s keeps S − s microbatches in flight, not all)")
+        lo, hi = 0.0, 1.0
+        if _fits(chain, cluster, stages, options, cuts, 1 / 64):
+            for _ in range(12):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if _fits(chain, cluster, stages, options, cuts, mid) else (lo, mid)
+            tips.append(f"microbatches of at most {lo:.0%} of the traced size (activations scale with it)")
+            tips.append("recomputing activations in backward (activation checkpointing) of the stages' blocks")
+        if options.precision not in ("bf16",) and _fits(chain, cluster, stages, replace(options, precision="bf16"), cuts):
+            tips.append("precision='bf16'")
+    if fill.unit_too_big:
+        tips.append("tensor parallelism over the indivisible part (its weights and activations split over a group)")
+    for more in range(stages + 1, 4 * stages + 1):
+        if more > len(cluster) and _fits(chain, cluster, more, options, cuts):
+            largest = max(cluster.devices, key=lambda d: d.memory_bytes)
+            tips.append(f"at least {more} × {largest.name} ({more} stages)")
+            break
+    if options.mode == "train" and _fits(chain, cluster, stages, replace(options, mode="infer"), cuts):
+        tips.append(f"mode='infer' (weights alone: {weight_bytes(chain.param_count[-1], options.weight_dtype) / gib:.1f} GiB)")
+    if options.mode == "infer" and options.weight_dtype != "int4" \
+            and _fits(chain, cluster, stages, replace(options, weight_dtype="int4"), cuts):
+        tips.append(f"weight_dtype='int4' ({weight_bytes(chain.param_count[-1], 'int4') / gib:.1f} GiB of weights)")
+    return tips
+
+
+def _block_of(chain: Chain, position: int) -> str:
+    """The block (a layer, an embedding) the op at ``position`` belongs to."""
+    return chain.block_names[max(0, int(np.searchsorted(chain.block_starts, position, side="right")) - 1)]

@@ -15,8 +15,9 @@ at once under the pipeline schedule. On top comes an allowance for workspace and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from cost_models.ops import OpCost
@@ -223,33 +224,199 @@ def stage_memory(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, e.g. 'train'; got {mode!r}")
     nodes = list(nodes)
-    largest_output = max((costs[n].output_bytes for n in nodes), default=0)
-    if mode == "train":
-        state = training_state_bytes(num_params, precision=precision, optimizer=optimizer)
-        in_flight = microbatches_in_flight(schedule, num_stages=num_stages, stage=stage, microbatches=microbatches)
-        activations = activation_bytes(costs, nodes) * in_flight
-        live = dict(weights_bytes=state.weights_bytes, grads_bytes=state.grads_bytes,
-                    optimizer_bytes=state.master_bytes + state.optimizer_bytes, activations_bytes=activations)
-        # The peak is in backward (activations plus the biggest output and its gradient) or in
-        # the optimizer step (activations freed, step temporaries allocated), whichever is higher.
-        step = 0.0
-        if _optimizer_states(optimizer):
-            step = num_params * _precision(precision).state_bytes * OPTIMIZER_STEP_TEMPORARIES
-        transient = max(2 * largest_output, step - activations)
+    in_flight = (microbatches_in_flight(schedule, num_stages=num_stages, stage=stage, microbatches=microbatches)
+                 if mode == "train" else 1)
+    if nodes:
+        quantities = OpsMemory.from_costs(nodes, costs, [num_params] + [0] * (len(nodes) - 1)).quantities(0, len(nodes))
     else:
-        live = dict(weights_bytes=weight_bytes(num_params, weight_dtype), kv_cache_bytes=kv_cache,
-                    activations_bytes=_inference_peak(costs, nodes))
-        transient = largest_output
+        quantities = dict(params=num_params, activations=0.0, largest_output=0.0, inference_peak=0.0)
+    return peak_breakdown(quantities, in_flight=in_flight, gpu=device_kind == "gpu", mode=mode, precision=precision,
+                          optimizer=optimizer, weight_dtype=weight_dtype, kv_cache=kv_cache)
+
+
+# --------------------------------------------------------------------------- ops laid out in one order
+
+
+class OpsMemory:
+    """The one memory model of a pipeline stage, exact for any run ``[i, j)`` of ops laid out in
+    one order (vectorized over ``i``, as an interval DP needs) and for any subset of them.
+
+        memory = OpsMemory.from_costs(ops, costs, params_per_op)
+        memory.total_bytes(i=np.arange(j), j=j, in_flight=4, gpu=True, **rules)   # every start i
+        memory.breakdown_of(mask, in_flight=4, gpu=True, **rules)                 # MemoryBreakdown
+
+    What it counts (:func:`peak_breakdown` turns the quantities into bytes by kind):
+
+    * parameters: those first read by the ops (their storage lives with the first reader);
+    * saved activations per microbatch: every tensor some op of the stage keeps for backward,
+      once however many of its ops keep it. Over ``[i, j)`` a tensor counts iff its last saver
+      before ``j`` is at ``≥ i``: the sum of every saver's bytes in ``[i, j)`` less, for each two
+      consecutive savers ``a < b`` of one tensor with ``i ≤ a`` and ``b < j``, the tensor's bytes
+      (it is counted at ``a`` already);
+    * the largest output (a range maximum): training holds it and its gradient at once;
+    * inference's live activations: the largest sum of two consecutive outputs (range maximum).
+    """
+
+    def __init__(self, outputs_bytes: Sequence[float], params: Sequence[float],
+                 saved: Sequence[tuple[float, Sequence[int]]]):
+        """``outputs_bytes`` and ``params`` per op; ``saved``: (bytes, saver positions) per tensor."""
+        self.n = n = len(outputs_bytes)
+        self.outputs_bytes = np.asarray(outputs_bytes, dtype=float)
+        self.param_count = np.concatenate([[0.0], np.cumsum(np.asarray(params, dtype=float))])
+        self.saved = [(float(b), sorted(set(int(k) for k in savers))) for b, savers in saved if b > 0 and savers]
+        per_op = np.zeros(n)
+        pairs: list[tuple[int, int, float]] = []
+        for nbytes, savers in self.saved:
+            for k in savers:
+                per_op[k] += nbytes
+            pairs.extend((a, b, nbytes) for a, b in zip(savers, savers[1:]))
+        self.saved_prefix = np.concatenate([[0.0], np.cumsum(per_op)])
+        pairs.sort(key=lambda p: p[1])
+        self._pair_a = np.array([p[0] for p in pairs], dtype=np.int64)
+        self._pair_b = np.array([p[1] for p in pairs], dtype=np.int64)
+        self._pair_bytes = np.array([p[2] for p in pairs], dtype=float)
+        self._shared: dict[int, np.ndarray] = {}
+        self._largest = _SparseMax(self.outputs_bytes)
+        consecutive = self.outputs_bytes[:-1] + self.outputs_bytes[1:] if n > 1 else np.zeros(0)
+        self._consecutive = _SparseMax(consecutive)
+
+    @classmethod
+    def from_costs(cls, ops: Sequence[str], costs: Mapping[str, OpCost], params: Sequence[float]) -> "OpsMemory":
+        """From :func:`cost_models.ops.price_graph` costs of ``ops`` (missing ones cost nothing)."""
+        outputs = [costs[op].output_bytes if op in costs else 0 for op in ops]
+        tensors: dict[str, list] = {}
+        for k, op in enumerate(ops):
+            for key, nbytes in (costs[op].saved.items() if op in costs else ()):
+                entry = tensors.setdefault(key, [0, []])
+                entry[0] = max(entry[0], nbytes)
+                entry[1].append(k)
+        return cls(outputs, params, [(b, savers) for b, savers in tensors.values()])
+
+    # ------------------------------------------------------------------ the quantities over [i, j)
+
+    def params(self, i: np.ndarray | int, j: int) -> np.ndarray:
+        return self.param_count[j] - self.param_count[i]
+
+    def activations_bytes(self, i: np.ndarray | int, j: int) -> np.ndarray:
+        """Saved-for-backward bytes per microbatch of ops ``[i, j)``, each tensor once."""
+        return self.saved_prefix[j] - self.saved_prefix[i] - self._shared_from(j)[i]
+
+    def largest_output_bytes(self, i: np.ndarray | int, j: int) -> np.ndarray:
+        return self._largest.query(i, j)
+
+    def inference_peak_bytes(self, i: np.ndarray | int, j: int) -> np.ndarray:
+        """Without autograd only a few activations live at once: the two largest consecutive outputs."""
+        return np.maximum(self._consecutive.query(i, j - 1), self._largest.query(i, j))
+
+    def _shared_from(self, j: int) -> np.ndarray:
+        """Per start i, bytes counted twice in [i, j): consecutive savers a < b of one tensor, i ≤ a, b < j."""
+        cached = self._shared.get(j)
+        if cached is None:
+            count = int(np.searchsorted(self._pair_b, j, side="left"))
+            hist = np.bincount(self._pair_a[:count], weights=self._pair_bytes[:count], minlength=self.n + 1)
+            cached = np.cumsum(hist[::-1])[::-1]
+            if len(self._shared) * (self.n + 1) > 1 << 22:  # at most ~32 MiB of cached rows
+                self._shared.clear()
+            self._shared[j] = cached
+        return cached
+
+    # ------------------------------------------------------------------ the quantities of any subset
+
+    def quantities_of(self, mask: Sequence[bool]) -> dict[str, float]:
+        """Parameters, saved bytes per microbatch, largest output and inference peak of the ops
+        where ``mask`` is true (need not be contiguous: consecutive means adjacent in the order)."""
+        mask = np.asarray(mask, dtype=bool)
+        out = self.outputs_bytes
+        pairs = (out[:-1] + out[1:])[mask[:-1] & mask[1:]] if self.n > 1 else np.zeros(0)
+        largest = float(out[mask].max()) if mask.any() else 0.0
+        return dict(
+            params=float(np.diff(self.param_count)[mask].sum()),
+            activations=float(sum(b for b, savers in self.saved if mask[savers].any())),
+            largest_output=largest,
+            inference_peak=max(float(pairs.max()) if len(pairs) else 0.0, largest),
+        )
+
+    def quantities(self, i: int, j: int) -> dict[str, float]:
+        """:meth:`quantities_of` the run ``[i, j)``."""
+        return dict(params=float(self.params(i, j)), activations=float(self.activations_bytes(i, j)),
+                    largest_output=float(self.largest_output_bytes(i, j)),
+                    inference_peak=float(self.inference_peak_bytes(i, j)))
+
+    def total_bytes(self, i: np.ndarray | int, j: int, *, in_flight: int, gpu: bool, **rules: Any) -> np.ndarray:
+        """Peak bytes of a stage running ops ``[i, j)`` (``rules``: see :func:`peak_breakdown`)."""
+        terms = peak_terms(params=self.params(i, j), activations=self.activations_bytes(i, j),
+                           largest_output=self.largest_output_bytes(i, j),
+                           inference_peak=self.inference_peak_bytes(i, j) if rules.get("mode") == "infer" else 0.0,
+                           in_flight=in_flight, gpu=gpu, **rules)
+        return sum(terms.values())
+
+
+class _SparseMax:
+    """Range maximum over [i, j) in O(1) per query, vectorized over i (a sparse table)."""
+
+    def __init__(self, values: np.ndarray):
+        self.levels = [np.asarray(values, dtype=float)]
+        width = 1
+        while 2 * width <= len(values):
+            last = self.levels[-1]
+            self.levels.append(np.maximum(last[:-width], last[width:]))
+            width *= 2
+
+    def query(self, i: np.ndarray | int, j: int) -> np.ndarray:
+        i = np.asarray(i)
+        length = j - i
+        safe = np.maximum(length, 1)
+        level = np.floor(np.log2(safe)).astype(np.int64)
+        out = np.zeros(np.shape(i))
+        for k in np.unique(level[length > 0]) if np.ndim(i) else ([int(level)] if length > 0 else []):
+            table = self.levels[k]
+            where = (level == k) & (length > 0)
+            lo = np.where(where, i, 0)
+            hi = np.where(where, j - (1 << k), 0)
+            out = np.where(where, np.maximum(table[lo], table[hi]), out)
+        return out
+
+
+def peak_terms(*, params: Any, activations: Any, largest_output: Any, inference_peak: Any, in_flight: int,
+               gpu: bool, mode: str = "train", precision: str = "bf16-mixed", optimizer: str = "adamw",
+               weight_dtype: torch.dtype | str = torch.bfloat16, kv_cache: float = 0) -> dict[str, Any]:
+    """Peak bytes of a stage by kind (the fields of :class:`MemoryBreakdown`), from its quantities
+    (scalars or arrays alike).
+
+    Training: weights, gradients, master weights and optimizer states of ``params``; the saved
+    ``activations`` of ``in_flight`` microbatches; and a transient: the peak is in backward (the
+    largest output and its gradient live on top) or in the optimizer step (activations freed,
+    the step's temporaries live), whichever is higher. Inference: weights, ``inference_peak``,
+    the KV cache, and the largest output as transient. A GPU adds the allocator's fragmentation
+    on the live bytes and the CUDA context.
+    """
+    if mode == "train":
+        p = _precision(precision)
+        states = _optimizer_states(optimizer)
+        live = dict(weights_bytes=params * p.weight_bytes, grads_bytes=params * p.grad_bytes,
+                    optimizer_bytes=params * (p.master_bytes + states * p.state_bytes),
+                    activations_bytes=activations * in_flight, kv_cache_bytes=0.0 * params)
+        step = params * p.state_bytes * OPTIMIZER_STEP_TEMPORARIES if states else 0.0 * params
+        transient = np.maximum(2 * largest_output, step - live["activations_bytes"])
+    elif mode == "infer":
+        live = dict(weights_bytes=weight_bytes(1, weight_dtype) * params, grads_bytes=0.0 * params,
+                    optimizer_bytes=0.0 * params, activations_bytes=inference_peak + 0.0 * params,
+                    kv_cache_bytes=kv_cache + 0.0 * params)
+        transient = largest_output + 0.0 * params
+    else:
+        raise ValueError(f"mode must be one of {MODES}, e.g. 'train'; got {mode!r}")
     workspace = transient
-    if device_kind == "gpu":
-        workspace += FRAGMENTATION * sum(live.values()) + GPU_CONTEXT_BYTES
-    return MemoryBreakdown(**live, workspace_bytes=workspace)
+    if gpu:
+        workspace = workspace + FRAGMENTATION * sum(live.values()) + GPU_CONTEXT_BYTES
+    return dict(live, workspace_bytes=workspace)
 
 
-def _inference_peak(costs: Mapping[str, OpCost], nodes: list[str]) -> int:
-    """Without autograd only a few activations live at once: the two largest consecutive outputs."""
-    outputs = [costs[n].output_bytes for n in nodes]
-    return max((a + b for a, b in zip(outputs, outputs[1:])), default=max(outputs, default=0))
+def peak_breakdown(quantities: Mapping[str, float], *, in_flight: int, gpu: bool, **rules: Any) -> MemoryBreakdown:
+    """:func:`peak_terms` of one stage's :meth:`OpsMemory.quantities` as a :class:`MemoryBreakdown`."""
+    terms = peak_terms(params=quantities["params"], activations=quantities["activations"],
+                       largest_output=quantities["largest_output"], inference_peak=quantities["inference_peak"],
+                       in_flight=in_flight, gpu=gpu, **rules)
+    return MemoryBreakdown(**{k: float(v) for k, v in terms.items()})
 
 
 def _precision(name: str) -> TrainingPrecision:

@@ -1,6 +1,7 @@
 """autosplit.autosplit and autosplit.plan: one call to split, an unchanged training loop."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -104,3 +105,22 @@ def test_stages_run_on_the_devices_the_plan_chose_and_other_kinds_are_refused():
         autosplit.autosplit(other, devices=3, example_inputs=other_args, plan=sm.plan)
     for name, p in other.named_parameters():
         assert torch.equal(p, before[name]) and p.device.type == "cpu", name
+
+
+def test_a_plan_made_for_1f1b_is_checked_again_for_the_wavefront_this_runner_runs():
+    from autosplit.errors import InfeasibleError
+
+    model, args, _ = models.mlp()
+    x = torch.cat([args[0]] * 4)  # 4 microbatches of the traced size
+    made = autosplit.plan(model, devices=2, example_inputs=args, microbatches=4, schedule="1f1b")
+    assert made.schedule == "1f1b"
+    sm = autosplit.autosplit(model, devices=2, example_inputs=(x,), microbatches=4, plan=made, batch_dims={"x": 0})
+    assert sm.plan.schedule == "gpipe" and sm.plan.microbatches == 4
+    act = [s.memory.activations_bytes for s in sm.plan.stages]
+    assert act[0] == pytest.approx(made.stages[0].memory.activations_bytes * 4 / 2)  # 2 in flight → all 4
+    tight = dataclasses.replace(made, stages=tuple(dataclasses.replace(s, memory_capacity_bytes=s.memory_bytes)
+                                                   for s in made.stages))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(InfeasibleError, match="stage 0"):
+        autosplit.autosplit(model, devices=2, example_inputs=(x,), microbatches=4, plan=tight, batch_dims={"x": 0})
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -1,5 +1,6 @@
 """Per-op prices, roofline times, profiling and calibration, memory accounting, symbolic costs."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -383,3 +384,28 @@ def test_an_embedding_reads_the_rows_it_gathers_not_the_table():
     lookup = only(costs, "embedding")
     assert lookup.fwd_bytes == 2 * 4 * 8 * 64 * 4 + 4 * 8 * 8  # rows read and written, indices
     assert lookup.bwd_bytes >= 50_000 * 64 * 4  # the weight's gradient is written whole
+
+
+def test_ops_memory_is_exact_over_every_run_and_subset():
+    from cost_models.memory import OpsMemory
+
+    rng = np.random.default_rng(0)
+    n = 12
+    outputs = rng.integers(1, 100, n).astype(float)
+    params = rng.integers(0, 5, n).astype(float)
+    # tensors saved by one op, by neighbours, and by ops far apart (a mask read by every layer)
+    saved = [(float(rng.integers(1, 50)), sorted(rng.choice(n, size=rng.integers(1, 4), replace=False).tolist()))
+             for _ in range(15)]
+    memory = OpsMemory(outputs, params, saved)
+    for j in range(1, n + 1):
+        i = np.arange(j)
+        got = memory.activations_bytes(i, j)
+        want = [sum(b for b, savers in saved if any(a <= k < j for k in savers)) for a in range(j)]
+        assert got.tolist() == want
+        assert memory.largest_output_bytes(i, j).tolist() == [outputs[a:j].max() for a in range(j)]
+        peak = [max([outputs[a:j].max()] + [outputs[k] + outputs[k + 1] for k in range(a, j - 1)]) for a in range(j)]
+        assert memory.inference_peak_bytes(i, j).tolist() == peak
+        for a in range(j):
+            mask = np.zeros(n, dtype=bool)
+            mask[a:j] = True
+            assert memory.quantities_of(mask) == memory.quantities(a, j)

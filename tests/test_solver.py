@@ -44,12 +44,13 @@ from autosplit.solver import (
 from cost_models import AnalyticCostModel, Cluster, OpCost, get_device, price_graph
 
 
-def synthetic_chain(times, cross, state=None):
+def synthetic_chain(times, cross, params=None):
     n = len(times)
     prefix = lambda v: np.concatenate([[0.0], np.cumsum(v)])  # noqa: E731
+    params = params if params is not None else [0.0] * n
     return Chain(
         ops=[f"op{k}" for k in range(n)], time_s={"h100-sxm": prefix(times)},
-        state_bytes=prefix(state if state is not None else [0.0] * n), param_count=prefix([0.0] * n),
+        state_bytes=prefix([16.0 * p for p in params]), param_count=prefix(params),
         activation_bytes=prefix([0.0] * n), cross_bytes=np.array([0.0] + list(cross) + [0.0]),
         cross_count=np.array([0.0] + [1.0] * (n - 1) + [0.0]), largest_output_bytes=0.0,
         pins=np.full(n, -1), block_starts=list(range(n)), block_names=[f"op{k}" for k in range(n)],
@@ -89,11 +90,12 @@ def test_chain_dp_equals_brute_force(case):
 
 
 def test_chain_dp_respects_memory():
-    chain = synthetic_chain([1.0] * 6, [0.0] * 5, state=[30 * 2**30] * 6)  # 30 GiB per op
+    # 1.5G parameters per op: 24 GiB of bf16-mixed AdamW state, 6 GiB more in the optimizer step
+    chain = synthetic_chain([1.0] * 6, [0.0] * 5, params=[1.5 * 2**30] * 6)
     cluster = Cluster.parse("3xh100")
     model = StageModel(chain, Layout.of(cluster, range(3), 0.1), SolverOptions(), cluster)
     bottleneck, cuts = chain_dp(model, range(7))
-    assert cuts == [2, 4]  # two ops (60 GiB) fit in 72 GiB, three would not
+    assert cuts == [2, 4]  # two ops (about 63 GiB at the step) fit in 72 GiB, three would not
     tight = StageModel(chain, Layout.of(cluster, range(3), 0.5), SolverOptions(), cluster)
     assert chain_dp(tight, range(7)) is None  # 40 GiB usable: one op each is 3 stages for 6 ops
 
@@ -355,8 +357,10 @@ def test_infeasible_memory_says_what_would_fit():
     with pytest.raises(InfeasibleError) as error:
         solve(graph, tiny, SolverOptions(), costs=costs, parameters=traced.parameters)
     message = str(error.value)
-    assert "the model does not fit" in message and "GiB" in message and "use at least" in message
-    assert "mode='infer'" in message
+    assert "the model does not fit" in message and "GiB" in message
+    # The embedding's state alone exceeds a device: more of them would not help, splitting it would.
+    assert "transformer.wte" in message and "no cut can separate" in message and "tensor parallelism" in message
+    assert "× gpu-2mb (" not in message  # no "at least N × device" remedy
 
 
 def test_plans_are_deterministic_and_round_trip_through_json(tmp_path):
@@ -633,3 +637,78 @@ def test_the_order_search_is_exact_on_random_chains_with_memory_limits(text, n, 
         assert searched is None
     else:
         assert searched[0] == pytest.approx(best, rel=1e-9) and searched[1] == first
+def _stage_runs(chain, plan):
+    """Each chain op's stage in the plan (a value rebuilt on several stages: its first)."""
+    first = {}
+    for stage in plan.stages:
+        for node in stage.nodes:
+            first.setdefault(node, stage.index)
+    return [first[op] for op in chain.ops]
+
+
+@pytest.mark.parametrize("name,mode,schedule", [("mlp", "train", "1f1b"), ("rescnn", "train", "gpipe"),
+                                                ("tied_lm", "train", "1f1b"), ("tied_lm", "infer", "1f1b")])
+def test_reported_memory_is_the_dp_figure_and_fits_every_device(name, mode, schedule):
+    model, args, _ = getattr(models, name)()
+    traced, graph, costs = priced(model, *args)
+    loose = SolverOptions(mode=mode, schedule=schedule, microbatches=4, stages=3)
+    # A device just big enough for an even split's heaviest stage: memory binds.
+    plan = solve(graph, Cluster.parse("3xh100"), loose, costs=costs, parameters=traced.parameters)
+    need_gib = (max(s.memory_bytes for s in plan.stages) - 0.5 * 2**30) / 2**30
+    for cluster in [Cluster.parse("3xh100"), Cluster.from_specs([small_gpu("tight", (need_gib * 0.97 + 0.5) / 0.9)] * 3)]:
+        try:
+            plan = solve(graph, cluster, loose, costs=costs, parameters=traced.parameters)
+        except InfeasibleError:
+            continue
+        _, chain, stage_model = block_model(graph, costs, traced, cluster, loose)
+        assignment = _stage_runs(chain, plan)
+        for stage in plan.stages:
+            assert stage.memory_bytes <= stage.memory_capacity_bytes
+            assert stage.memory == stage_model.breakdown(stage.index, assignment)
+            where = np.nonzero(np.asarray(assignment) == stage.index)[0]
+            if len(where) == where[-1] - where[0] + 1:  # a run of the chain: the DP priced exactly this
+                dp = stage_model.memory_bytes(stage.index, np.array([where[0]]), int(where[-1]) + 1)[0]
+                assert dp == pytest.approx(stage.memory_bytes, rel=1e-12)
+
+
+def test_in_flight_activations_that_bind_are_named_with_remedies_that_fit():
+    # Small weights, large activations: under 1F1B stage 0 keeps 4 microbatches in flight.
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])
+    traced, graph, costs = priced(model, torch.randn(4096, 256))
+    one = solve(graph, Cluster.parse("4xh100"), SolverOptions(microbatches=1), costs=costs,
+                parameters=traced.parameters)
+    need_gib = (max(s.memory_bytes for s in one.stages) - 0.5 * 2**30) / 2**30
+    tight = Cluster.from_specs([small_gpu("gpu-small", (need_gib * 1.3 + 0.5) / 0.9)] * 4)
+    solve(graph, tight, SolverOptions(microbatches=1), costs=costs, parameters=traced.parameters)  # fits
+    with pytest.raises(InfeasibleError) as error:
+        solve(graph, tight, SolverOptions(microbatches=8), costs=costs, parameters=traced.parameters)
+    message = str(error.value)
+    assert "stage 0" in message and "in flight" in message
+    assert "microbatches=" in message and "activation checkpointing" in message
+    assert "at least 5 ×" not in message  # one more device would not help: stage 0 would keep 5
+
+
+def test_recheck_schedule_reprices_memory_and_refuses_what_no_longer_fits():
+    from autosplit.schedule import recheck_schedule
+
+    model, args, _ = models.mlp()
+    traced, graph, costs = priced(model, *args)
+    plan = solve(graph, Cluster.parse("3xh100"), SolverOptions(microbatches=4), costs=costs,
+                 parameters=traced.parameters)
+    gpipe = recheck_schedule(plan, "gpipe", 4)
+    assert gpipe.schedule == "gpipe" and gpipe.stages[0].nodes == plan.stages[0].nodes
+    for before, after in zip(plan.stages, gpipe.stages):
+        assert after.memory.activations_bytes == 4 * before.saved_bytes_per_microbatch
+        assert after.memory.weights_bytes == before.memory.weights_bytes
+    assert gpipe.stages[-1].memory_bytes > plan.stages[-1].memory_bytes  # it kept 1, now 4
+    assert recheck_schedule(gpipe, "1f1b", 4).stages == plan.stages  # the same model both ways
+    assert Plan.from_dict(plan.to_dict()).stages == plan.stages
+    # The last stage fits 1F1B's one microbatch in flight, not GPipe's four.
+    last = plan.stages[-1]
+    capacity = last.memory_bytes + last.saved_bytes_per_microbatch
+    tight = dataclasses.replace(plan, stages=plan.stages[:-1] + (dataclasses.replace(last, memory_capacity_bytes=capacity),))
+    with pytest.raises(InfeasibleError) as error:
+        recheck_schedule(tight, "gpipe", 4)
+    message = str(error.value)
+    assert f"stage {last.index} on {last.devices[0]}" in message and "GiB" in message
+    assert "'1f1b'" in message and "microbatches=" in message and "more devices" in message
