@@ -92,7 +92,7 @@ def test_plan_errors_are_one_line():
     done = subprocess.run([sys.executable, "-m", "autosplit", "plan", "gpt2-xl", "--devices", "1", "--gpu", "rtx3090",
                            "--seq", "1024"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 1 and done.stderr.count("\n") == 1
-    assert "does not fit" in done.stderr and "use at least" in done.stderr
+    assert "does not fit" in done.stderr and "Would fit:" in done.stderr and "at least 2 × rtx3090" in done.stderr
     bad = subprocess.run([sys.executable, "-m", "autosplit", "plan", "gpt2", "--gpu", "h1000"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "h1000" in bad.stderr and "Traceback" not in bad.stderr
