@@ -624,7 +624,7 @@ def test_the_order_search_is_exact_on_random_chains_with_memory_limits(text, n, 
     prefix = lambda v: np.concatenate([[0.0], np.cumsum(v)])  # noqa: E731
     work = rng.uniform(0.1, 1.0, n)
     chain = dataclasses.replace(
-        synthetic_chain(work, rng.uniform(0, 5e10, n - 1), state=rng.uniform(0, 30 * 2**30, n)),
+        synthetic_chain(work, rng.uniform(0, 5e10, n - 1), params=rng.uniform(0, 15 * 2**30, n)),  # bf16: up to 30 GiB
         time_s={d.name: prefix(work * rng.uniform(0.5, 3.0)) for d in cluster.devices})
     options = SolverOptions(mode="infer", stages=stages)
     best, first = math.inf, None  # every order priced; ties go to the first in device_orders
@@ -637,6 +637,8 @@ def test_the_order_search_is_exact_on_random_chains_with_memory_limits(text, n, 
         assert searched is None
     else:
         assert searched[0] == pytest.approx(best, rel=1e-9) and searched[1] == first
+
+
 def _stage_runs(chain, plan):
     """Each chain op's stage in the plan (a value rebuilt on several stages: its first)."""
     first = {}
