@@ -19,7 +19,7 @@ from typing import Any
 
 from cost_models.memory import MemoryBreakdown
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,13 @@ class Stage:
     saved_bytes_per_microbatch: float = 0.0
     """Bytes its ops keep for backward per microbatch (each tensor once): ``memory.activations_bytes``
     is this times the microbatches in flight under the schedule (training)."""
-    largest_output_bytes: float = 0.0
-    """Its largest output: training holds it and its gradient at once (in ``workspace_bytes``)."""
+    weight_copies: int = 0
+    """Parameters stored on other stages that it reads: it holds a copy of each for the call
+    (and, training, its gradient until sent back), in ``memory.weights_bytes``."""
+    transient_bytes: float = 0.0
+    """The peak of one microbatch through the stage (``cost_models.memory.OpsMemory``): training,
+    its saved tensors with the gradients and temporaries live on top (``workspace_bytes`` is the
+    part beyond its saved tensors); inference, its live activations."""
     device_kind: str = "gpu"
     """``"gpu"`` or ``"cpu"``: a GPU adds allocator fragmentation and the CUDA context."""
 

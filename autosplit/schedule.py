@@ -75,8 +75,8 @@ def _memory(plan: Plan, stage: Stage, rules: dict, schedule: str, microbatches: 
     saved = stage.saved_bytes_per_microbatch
     if not saved and plan.mode == "train" and stage.memory.activations_bytes:  # a plan saved without it
         saved = stage.memory.activations_bytes / _in_flight(plan, stage, plan.schedule, plan.microbatches)
-    quantities = dict(params=stage.param_count, activations=saved, largest_output=stage.largest_output_bytes,
-                      inference_peak=stage.memory.activations_bytes if plan.mode != "train" else 0.0)
+    quantities = dict(params=stage.param_count, copies=stage.weight_copies, activations=saved,
+                      transient=stage.transient_bytes)
     return peak_breakdown(quantities, in_flight=_in_flight(plan, stage, schedule, microbatches),
                           gpu=stage.device_kind == "gpu", kv_cache=stage.memory.kv_cache_bytes, **rules)
 

@@ -90,6 +90,7 @@ from cost_models.memory import (
     TRAINING_PRECISIONS,
     MemoryBreakdown,
     OpsMemory,
+    Storage,
     microbatches_in_flight,
     peak_breakdown,
     training_state_bytes,
@@ -185,7 +186,6 @@ class Chain:
     """Bytes crossing each cut position per microbatch, both ways (``link_load``; length n + 1)."""
     cross_count: np.ndarray
     """Transfers crossing each cut position per microbatch, both ways (each pays the link latency)."""
-    largest_output_bytes: float
     pins: np.ndarray
     """Stage every op is pinned to, −1 for none."""
     block_starts: list[int]
@@ -210,8 +210,8 @@ class Chain:
     weights: Mapping[str, Any] = field(default_factory=dict)
     """Every parameter and buffer by canonical name (``TensorInfo``: bytes, dtype, requires_grad)."""
     memory: OpsMemory | None = None
-    """The ops' memory (parameters, saved tensors, outputs): what a stage of them holds. Without
-    it, each op's ``param_count`` and ``activation_bytes`` step, nothing shared."""
+    """The ops' memory (``OpsMemory``): what a stage of them holds. Without it, each op keeps its
+    own ``activation_bytes`` step for backward, and nothing else."""
 
     @property
     def n(self) -> int:
@@ -347,19 +347,23 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
                     spans.setdefault(site, []).append(k)
         for ks in spans.values():
             forbidden.update(range(min(ks) + 1, max(ks) + 1))
-    largest = max((costs[op].output_bytes for op in ops if op in costs), default=0)
-    chain = Chain(ops, time_s, prefix(state), prefix(params), prefix(activations), cross, count,
-                  float(largest), pins, block_starts, block_names, forbidden, replicated, no_gradient,
+    weight_reads = []  # the parameters each op reads, itself or through the weight ops it reads
+    for op in ops:
+        names = [] if infos[op].op == "get_attr" else list(infos[op].reads) + [
+            r for u in graph.dag.predecessors(op) if infos[u].op == "get_attr" for r in infos[u].reads]
+        weight_reads.append({name: math.prod(parameters[name].shape) for name in names if name in parameters})
+    chain = Chain(ops, time_s, prefix(state), prefix(params), prefix(activations), cross, count, pins, block_starts, block_names, forbidden, replicated, no_gradient,
                   weights={**(buffers or {}), **parameters},
-                  memory=OpsMemory.from_costs(ops, costs if train else _unsaved(costs, ops), params))
+                  memory=OpsMemory.from_costs(ops, costs if train else _unsaved(costs), params,
+                                              weight_reads=weight_reads, train=train))
 
     _rebuild_groups(chain, graph, rebuilt, times_by_type, train)
     return chain
 
 
-def _unsaved(costs: Mapping[str, OpCost], ops: Sequence[str]) -> dict[str, OpCost]:
+def _unsaved(costs: Mapping[str, OpCost]) -> dict[str, OpCost]:
     """Inference keeps nothing for backward."""
-    return {op: dataclasses.replace(costs[op], saved={}) for op in ops if op in costs}
+    return {name: dataclasses.replace(cost, saved={}) for name, cost in costs.items()}
 
 
 def link_load(info: Any, gradient: bool) -> tuple[float, float]:
@@ -690,6 +694,8 @@ def search_orders(chain: Chain, cluster: Cluster, stages: int, options: SolverOp
     base = np.full((S, K, C, C), inf)
     for k, pool in enumerate(pools):
         alone = StageModel(chain, Layout.of(cluster, [pool[0]] * S, options.memory_headroom), options, cluster)
+        for gpu in set(alone.layout.gpu):
+            alone.memory.prepare(c, cpu=not gpu)
         for s in range(S):
             for jj in range(1, C):
                 if s == S - 1 and jj != C - 1:
@@ -790,8 +796,9 @@ class StageModel:
         self.in_flight = [microbatches_in_flight(options.schedule, num_stages=S, stage=s, microbatches=options.microbatches)
                           if train else 1 for s in range(S)]
         self.memory = chain.memory or OpsMemory(
-            np.zeros(chain.n), np.diff(chain.param_count),
-            [(float(b), [k]) for k, b in enumerate(np.diff(chain.activation_bytes))])
+            chain.n, np.diff(chain.param_count),
+            [Storage(float(b), k, (k,), (k,)) for k, b in enumerate(np.diff(chain.activation_bytes)) if b > 0],
+            train=train)
         self.rules = memory_rules(options)
         self.other_pins = []
         for s in range(S):
@@ -866,7 +873,7 @@ class StageModel:
     def breakdown(self, s: int, stage_of_op: Sequence[int]) -> MemoryBreakdown:
         """Peak memory by kind of stage s in any op → stage assignment (chain order); equals
         ``memory_bytes`` where the stage is a run of the chain."""
-        quantities = self.memory.quantities_of(np.asarray(stage_of_op) == s)
+        quantities = self.memory.quantities_of(stage_of_op, s, cpu=not self.layout.gpu[s])
         return peak_breakdown(quantities, in_flight=self.in_flight[s], gpu=self.layout.gpu[s], **self.rules)
 
     def allowed(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
@@ -893,6 +900,8 @@ def chain_dp(model: StageModel, candidates: Sequence[int],
     """
     c = np.array(sorted(set(candidates)))
     n = model.chain.n
+    for gpu in set(model.layout.gpu):
+        model.memory.prepare(c, cpu=not gpu)
     assert c[0] == 0 and c[-1] == n
     S = len(model.layout)
     starts = np.ones((S + 1, len(c)), dtype=bool)
@@ -1203,30 +1212,34 @@ MEMORY_UNITS_PER_BYTE = 20
 
 def _memory_constraints(m: cp_model.CpModel, model: StageModel, y: list[list[Any]], bounds: Sequence[int],
                         block_of_op: np.ndarray, first: Sequence[int], last: Sequence[int]) -> None:
-    """The memory of every stage (``OpsMemory``, ``peak_terms``) as linear constraints on the
-    block → stage booleans ``y``, exact but for rounding each block's term up to a 1/20 byte.
+    """A relaxation of every stage's memory (``OpsMemory``, ``peak_terms``) as linear constraints
+    on the block → stage booleans ``y``, in 1/20 bytes: no split that fits is cut off, so
+    CP-SAT's bound stays a bound, and every split it returns is priced again with the exact model
+    (``_fits_memory``) before it is used.
 
-    A tensor saved by ops of one block is that block's; one saved in several blocks gets a
-    boolean per stage, true when any of them is on it, so it counts once. The largest output
-    and the largest pair of consecutive outputs are integers at least each block's own (and each
-    pair across two adjacent blocks both on the stage): at the optimum they are the maxima.
-    Training's peak is the larger of backward and the optimizer step: one constraint each.
+    Parameters and saved tensors add up over the stage's blocks, exactly: a tensor saved in one
+    block is that block's; one saved in several gets a boolean per stage, true when any of them
+    is on it, so it counts once. Training holds the saved tensors of every in-flight microbatch
+    (the microbatch being run adds its gradients and temporaries: at least 0); inference holds
+    at least, at each op, its inputs, its output and its temporaries (``OpsMemory.floor_bytes``).
     """
     memory, layout, rules = model.memory, model.layout, model.rules
     S, B = len(layout), len(bounds) - 1
     train = rules["mode"] == "train"
     unit = MEMORY_UNITS_PER_BYTE
     params = [float(memory.params(bounds[b], bounds[b + 1])) for b in range(B)]
-    largest = [float(memory.largest_output_bytes(bounds[b], bounds[b + 1])) for b in range(B)]
     own = [0.0] * B
     shared: dict[tuple[int, ...], float] = {}
-    for nbytes, savers in memory.saved:
-        blocks = tuple(sorted({int(block_of_op[k]) for k in savers}))
-        if len(blocks) == 1:
-            own[blocks[0]] += nbytes
+    for idx, tensor in enumerate(memory.tensors):
+        if not tensor.savers or not train:
+            continue
+        nbytes = float(memory._b[idx])
+        held = tuple(sorted({int(block_of_op[k]) for k in tensor.savers}))
+        if len(held) == 1:
+            own[held[0]] += nbytes
         else:
-            shared[blocks] = shared.get(blocks, 0.0) + nbytes
-    out = memory.outputs_bytes
+            shared[held] = shared.get(held, 0.0) + nbytes
+    beyond = [0.0 if train else float(memory.floor_bytes(bounds[b], bounds[b + 1])) for b in range(B)]
     for s in range(S):
         here = [b for b in range(B) if first[b] <= s <= last[b]]
         if not here:
@@ -1237,43 +1250,40 @@ def _memory_constraints(m: cp_model.CpModel, model: StageModel, y: list[list[Any
         scale = 1 + frag
         capacity = int(math.floor((layout.capacity_bytes[s] - (GPU_CONTEXT_BYTES if gpu else 0.0)) * unit))
         saved = [math.ceil(own[b]) * y[b][s] for b in here]
-        for blocks, nbytes in shared.items():
-            on = [b for b in blocks if b in placeable]
+        for held, nbytes in shared.items():
+            on = [b for b in held if b in placeable]
             if on:
                 u = m.new_bool_var("")
                 for b in on:
                     m.add_implication(y[b][s], u)
                 saved.append(math.ceil(nbytes) * u)
-        top = max((largest[b] for b in here), default=0.0)
-        big = m.new_int_var(0, int(math.ceil(top)), "")
+        top = max((beyond[b] for b in here), default=0.0)
+        run = m.new_int_var(0, int(math.ceil(top)), "")
         for b in here:
-            if largest[b] > 0:
-                m.add(big >= int(math.ceil(largest[b])) * y[b][s])
+            if beyond[b] > 0:
+                m.add(run >= int(math.ceil(beyond[b])) * y[b][s])
         f = model.in_flight[s]
         if train:
             p = TRAINING_PRECISIONS[rules["precision"]]
             states = OPTIMIZER_STATES[rules["optimizer"].lower()]
             state_per_param = p.weight_bytes + p.grad_bytes + p.master_bytes + states * p.state_bytes
             step_per_param = p.state_bytes * OPTIMIZER_STEP_TEMPORARIES if states else 0.0
-            # backward: state and activations live, the largest output and its gradient on top
+            # a microbatch: state and in-flight activations live (with fragmentation)
             m.add(sum(math.ceil(params[b] * scale * state_per_param * unit) * y[b][s] for b in here)
-                  + round(scale * f * unit) * sum(saved) + 2 * unit * big <= capacity)
+                  + round(scale * f * unit) * sum(saved) + unit * run <= capacity)
             # the optimizer step: activations freed (but their fragmentation), its temporaries live
             m.add(sum(math.ceil(params[b] * (scale * state_per_param + step_per_param) * unit) * y[b][s] for b in here)
                   + round(frag * f * unit) * sum(saved) <= capacity)
         else:
-            peak = m.new_int_var(0, int(math.ceil(2 * top)) + 1, "")
-            for b in here:
-                within = float(memory.inference_peak_bytes(bounds[b], bounds[b + 1]))
-                if within > 0:
-                    m.add(peak >= int(math.ceil(within)) * y[b][s])
-                if b + 1 in placeable and bounds[b + 1] < memory.n:
-                    both = m.new_bool_var("")
-                    m.add(both >= y[b][s] + y[b + 1][s] - 1)
-                    m.add(peak >= int(math.ceil(out[bounds[b + 1] - 1] + out[bounds[b + 1]])) * both)
             per_param = weight_bytes(1, rules["weight_dtype"])
             m.add(sum(math.ceil(params[b] * scale * per_param * unit) * y[b][s] for b in here)
-                  + round(scale * unit) * peak + unit * big <= capacity)
+                  + round(scale * unit) * run <= capacity)
+
+
+def _fits_memory(model: StageModel, stage_of_op: Sequence[int]) -> bool:
+    """Whether every stage of an op → stage assignment fits its device (the exact model)."""
+    return all(model.breakdown(s, stage_of_op).total_bytes <= model.layout.capacity_bytes[s]
+               for s in range(len(model.layout)))
 
 
 # --------------------------------------------------------------------------- evaluating an assignment
@@ -1532,7 +1542,10 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     if cp is not None:
         per_op = [cp.assignment[b] for b in range(len(chain.block_starts))
                   for _ in range(bounds[b + 1] - bounds[b])]
-        candidates.append((_bottleneck(model, graph, per_op), per_op, "cp-sat"))
+        if _fits_memory(model, per_op):  # CP-SAT's memory is a relaxation
+            candidates.append((_bottleneck(model, graph, per_op), per_op, "cp-sat"))
+        else:  # its bound stands; its split does not fit
+            cp = dataclasses.replace(cp, status="MISFIT")
 
     # 3. Op-level refinement: the DP again over every op position where a cut of a split at least
     #    as good as the best so far can fall (``stage_ranges``): exact among contiguous splits.
@@ -1558,13 +1571,17 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
         if found is not None:
             result, per_op, complete = found
             value = _bottleneck(model, graph, per_op)
-            if value < bottleneck * (1 - 1e-9):
+            fits = value >= bottleneck * (1 - 1e-9) or _fits_memory(model, per_op)
+            if value < bottleneck * (1 - 1e-9) and fits:
                 bottleneck, assignment = value, per_op
                 method = f"{method} + cp-sat ops"
                 bound_notes.clear()
                 lower = traffic_bound_s(model, graph, bottleneck, notes=bound_notes)
+            if not fits:
+                unproven.append("op-level CP-SAT's best split does not fit once its memory is priced op by op; "
+                                "its bound stands")
             if complete:
-                status, bound_s = result.status, result.bound_s
+                status, bound_s = result.status if fits else "FEASIBLE", result.bound_s
                 if result.status != "OPTIMAL":
                     unproven.append(f"op-level CP-SAT stopped at its time limit "
                                     f"({min(options.time_limit_s, OPS_TIME_S):g} s) without a proof")
@@ -1576,8 +1593,11 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
             unproven.append(f"block-level CP-SAT found no split within its time limit ({options.time_limit_s:g} s); "
                             "the DP's split stands")
         else:  # a block split, and CP-SAT searched all block splits
-            status, bound_s = cp.status, cp.bound_s
-            if cp.status != "OPTIMAL":
+            status, bound_s = ("FEASIBLE" if cp.status == "MISFIT" else cp.status), cp.bound_s
+            if cp.status == "MISFIT":
+                unproven.append("block-level CP-SAT's best split does not fit once its memory is priced op by op; "
+                                "its bound stands")
+            elif cp.status != "OPTIMAL":
                 unproven.append(f"block-level CP-SAT stopped at its time limit ({options.time_limit_s:g} s) "
                                 "without a proof")
     plan = _plan(graph, chain, model, cluster, options, assignment, costs, status, max(bound_s, lower), lower,
@@ -1761,8 +1781,8 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
         if s == S - 1:
             nodes = nodes + [n for n in graph.order if graph[n]["kind"] == OUTPUT]
         owned = int(sum(params[k] for k, st in enumerate(assignment) if st == s))
-        memory = model.breakdown(s, assignment)
-        quantities = model.memory.quantities_of(np.asarray(assignment) == s)
+        quantities = model.memory.quantities_of(assignment, s, cpu=not layout.gpu[s])
+        memory = peak_breakdown(quantities, in_flight=model.in_flight[s], gpu=layout.gpu[s], **model.rules)
         modules = [graph.infos[n].module_path for n in sorted(stage_ops[s], key=order.__getitem__)
                    if graph.infos[n].module_path and graph.infos[n].op.startswith("call_")]
         stage_list.append(Stage(
@@ -1779,7 +1799,8 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
             weights=tuple(stored[s]),
             transfers_in=received[s],
             saved_bytes_per_microbatch=quantities["activations"],
-            largest_output_bytes=quantities["largest_output"],
+            weight_copies=int(quantities["copies"]),
+            transient_bytes=quantities["transient"],
             device_kind="gpu" if layout.gpu[s] else "cpu",
         ))
     bottleneck = max(st.time_s for st in stage_list)
@@ -1858,7 +1879,7 @@ def _infeasible(chain: Chain, cluster: Cluster, stages: int, options: SolverOpti
             f"{options.microbatches} microbatch{'es' if options.microbatches != 1 else ''}"
             if options.mode == "train" else f"inference with {options.weight_dtype} weights")
     unit_end = next(k for k in cuts if k > i)
-    q = model.memory.quantities(i, unit_end)
+    q = model.memory.quantities(i, unit_end, cpu=not layout.gpu[s])
     m = peak_breakdown(q, in_flight=model.in_flight[s], gpu=layout.gpu[s], **model.rules)
     capacity = layout.capacity_bytes[s]
     ops = chain.ops[i:unit_end]
@@ -1925,9 +1946,7 @@ def _fits(chain: Chain, cluster: Cluster, stages: int, options: SolverOptions, c
         cluster = Cluster.from_specs([max(cluster.devices, key=lambda d: d.memory_bytes)] * stages)
     model = StageModel(chain, Layout.of(cluster, range(stages), options.memory_headroom), options, cluster)
     if activation_scale != 1.0:
-        mem = model.memory
-        model.memory = OpsMemory(mem.outputs_bytes * activation_scale, np.diff(mem.param_count),
-                                 [(b * activation_scale, savers) for b, savers in mem.saved])
+        model.memory = model.memory.scaled(activation_scale)
     return _fill(model, cuts).stage is None
 
 

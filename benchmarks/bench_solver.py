@@ -201,7 +201,7 @@ def exact_max_part(weights, parts):
     prefix = np.concatenate([[0.0], np.cumsum(weights)])
     zeros = np.zeros(n + 1)
     chain = Chain(ops=[str(k) for k in range(n)], time_s={"h100-sxm": prefix}, state_bytes=zeros, param_count=zeros,
-                  activation_bytes=zeros, cross_bytes=zeros, cross_count=zeros, largest_output_bytes=0.0,
+                  activation_bytes=zeros, cross_bytes=zeros, cross_count=zeros,
                   pins=np.full(n, -1), block_starts=list(range(n)), block_names=[str(k) for k in range(n)],
                   forbidden=set(), replicated={})
     cluster, options = Cluster.parse(f"{parts}xh100"), SolverOptions(mode="infer")

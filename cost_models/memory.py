@@ -14,6 +14,7 @@ at once under the pipeline schedule. On top comes an allowance for workspace and
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -182,13 +183,10 @@ def microbatches_in_flight(schedule: str, *, num_stages: int, stage: int, microb
 
 
 def activation_bytes(costs: Mapping[str, OpCost], nodes: Iterable[str]) -> int:
-    """Bytes autograd keeps for backward for one microbatch through ``nodes``; a tensor kept by
-    several nodes counts once."""
-    kept: dict[str, int] = {}
-    for name in nodes:
-        for key, nbytes in costs[name].saved.items():
-            kept[key] = max(kept.get(key, 0), nbytes)
-    return sum(kept.values())
+    """Bytes autograd keeps for backward for one microbatch through ``nodes`` (in graph order):
+    each storage once, however many nodes keep it or a view of it (:class:`OpsMemory`)."""
+    nodes = list(nodes)
+    return int(OpsMemory.from_costs(nodes, costs, [0.0] * len(nodes)).activations_bytes(0, len(nodes)))
 
 
 def stage_memory(
@@ -227,9 +225,10 @@ def stage_memory(
     in_flight = (microbatches_in_flight(schedule, num_stages=num_stages, stage=stage, microbatches=microbatches)
                  if mode == "train" else 1)
     if nodes:
-        quantities = OpsMemory.from_costs(nodes, costs, [num_params] + [0] * (len(nodes) - 1)).quantities(0, len(nodes))
+        memory = OpsMemory.from_costs(nodes, costs, [num_params] + [0] * (len(nodes) - 1), train=mode == "train")
+        quantities = memory.quantities(0, len(nodes))
     else:
-        quantities = dict(params=num_params, activations=0.0, largest_output=0.0, inference_peak=0.0)
+        quantities = dict(params=num_params, copies=0.0, activations=0.0, transient=0.0)
     return peak_breakdown(quantities, in_flight=in_flight, gpu=device_kind == "gpu", mode=mode, precision=precision,
                           optimizer=optimizer, weight_dtype=weight_dtype, kv_cache=kv_cache)
 
@@ -237,175 +236,426 @@ def stage_memory(
 # --------------------------------------------------------------------------- ops laid out in one order
 
 
+@dataclass(frozen=True)
+class Storage:
+    """One storage a stage may hold: an op's output (views of it included) or a temporary an op
+    keeps for backward."""
+
+    nbytes: float
+    producer: int
+    """Position of the op that makes it; -1 for a value made before the ops (a model input)."""
+    readers: tuple[int, ...] = ()
+    """Positions of the ops that read it or a view of it, sorted; ``n`` for a read after the
+    ops (a returned value, or a reader outside them)."""
+    savers: tuple[int, ...] = ()
+    """Positions of the ops that keep it for backward, sorted."""
+    grad_bytes: float = 0.0
+    """Bytes of its gradient in backward (0: none flows)."""
+
+
 class OpsMemory:
-    """The one memory model of a pipeline stage, exact for any run ``[i, j)`` of ops laid out in
-    one order (vectorized over ``i``, as an interval DP needs) and for any subset of them.
+    """The one memory model of a pipeline stage: its peak, from when each tensor is made and
+    last read, for any run ``[i, j)`` of ops laid out in one order (vectorized over ``i``, as an
+    interval DP needs) and for any stage of any op → stage assignment.
 
-        memory = OpsMemory.from_costs(ops, costs, params_per_op)
+        memory = OpsMemory.from_costs(ops, costs, params_per_op, train=True)
         memory.total_bytes(i=np.arange(j), j=j, in_flight=4, gpu=True, **rules)   # every start i
-        memory.breakdown_of(mask, in_flight=4, gpu=True, **rules)                 # MemoryBreakdown
+        memory.quantities_of(stage_of_op, s)                                        # any stage
 
-    What it counts (:func:`peak_breakdown` turns the quantities into bytes by kind):
+    A stage runs its ops in order, one microbatch at a time; the caller holds what it received
+    (a value made before the stage and read in it or after it, relayed on) until the stage
+    returns, and what the stage returns lives until then. Per microbatch:
 
-    * parameters: those first read by the ops (their storage lives with the first reader);
-    * saved activations per microbatch: every tensor some op of the stage keeps for backward,
-      once however many of its ops keep it. Over ``[i, j)`` a tensor counts iff its last saver
-      before ``j`` is at ``≥ i``: the sum of every saver's bytes in ``[i, j)`` less, for each two
-      consecutive savers ``a < b`` of one tensor with ``i ≤ a`` and ``b < j``, the tensor's bytes
-      (it is counted at ``a`` already);
-    * the largest output (a range maximum): training holds it and its gradient at once;
-    * inference's live activations: the largest sum of two consecutive outputs (range maximum).
+    * forward, at op t: every value made on the stage so far that a later op (here or on a
+      later stage) still reads, or that some op keeps for backward, what was received, and the
+      op's own temporaries (``OpCost.fwd_workspace_bytes``);
+    * backward, at op t (last op first): what the stage's ops up to t keep for backward (a
+      tensor is freed with its earliest saver's backward), the gradients live at t (a value's
+      gradient exists from its last reader's backward to its producer's; one received lives to
+      the end of the stage's backward), the op's backward temporaries, and the
+      gradients of the weights it reads: made whole, then added to those of the microbatches
+      before (the weights' accumulated gradients are part of the training state).
+
+    The gradients the stage receives for what it sent (the next stage's, or the loss's) are
+    held all through its backward: at the ops before the last one that makes a sent value, all
+    of them count on top (exact when the stage sends one value with a gradient, as a pipeline
+    stage usually does; a bound otherwise). The stage's ``transient`` is the larger of the two
+    peaks; its ``activations``
+    what it keeps per microbatch for backward, each tensor once. :func:`peak_terms` adds the
+    other microbatches in flight and the training state. Views cost nothing and keep their base
+    alive; weights are not activations.
     """
 
-    def __init__(self, outputs_bytes: Sequence[float], params: Sequence[float],
-                 saved: Sequence[tuple[float, Sequence[int]]]):
-        """``outputs_bytes`` and ``params`` per op; ``saved``: (bytes, saver positions) per tensor."""
-        self.n = n = len(outputs_bytes)
-        self.outputs_bytes = np.asarray(outputs_bytes, dtype=float)
+    def __init__(self, n: int, params: Sequence[float], tensors: Sequence[Storage], *,
+                 fwd_workspace: Sequence[float] | None = None, bwd_workspace: Sequence[float] | None = None,
+                 cpu_workspace: tuple[Sequence[float], Sequence[float]] | None = None,
+                 weight_reads: Sequence[Mapping[str, float]] | None = None, train: bool = True):
+        self.n = n
+        self.weight_reads = [dict(w) for w in weight_reads] if weight_reads is not None else [{} for _ in range(n)]
+        readers_of: dict[str, list[int]] = {}
+        numel: dict[str, float] = {}
+        for k, reads in enumerate(self.weight_reads):
+            for name, count in reads.items():
+                readers_of.setdefault(name, []).append(k)
+                numel[name] = float(count)
+        # a parameter is stored with its first reader; every other stage reading it holds a copy
+        self._weight_readers = [(numel[name], np.array(ks, dtype=np.int64)) for name, ks in readers_of.items()
+                                if len(ks) > 1]
+        self.train = train
         self.param_count = np.concatenate([[0.0], np.cumsum(np.asarray(params, dtype=float))])
-        self.saved = [(float(b), sorted(set(int(k) for k in savers))) for b, savers in saved if b > 0 and savers]
-        per_op = np.zeros(n)
-        pairs: list[tuple[int, int, float]] = []
-        for nbytes, savers in self.saved:
-            for k in savers:
-                per_op[k] += nbytes
-            pairs.extend((a, b, nbytes) for a, b in zip(savers, savers[1:]))
-        self.saved_prefix = np.concatenate([[0.0], np.cumsum(per_op)])
-        pairs.sort(key=lambda p: p[1])
-        self._pair_a = np.array([p[0] for p in pairs], dtype=np.int64)
-        self._pair_b = np.array([p[1] for p in pairs], dtype=np.int64)
-        self._pair_bytes = np.array([p[2] for p in pairs], dtype=float)
-        self._shared: dict[int, np.ndarray] = {}
-        self._largest = _SparseMax(self.outputs_bytes)
-        consecutive = self.outputs_bytes[:-1] + self.outputs_bytes[1:] if n > 1 else np.zeros(0)
-        self._consecutive = _SparseMax(consecutive)
+        self.tensors = [t for t in tensors if t.nbytes > 0 or (train and t.grad_bytes > 0)]
+        self.fwd_workspace = np.zeros(n) if fwd_workspace is None else np.asarray(fwd_workspace, dtype=float)
+        self.bwd_workspace = np.zeros(n) if bwd_workspace is None or not train else np.asarray(bwd_workspace, dtype=float)
+        extra = cpu_workspace or (np.zeros(n), np.zeros(n))
+        self.cpu_workspace = (np.asarray(extra[0], dtype=float), np.asarray(extra[1], dtype=float) * float(train))
+        T = self.tensors
+        self._b = np.array([t.nbytes for t in T], dtype=float)
+        self._g = np.array([t.grad_bytes if train and t.readers else 0.0 for t in T], dtype=float)  # unread: none
+        self._p = np.array([t.producer for t in T], dtype=np.int64)
+        self._u = np.array([max(t.readers, default=t.producer) for t in T], dtype=np.int64)
+        saved = [bool(t.savers) and train for t in T]
+        # a tensor some op keeps for backward lives from its producer to the stage's end
+        self._e = np.where(saved, n, np.maximum(self._u, self._p)) if T else np.zeros(0, dtype=np.int64)
+
+        def spans(lo: np.ndarray, hi: np.ndarray, weights: np.ndarray) -> np.ndarray:
+            """Σ weights over t in [lo, hi] (clipped to [0, n)), for every t."""
+            lo, hi = np.maximum(lo, 0), np.minimum(hi, n - 1)
+            keep = lo <= hi
+            d = np.bincount(lo[keep], weights=weights[keep], minlength=n + 1) \
+                - np.bincount(hi[keep] + 1, weights=weights[keep], minlength=n + 1)
+            return np.cumsum(d)[:n]
+
+        self._alive = spans(self._p, self._e, self._b)              # Σ b over p ≤ t ≤ e
+        self._grads = spans(self._p, self._u, self._g)              # Σ g over p ≤ t ≤ u
+        # received at a stage starting at i: made before i, read at i or later
+        d = np.bincount(self._p + 1, weights=self._b, minlength=n + 2) \
+            - np.bincount(np.minimum(self._u, n) + 1, weights=self._b, minlength=n + 2)
+        self._received = np.cumsum(d)[: n + 1]
+        # gradients coming back at a stage ending at j: of what is made before j and read at j or later
+        d = np.bincount(self._p + 1, weights=self._g, minlength=n + 2) \
+            - np.bincount(np.minimum(self._u, n) + 1, weights=self._g, minlength=n + 2)
+        self._sent_grads = np.cumsum(d)[: n + 1]
+        # the last op before j that makes a value with a gradient read at j or later (-1: none)
+        self._last_sender = np.full(n + 1, -1, dtype=np.int64)
+        for k in np.argsort(self._p, kind="stable"):
+            if self._g[k] > 0 and self._p[k] >= 0:
+                self._last_sender[self._p[k] + 1: min(self._u[k], n) + 1] = self._p[k]
+        # (saver, tensor) pairs sorted by saver, for what a stage keeps for backward
+        pairs = sorted((k, idx) for idx, t in enumerate(T) if train for k in t.savers)
+        self._pair_saver = np.array([k for k, _ in pairs], dtype=np.int64)
+        self._pair_tensor = np.array([idx for _, idx in pairs], dtype=np.int64)
+        # what op t certainly holds on any stage: its inputs, its outputs and its temporaries
+        floor = self.fwd_workspace.copy()
+        for idx, tensor in enumerate(T):
+            at = {k for k in tensor.readers if k < n} | ({tensor.producer} if tensor.producer >= 0 else set())
+            floor[list(at)] += self._b[idx]
+        self._floor = floor
+        self._columns: dict[int, np.ndarray] = {}
+        self._copy_columns: dict[int, np.ndarray] = {}
+        self._tables: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
 
     @classmethod
-    def from_costs(cls, ops: Sequence[str], costs: Mapping[str, OpCost], params: Sequence[float]) -> "OpsMemory":
-        """From :func:`cost_models.ops.price_graph` costs of ``ops`` (missing ones cost nothing)."""
-        outputs = [costs[op].output_bytes if op in costs else 0 for op in ops]
-        tensors: dict[str, list] = {}
-        for k, op in enumerate(ops):
-            for key, nbytes in (costs[op].saved.items() if op in costs else ()):
-                entry = tensors.setdefault(key, [0, []])
-                entry[0] = max(entry[0], nbytes)
-                entry[1].append(k)
-        return cls(outputs, params, [(b, savers) for b, savers in tensors.values()])
+    def from_costs(cls, ops: Sequence[str], costs: Mapping[str, OpCost], params: Sequence[float], *,
+                   weight_reads: Sequence[Mapping[str, float]] | None = None, train: bool = True) -> "OpsMemory":
+        """From :func:`cost_models.ops.price_graph` costs of ``ops`` (missing ones cost nothing).
+        Values read by nodes that are not among ``ops`` (the graph's output) are read after them.
+        ``weight_reads``: per op, the parameters it reads (name → count), for the copies a stage
+        holds of parameters stored on another."""
+        position = {op: k for k, op in enumerate(ops)}
+        n = len(ops)
+        cost = lambda name: costs.get(name, _NOTHING)  # noqa: E731
+        root: dict[str, tuple[str, ...]] = {}
 
-    # ------------------------------------------------------------------ the quantities over [i, j)
+        def roots(name: str) -> tuple[str, ...]:
+            """The values whose storage ``name`` shares (itself unless it aliases what it reads)."""
+            if name not in root:
+                c = cost(name)
+                read = [r for r in c.reads if not cost(r).weight]
+                root[name] = tuple(dict.fromkeys(x for r in read for x in roots(r))) if c.alias and read else (name,)
+            return root[name]
+
+        readers: dict[str, set[int]] = {}
+        savers: dict[str, set[int]] = {}
+        own: list[Storage] = []
+        for name, c in costs.items():
+            at = position.get(name, n)
+            for r in c.reads:
+                for base in roots(r):
+                    readers.setdefault(base, set()).add(at)
+        for k, op in enumerate(ops):
+            for key, nbytes in cost(op).saved.items():
+                head, _, index = key.rpartition(":")
+                if head == op and index.isdigit():  # a temporary of its own
+                    own.append(Storage(float(nbytes), k, (k,), (k,)))
+                else:
+                    for base in roots(key):
+                        savers.setdefault(base, set()).add(k)
+        tensors = []
+        for name in dict.fromkeys([*ops, *readers]):
+            c = cost(name)
+            if c.weight or roots(name) != (name,):
+                continue
+            tensors.append(Storage(float(c.output_bytes), position.get(name, -1), tuple(sorted(readers.get(name, ()))),
+                                  tuple(sorted(savers.get(name, ()))), float(c.grad_bytes)))
+        # A weight's gradient is made whole and then added to the one of the earlier microbatches.
+        return cls(n, params, tensors + own, fwd_workspace=[cost(op).fwd_workspace_bytes for op in ops],
+                   bwd_workspace=[cost(op).bwd_workspace_bytes + cost(op).weight_grad_bytes for op in ops],
+                   cpu_workspace=([cost(op).cpu_fwd_workspace_bytes for op in ops],
+                                  [cost(op).cpu_bwd_workspace_bytes for op in ops]),
+                   weight_reads=weight_reads, train=train)
+
+    def scaled(self, factor: float) -> "OpsMemory":
+        """The same ops with every activation, gradient and temporary ``factor`` times as large
+        (a smaller microbatch); parameters unchanged."""
+        tensors = [dataclasses.replace(t, nbytes=t.nbytes * factor, grad_bytes=t.grad_bytes * factor)
+                   for t in self.tensors]
+        return OpsMemory(self.n, np.diff(self.param_count), tensors, fwd_workspace=self.fwd_workspace * factor,
+                         bwd_workspace=self.bwd_workspace * factor,
+                         cpu_workspace=(self.cpu_workspace[0] * factor, self.cpu_workspace[1] * factor),
+                         weight_reads=self.weight_reads, train=self.train)
+
+    # ------------------------------------------------------------------ runs [i, j) of the order
 
     def params(self, i: np.ndarray | int, j: int) -> np.ndarray:
         return self.param_count[j] - self.param_count[i]
 
+    def copies(self, i: np.ndarray | int, j: int) -> np.ndarray:
+        """Parameters ops ``[i, j)`` read that are stored before ``i``: the stage holds a copy of
+        each for the call (and, training, its gradient)."""
+        i = np.asarray(i)
+        if not self._weight_readers:
+            return 0.0 * i
+        if not i.ndim:
+            return self._copies_column(int(i))[j]
+        return np.array([self._copies_column(int(a))[j] for a in i.ravel()]).reshape(i.shape)
+
+    def _copies_column(self, i: int) -> np.ndarray:
+        hit = self._copy_columns.get(i)
+        if hit is None:
+            arrivals = np.zeros(self.n + 2)
+            for count, readers in self._weight_readers:
+                if readers[0] < i:
+                    later = readers[readers >= i]
+                    if len(later):
+                        arrivals[later[0] + 1] += count
+            hit = np.cumsum(arrivals)[: self.n + 1]
+            if len(self._copy_columns) * (self.n + 1) > COLUMN_CACHE:
+                self._copy_columns.clear()
+            self._copy_columns[i] = hit
+        return hit
+
     def activations_bytes(self, i: np.ndarray | int, j: int) -> np.ndarray:
-        """Saved-for-backward bytes per microbatch of ops ``[i, j)``, each tensor once."""
-        return self.saved_prefix[j] - self.saved_prefix[i] - self._shared_from(j)[i]
+        """Bytes kept for backward per microbatch by ops ``[i, j)``, each tensor once."""
+        i = np.asarray(i)
+        return np.array([self._kept(int(a))[j] for a in i.ravel()]).reshape(i.shape) if i.ndim else self._kept(int(i))[j]
 
-    def largest_output_bytes(self, i: np.ndarray | int, j: int) -> np.ndarray:
-        return self._largest.query(i, j)
+    def transient_bytes(self, i: np.ndarray | int, j: int, cpu: bool = False) -> np.ndarray:
+        """The peak of one microbatch through ops ``[i, j)`` run as a stage (see the class), on a
+        GPU or (``cpu``) on a CPU, whose kernels need other temporaries (``OpCost.cpu_*``)."""
+        found = self._lookup(i, j, cpu)
+        if found is not None:
+            return found[1]
+        i = np.asarray(i)
+        if not i.ndim:
+            return self._column(int(i), cpu)[1][j]
+        return np.array([self._column(int(a), cpu)[1][j] for a in i.ravel()]).reshape(i.shape)
 
-    def inference_peak_bytes(self, i: np.ndarray | int, j: int) -> np.ndarray:
-        """Without autograd only a few activations live at once: the two largest consecutive outputs."""
-        return np.maximum(self._consecutive.query(i, j - 1), self._largest.query(i, j))
+    def prepare(self, positions: Sequence[int], cpu: bool = False) -> None:
+        """Tabulate the quantities of stages starting and ending at ``positions`` (the cut
+        candidates of a DP), so that queries over them are lookups (up to ``TABLE_MAX``)."""
+        positions = np.array(sorted(set(int(p) for p in positions)), dtype=np.int64)
+        if cpu in self._tables and np.array_equal(self._tables[cpu][0], positions):
+            return
+        self._tables.pop(cpu, None)
+        if len(positions) > TABLE_MAX:
+            return
+        tables = np.zeros((3, len(positions), len(positions)))
+        for a, i in enumerate(positions):
+            saved, peak = self._column(int(i), cpu, cache=False)
+            tables[0, a], tables[1, a] = saved[positions], peak[positions]
+            if self._weight_readers:
+                tables[2, a] = self._copies_column(int(i))[positions]
+        self._tables[cpu] = (positions, tables)
 
-    def _shared_from(self, j: int) -> np.ndarray:
-        """Per start i, bytes counted twice in [i, j): consecutive savers a < b of one tensor, i ≤ a, b < j."""
-        cached = self._shared.get(j)
-        if cached is None:
-            count = int(np.searchsorted(self._pair_b, j, side="left"))
-            hist = np.bincount(self._pair_a[:count], weights=self._pair_bytes[:count], minlength=self.n + 1)
-            cached = np.cumsum(hist[::-1])[::-1]
-            if len(self._shared) * (self.n + 1) > 1 << 22:  # at most ~32 MiB of cached rows
-                self._shared.clear()
-            self._shared[j] = cached
-        return cached
+    def _lookup(self, i: np.ndarray | int, j: int, cpu: bool) -> np.ndarray | None:
+        """(saved, transient, copies) of stages [i, j) from the table, or None if not tabulated."""
+        i = np.asarray(i)
+        if cpu not in self._tables or not i.ndim or not len(i):
+            return None
+        positions, tables = self._tables[cpu]
+        a = np.minimum(np.searchsorted(positions, i), len(positions) - 1)
+        b = int(np.searchsorted(positions, j))
+        if b >= len(positions) or positions[b] != j or not np.all(positions[a] == i):
+            return None
+        return tables[:, a, b]
 
-    # ------------------------------------------------------------------ the quantities of any subset
+    def _kept(self, i: int) -> np.ndarray:
+        return self._column(i)[0]
 
-    def quantities_of(self, mask: Sequence[bool]) -> dict[str, float]:
-        """Parameters, saved bytes per microbatch, largest output and inference peak of the ops
-        where ``mask`` is true (need not be contiguous: consecutive means adjacent in the order)."""
-        mask = np.asarray(mask, dtype=bool)
-        out = self.outputs_bytes
-        pairs = (out[:-1] + out[1:])[mask[:-1] & mask[1:]] if self.n > 1 else np.zeros(0)
-        largest = float(out[mask].max()) if mask.any() else 0.0
-        return dict(
-            params=float(np.diff(self.param_count)[mask].sum()),
-            activations=float(sum(b for b, savers in self.saved if mask[savers].any())),
-            largest_output=largest,
-            inference_peak=max(float(pairs.max()) if len(pairs) else 0.0, largest),
-        )
+    def _column(self, i: int, cpu: bool = False, cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """For a stage starting at ``i``: its saved bytes and its transient peak, for every end
+        ``j`` in ``[0, n]`` (entries ``j <= i`` are 0)."""
+        hit = self._columns.get((i, cpu))
+        if hit is not None:
+            return hit
+        n = self.n
+        fwd_workspace, bwd_workspace = self._workspace(cpu)
+        # saved: tensors whose first saver at or after i is at or before t
+        later = self._pair_saver >= i
+        tensors, first = np.unique(self._pair_tensor[later], return_index=True)
+        starts = self._pair_saver[later][first]
+        held = np.cumsum(np.bincount(starts, weights=self._b[tensors], minlength=n + 1))[:n]
+        # forward: live values made at i or later, and everything received, held to the end
+        before = self._p < i
+        ends = np.minimum(self._e[before], n)
+        made_before = np.cumsum(np.bincount(ends, weights=self._b[before], minlength=n + 1)[::-1])[::-1][:n]
+        forward = self._alive - made_before + self._received[i] + fwd_workspace
+        running = np.zeros(n + 1)
+        running[i + 1:] = np.maximum.accumulate(forward[i:])
+        if self.train:
+            backward = np.zeros(n + 1)  # backward[k]: the most over ops [i, k)
+            backward[i + 1:] = np.maximum.accumulate((held + self._grads + bwd_workspace)[i:])
+            # The gradients coming back for what the stage sends are held all through its backward:
+            # before the last op that makes one, all of them count on top (see the class).
+            passing = np.cumsum(np.bincount(np.minimum(self._u[before], n), weights=self._g[before],
+                                            minlength=n + 1)[::-1])[::-1]  # made before i, read at j or later
+            sender = self._last_sender
+            coming = np.where(sender >= i, self._sent_grads - passing, 0.0)
+            before_sender = backward[np.maximum(sender, 0)]
+            running[i + 1:] = np.maximum(running[i + 1:], np.maximum(backward, before_sender + coming)[i + 1:])
+        saved = np.zeros(n + 1)
+        saved[i + 1:] = held[i:]
+        result = (saved, running)
+        if cache:
+            if len(self._columns) * (n + 1) > COLUMN_CACHE:
+                self._columns.clear()
+            self._columns[(i, cpu)] = result
+        return result
 
-    def quantities(self, i: int, j: int) -> dict[str, float]:
-        """:meth:`quantities_of` the run ``[i, j)``."""
-        return dict(params=float(self.params(i, j)), activations=float(self.activations_bytes(i, j)),
-                    largest_output=float(self.largest_output_bytes(i, j)),
-                    inference_peak=float(self.inference_peak_bytes(i, j)))
+    def floor_bytes(self, i: int, j: int) -> float:
+        """A lower bound of the inference ``transient`` of any stage running ops ``[i, j)``, alone
+        or with others: the most any one of them holds at once (inputs, outputs, temporaries)."""
+        return float(self._floor[i:j].max()) if j > i else 0.0
+
+    def _workspace(self, cpu: bool) -> tuple[np.ndarray, np.ndarray]:
+        if not cpu:
+            return self.fwd_workspace, self.bwd_workspace
+        return self.fwd_workspace + self.cpu_workspace[0], self.bwd_workspace + self.cpu_workspace[1]
+
+    def quantities(self, i: int, j: int, cpu: bool = False) -> dict[str, float]:
+        """Parameters, saved bytes per microbatch and transient peak of the run ``[i, j)``."""
+        return dict(params=float(self.params(i, j)), copies=float(self.copies(i, j)),
+                    activations=float(self.activations_bytes(i, j)), transient=float(self.transient_bytes(i, j, cpu)))
 
     def total_bytes(self, i: np.ndarray | int, j: int, *, in_flight: int, gpu: bool, **rules: Any) -> np.ndarray:
-        """Peak bytes of a stage running ops ``[i, j)`` (``rules``: see :func:`peak_breakdown`)."""
-        terms = peak_terms(params=self.params(i, j), activations=self.activations_bytes(i, j),
-                           largest_output=self.largest_output_bytes(i, j),
-                           inference_peak=self.inference_peak_bytes(i, j) if rules.get("mode") == "infer" else 0.0,
+        """Peak bytes of a stage running ops ``[i, j)`` (``rules``: see :func:`peak_terms`)."""
+        found = self._lookup(i, j, not gpu)
+        if found is None:
+            found = (self.activations_bytes(i, j), self.transient_bytes(i, j, not gpu), self.copies(i, j))
+        terms = peak_terms(params=self.params(i, j), activations=found[0], transient=found[1], copies=found[2],
                            in_flight=in_flight, gpu=gpu, **rules)
         return sum(terms.values())
 
+    # ------------------------------------------------------------------ any stage of any assignment
 
-class _SparseMax:
-    """Range maximum over [i, j) in O(1) per query, vectorized over i (a sparse table)."""
+    def quantities_of(self, stage_of_op: Sequence[int], s: int, cpu: bool = False) -> dict[str, float]:
+        """The quantities of stage ``s`` when op k runs on stage ``stage_of_op[k]`` (stages need
+        not be runs of the order). A value made on an earlier stage and read on ``s`` or later is
+        received (relayed on); one read on a later stage, or after the ops, is sent. Equals
+        :meth:`quantities` where the stage is a run."""
+        n = self.n
+        st = np.asarray(stage_of_op, dtype=np.int64)
+        here = st == s
+        params = float(np.diff(self.param_count)[here].sum())
+        copies = float(sum(count for count, readers in self._weight_readers
+                           if not here[readers[0]] and here[readers].any()))
+        if not here.any():
+            return dict(params=params, copies=copies, activations=0.0, transient=0.0)
+        last = int(st.max())
+        stage_at = np.append(st, last)  # position n: after the ops, on the last stage
+        received = 0.0
+        alive = np.zeros(n + 1)
+        grads = np.zeros(n + 1)
+        held = np.zeros(n + 1)
+        activations = sent_grads = 0.0
+        sender = -1
+        for idx, tensor in enumerate(self.tensors):
+            p, b, g = tensor.producer, self._b[idx], self._g[idx]
+            made = int(stage_at[p]) if p >= 0 else -1
+            readers = np.asarray(tensor.readers, dtype=np.int64)
+            reader_stages = stage_at[readers] if len(readers) else np.zeros(0, dtype=np.int64)
+            sent = bool(np.any(reader_stages > s)) or (s == last and bool(np.any(readers == n)))
+            inside = readers[(readers < n) & here[np.minimum(readers, n - 1)]] if len(readers) else readers
+            savers = [k for k in tensor.savers if here[k]] if self.train else []
+            if made == s or (made < s and (len(reader_stages) and reader_stages.max() >= s)):
+                own = made == s
+                end = n if (sent or savers) else int(inside.max()) if len(inside) else p
+                if own:
+                    alive[p] += b
+                    alive[min(end, n - 1) + 1 if end < n else n] -= b
+                else:
+                    received += b
+                if g and sent and own:
+                    sent_grads += g
+                    sender = max(sender, p)
+                if g:
+                    lo = p if own else 0
+                    hi = n - 1 if sent else int(inside.max()) if len(inside) else -1
+                    if lo <= hi:
+                        grads[lo] += g
+                        grads[hi + 1] -= g
+            if savers:
+                activations += b
+                held[savers[0]] += b
+        alive, grads, held = np.cumsum(alive)[:n], np.cumsum(grads)[:n], np.cumsum(held)[:n]
+        fwd_workspace, bwd_workspace = self._workspace(cpu)
+        peak = float((received + alive + fwd_workspace)[here].max())
+        if self.train:
+            backward = (held + grads + bwd_workspace)[here]
+            early = backward[np.nonzero(here)[0] < sender]
+            peak = max(peak, float(backward.max()), float(early.max()) + sent_grads if len(early) else 0.0)
+        return dict(params=params, copies=copies, activations=activations, transient=peak)
 
-    def __init__(self, values: np.ndarray):
-        self.levels = [np.asarray(values, dtype=float)]
-        width = 1
-        while 2 * width <= len(values):
-            last = self.levels[-1]
-            self.levels.append(np.maximum(last[:-width], last[width:]))
-            width *= 2
 
-    def query(self, i: np.ndarray | int, j: int) -> np.ndarray:
-        i = np.asarray(i)
-        length = j - i
-        safe = np.maximum(length, 1)
-        level = np.floor(np.log2(safe)).astype(np.int64)
-        out = np.zeros(np.shape(i))
-        for k in np.unique(level[length > 0]) if np.ndim(i) else ([int(level)] if length > 0 else []):
-            table = self.levels[k]
-            where = (level == k) & (length > 0)
-            lo = np.where(where, i, 0)
-            hi = np.where(where, j - (1 << k), 0)
-            out = np.where(where, np.maximum(table[lo], table[hi]), out)
-        return out
+TABLE_MAX = 4096
+"""Most cut candidates :meth:`OpsMemory.prepare` tabulates (a table of their squares)."""
+COLUMN_CACHE = 1 << 24
+"""Floats of per-start columns :class:`OpsMemory` keeps."""
+_NOTHING = OpCost()
 
 
-def peak_terms(*, params: Any, activations: Any, largest_output: Any, inference_peak: Any, in_flight: int,
-               gpu: bool, mode: str = "train", precision: str = "bf16-mixed", optimizer: str = "adamw",
-               weight_dtype: torch.dtype | str = torch.bfloat16, kv_cache: float = 0) -> dict[str, Any]:
+def peak_terms(*, params: Any, activations: Any, transient: Any, in_flight: int, gpu: bool, copies: Any = 0.0,
+               mode: str = "train",
+               precision: str = "bf16-mixed", optimizer: str = "adamw", weight_dtype: torch.dtype | str = torch.bfloat16,
+               kv_cache: float = 0) -> dict[str, Any]:
     """Peak bytes of a stage by kind (the fields of :class:`MemoryBreakdown`), from its quantities
-    (scalars or arrays alike).
+    (scalars or arrays alike; see :class:`OpsMemory`).
 
-    Training: weights, gradients, master weights and optimizer states of ``params``; the saved
-    ``activations`` of ``in_flight`` microbatches; and a transient: the peak is in backward (the
-    largest output and its gradient live on top) or in the optimizer step (activations freed,
-    the step's temporaries live), whichever is higher. Inference: weights, ``inference_peak``,
-    the KV cache, and the largest output as transient. A GPU adds the allocator's fragmentation
-    on the live bytes and the CUDA context.
+    Training: weights, gradients, master weights and optimizer states of ``params``, weights and
+    gradients of the ``copies`` of parameters stored on other stages; the saved
+    ``activations`` of ``in_flight`` microbatches; and as workspace whichever is higher of the
+    microbatch being run (its ``transient`` peak beyond its own saved tensors: gradients and
+    temporaries) and the optimizer step (activations freed, the step's temporaries live).
+    Inference: weights (copies included), the ``transient`` peak of the live activations, the KV
+    cache. A GPU adds
+    the allocator's fragmentation on the live bytes and the CUDA context.
     """
     if mode == "train":
         p = _precision(precision)
         states = _optimizer_states(optimizer)
-        live = dict(weights_bytes=params * p.weight_bytes, grads_bytes=params * p.grad_bytes,
+        live = dict(weights_bytes=(params + copies) * p.weight_bytes, grads_bytes=(params + copies) * p.grad_bytes,
                     optimizer_bytes=params * (p.master_bytes + states * p.state_bytes),
                     activations_bytes=activations * in_flight, kv_cache_bytes=0.0 * params)
         step = params * p.state_bytes * OPTIMIZER_STEP_TEMPORARIES if states else 0.0 * params
-        transient = np.maximum(2 * largest_output, step - live["activations_bytes"])
+        transient = np.maximum(transient - activations, step - live["activations_bytes"])
     elif mode == "infer":
-        live = dict(weights_bytes=weight_bytes(1, weight_dtype) * params, grads_bytes=0.0 * params,
-                    optimizer_bytes=0.0 * params, activations_bytes=inference_peak + 0.0 * params,
+        live = dict(weights_bytes=weight_bytes(1, weight_dtype) * (params + copies), grads_bytes=0.0 * params,
+                    optimizer_bytes=0.0 * params, activations_bytes=transient + 0.0 * params,
                     kv_cache_bytes=kv_cache + 0.0 * params)
-        transient = largest_output + 0.0 * params
+        transient = 0.0 * params
     else:
         raise ValueError(f"mode must be one of {MODES}, e.g. 'train'; got {mode!r}")
-    workspace = transient
+    workspace = np.maximum(transient, 0.0)
     if gpu:
         workspace = workspace + FRAGMENTATION * sum(live.values()) + GPU_CONTEXT_BYTES
     return dict(live, workspace_bytes=workspace)
@@ -413,8 +663,8 @@ def peak_terms(*, params: Any, activations: Any, largest_output: Any, inference_
 
 def peak_breakdown(quantities: Mapping[str, float], *, in_flight: int, gpu: bool, **rules: Any) -> MemoryBreakdown:
     """:func:`peak_terms` of one stage's :meth:`OpsMemory.quantities` as a :class:`MemoryBreakdown`."""
-    terms = peak_terms(params=quantities["params"], activations=quantities["activations"],
-                       largest_output=quantities["largest_output"], inference_peak=quantities["inference_peak"],
+    terms = peak_terms(params=quantities["params"], copies=quantities.get("copies", 0.0),
+                       activations=quantities["activations"], transient=quantities["transient"],
                        in_flight=in_flight, gpu=gpu, **rules)
     return MemoryBreakdown(**{k: float(v) for k, v in terms.items()})
 

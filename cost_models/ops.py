@@ -9,6 +9,13 @@ and a byte counter adds up what every non-view ATen op reads and writes. Autogra
 saved-tensor hooks record what the node keeps for backward. Identical nodes (the same op on the
 same shapes, e.g. in 80 identical layers) are measured once.
 
+What a stage holds is priced from the same run: whether the node's output shares storage with
+what it reads (``alias``), its gradient's bytes, and its temporaries: the peak of the storages
+its ATen ops allocate and free again before it returns (``fwd_workspace_bytes``,
+``bwd_workspace_bytes``; a storage counts once however many views and reshapes of it live).
+Meta runs no kernel, so what a device's kernels allocate inside is added per device kind:
+oneDNN's reorders of a CPU convolution (``cpu_*_workspace_bytes``).
+
 A node that cannot run on meta (no meta kernel, or no meta backward) is counted as free and
 ``OpCost.unpriced`` says which part and why, so a plan built on these costs can say so.
 
@@ -22,6 +29,7 @@ masked blocks).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
@@ -76,6 +84,28 @@ class OpCost:
     unpriced: str = ""
     """Why part of the node could not be priced (empty when all of it was), starting with
     ``forward`` or ``backward``: that part counts as free (or estimated), and plans say so."""
+    reads: tuple[str, ...] = ()
+    """The nodes whose values it reads, in order (weights included)."""
+    alias: bool = False
+    """Its output shares storage with what it reads (a view, a tuple element, an in-place
+    write): it allocates nothing, and keeps what it reads alive while it lives."""
+    weight: bool = False
+    """The node is a weight read (``get_attr``): its bytes are the weight's, not an activation's."""
+    grad_bytes: int = 0
+    """Bytes of the gradient of its output that backward computes (0 when none flows to it)."""
+    fwd_workspace_bytes: int = 0
+    """Peak bytes the forward allocates and frees again before it returns (temporaries)."""
+    bwd_workspace_bytes: int = 0
+    """Likewise for its backward, on top of the gradients it produces."""
+    weight_grad_bytes: int = 0
+    """Bytes of the gradients of the weights it reads (made whole, then added to ``.grad``)."""
+    cpu_fwd_workspace_bytes: int = 0
+    """Temporaries a CPU kernel adds to ``fwd_workspace_bytes`` (meta runs no kernel): oneDNN's
+    convolution reorders its weights, and its input or its output (the larger), into its
+    blocked layouts."""
+    cpu_bwd_workspace_bytes: int = 0
+    """Likewise for backward: oneDNN's convolution backward reorders the input and the output's
+    gradient (both measured with the torch profiler's memory timeline on torch 2.13)."""
 
     @property
     def saved_bytes(self) -> int:
@@ -98,11 +128,15 @@ def price_graph(gm: fx.GraphModule, *, training: bool = True) -> dict[str, OpCos
     cache: dict[Any, tuple[OpCost, tuple[tuple[str, int, int], ...]]] = {}
     costs: dict[str, OpCost] = {}
     for node in gm.graph.nodes:
+        reads = tuple(a.name for a in node.all_input_nodes)
+        grad = _floating_bytes(node.meta.get("val")) if needs_grad.get(node.name) else 0
         if node.op not in ("call_function", "call_method", "call_module"):
-            costs[node.name] = OpCost(output_bytes=_bytes_of(node.meta.get("val")))
+            costs[node.name] = OpCost(output_bytes=_bytes_of(node.meta.get("val")), reads=reads,
+                                      weight=node.op == "get_attr", grad_bytes=0 if node.op == "get_attr" else grad)
             continue
         if _is_identity(node):
-            costs[node.name] = OpCost(op_class="view", output_bytes=_bytes_of(node.meta.get("val")))
+            costs[node.name] = OpCost(op_class="view", output_bytes=_bytes_of(node.meta.get("val")), reads=reads,
+                                      alias=True, grad_bytes=grad)
             continue
         key = signature(node, gm, needs_grad)
         measured = cache.get(key) if key is not None else None
@@ -111,7 +145,8 @@ def price_graph(gm: fx.GraphModule, *, training: bool = True) -> dict[str, OpCos
             if key is not None:
                 cache[key] = measured
         cost, saved = measured
-        costs[node.name] = replace(cost, saved=_saved_names(saved, node)) if saved else cost
+        costs[node.name] = replace(cost, saved=_saved_names(saved, node) if saved else {}, reads=reads,
+                                   grad_bytes=grad)
     logger.debug("priced %d nodes with %d distinct measurements", len(costs), len(cache))
     return costs
 
@@ -150,11 +185,18 @@ class _ByteCounter(TorchDispatchMode):
         self.kernels = 0
         self.grouped_mm_flops = 0
         self.ops: list[str] = []
+        self.live = 0
+        """Bytes of the tensors its ops allocated that are still referenced."""
+        self.peak = 0
+        self.kept: int | None = None
+        self._storages: dict[int, list[int]] = {}
+        """Storage → [bytes, tensors on it still alive]."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         self.ops.append(name)
+        self._allocated(func, out)
         if not _is_free(func, name):
             self.kernels += 1
             if name in _GATHERS:  # reads only the gathered rows of the table, and the indices
@@ -168,6 +210,41 @@ class _ByteCounter(TorchDispatchMode):
             rows = args[0].shape[:-1].numel()
             self.grouped_mm_flops += 2 * rows * args[0].shape[-1] * out.shape[-1]
         return out
+
+
+    def _allocated(self, func: Any, out: Any) -> None:
+        """Count the storage of every output that is not an alias of an input once, until the
+        last tensor on it (an output, or a view of one) is freed."""
+        returns = func._schema.returns
+        for t, r in zip(out if isinstance(out, (tuple, list)) else (out,), returns):
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = t.untyped_storage()._cdata
+            if key not in self._storages:
+                if r.alias_info is not None:
+                    continue  # a view of something this counter did not allocate
+                self._storages[key] = [t.untyped_storage().nbytes(), 0]
+                self.live += self._storages[key][0]
+                self.peak = max(self.peak, self.live)
+            self._storages[key][1] += 1
+            weakref.finalize(t, self._released, key)
+
+    def _released(self, key: int) -> None:
+        entry = self._storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._storages[key]
+
+    def transient(self) -> int:
+        """Peak bytes allocated under this counter less those still referenced at ``settle``
+        (or now): what the op allocated and freed again before it returned."""
+        kept = self.live if self.kept is None else self.kept
+        return max(0, self.peak - kept)
+
+    def settle(self) -> None:
+        """Mark what is referenced now as the op's lasting result (its outputs, its gradients)."""
+        self.kept = self.live
 
 
 _GATHERS = frozenset({"embedding", "index_select", "gather", "index", "take"})
@@ -213,15 +290,19 @@ def _measure(node: fx.Node, gm: fx.GraphModule, needs_grad: Mapping[str, bool],
         fwd_bytes=fwd_bytes.bytes,
         fwd_kernels=fwd_bytes.kernels,
         output_bytes=_bytes_of(out),
+        alias=_aliases_inputs(out, inputs, state),
+        fwd_workspace_bytes=fwd_bytes.transient(),
     )
     template: tuple[tuple[str, int, int], ...] = ()
     if training:
         wrt = [t for t, _ in inputs.values() if t.requires_grad] + [p for p in state.values() if p.requires_grad]
         bwd_flops, bwd_bytes = FlopCounterMode(display=False), _ByteCounter()
-        with bwd_flops, bwd_bytes:
-            failed = _backward(out, wrt)
+        failed = _backward(out, wrt, bwd_flops, bwd_bytes)
+        weights = [t for t, (kind, _) in inputs.values() if kind == "weight" and t.requires_grad] + [
+            p for p in state.values() if p.requires_grad]
+        cost.update(weight_grad_bytes=_floating_bytes(weights))
         cost.update(bwd_flops=bwd_flops.get_total_flops() + bwd_bytes.grouped_mm_flops, bwd_bytes=bwd_bytes.bytes,
-                    bwd_kernels=bwd_bytes.kernels)
+                    bwd_kernels=bwd_bytes.kernels, bwd_workspace_bytes=bwd_bytes.transient())
         if wrt and cost["fwd_flops"] and not cost["bwd_flops"]:
             # A custom op whose autograd formula does not run here (e.g. a grouped matmul
             # fallback): its backward computes one gradient per differentiable operand, each as
@@ -233,6 +314,12 @@ def _measure(node: fx.Node, gm: fx.GraphModule, needs_grad: Mapping[str, bool],
             how = "estimated from the forward" if cost["bwd_flops"] else "counted as free"
             cost.update(unpriced=f"backward cannot run on meta, {how}: {failed}")
         template = _saved_template(saved, inputs, out, state)
+    if cost["op_class"] == "conv":
+        data = next((t for t, (kind, _) in inputs.values() if kind == "input"), None)
+        reorder_in, reorder_out = _bytes_of(data), _bytes_of(out)
+        cost.update(cpu_fwd_workspace_bytes=max(reorder_in, reorder_out) + _bytes_of(list(state.values()) + [
+                        t for t, (kind, _) in inputs.values() if kind == "weight"]),
+                    cpu_bwd_workspace_bytes=reorder_in + reorder_out if training and cost["bwd_flops"] else 0)
     if _is_sdpa(node):
         fused, fused_saved = _fused_attention(args, kwargs, out, inputs, training)
         cost.update(fused, op_class="attention")
@@ -249,18 +336,37 @@ def call_node(node: fx.Node, module: nn.Module | None, state: dict, args: tuple,
     return node.target(*args, **kwargs)
 
 
-def _backward(out: Any, wrt: list[torch.Tensor]) -> str:
-    """Gradients of every differentiable output with respect to ``wrt`` (the backward pass).
-    Returns why it could not run (an op without a meta backward), or "" when it ran."""
+def _backward(out: Any, wrt: list[torch.Tensor], flops: FlopCounterMode, counter: "_ByteCounter") -> str:
+    """Gradients of every differentiable output with respect to ``wrt`` (the backward pass),
+    counted by ``flops`` and ``counter`` (the incoming gradients are made before: they are not
+    the backward's). Returns why it could not run (an op without a meta backward), or "" when it ran."""
     outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
     if not outputs or not wrt:
         return ""
+    seeds = [torch.empty_like(t) for t in outputs]
     try:
-        torch.autograd.grad(outputs, wrt, [torch.empty_like(t) for t in outputs], allow_unused=True)
+        with flops, counter:
+            grads = torch.autograd.grad(outputs, wrt, seeds, allow_unused=True)
+            counter.settle()  # the gradients are the backward's result, not its temporaries
+            del grads
     except RuntimeError as e:  # an op without a meta backward: its backward is left unpriced
         logger.warning("no backward on meta for %s: %s", [t.shape for t in outputs], e)
         return _reason(e)
     return ""
+
+
+def _aliases_inputs(out: Any, inputs: Mapping[int, Any], state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every tensor of ``out`` shares storage with an input or weight (a view, a tuple
+    element, an in-place write): then the node allocates nothing of its own."""
+    roots = {id(_root(t)) for t, _ in inputs.values()} | {id(_root(t)) for t in state.values()}
+    tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return bool(tensors) and all(id(_root(t)) in roots for t in tensors)
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    while t._base is not None:
+        t = t._base
+    return t
 
 
 def _reason(e: BaseException) -> str:
@@ -391,7 +497,8 @@ def _fused_attention(args: Any, kwargs: Any, out: Any, inputs: dict, training: b
     mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
     io = _bytes_of((q, k, v, mask)) + _bytes_of(out)
     lse = q.shape[:-1].numel() * 4  # fp32 log-sum-exp per query row
-    cost: dict[str, Any] = dict(fwd_flops=fwd, fwd_bytes=io, fwd_kernels=1)
+    cost: dict[str, Any] = dict(fwd_flops=fwd, fwd_bytes=io, fwd_kernels=1, fwd_workspace_bytes=0,
+                                bwd_workspace_bytes=0)
     template: tuple[tuple[str, int, int], ...] = ()
     if training:
         cost.update(bwd_flops=bwd, bwd_bytes=2 * io + lse, bwd_kernels=1)
@@ -468,6 +575,12 @@ def _fetch(gm: fx.GraphModule, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _floating_bytes(value: Any) -> int:
+    """Bytes of the floating-point (and complex) tensors of ``value``: those with a gradient."""
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(value)
+               if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()))
 
 
 def _bytes_of(value: Any) -> int:

@@ -386,26 +386,83 @@ def test_an_embedding_reads_the_rows_it_gathers_not_the_table():
     assert lookup.bwd_bytes >= 50_000 * 64 * 4  # the weight's gradient is written whole
 
 
-def test_ops_memory_is_exact_over_every_run_and_subset():
-    from cost_models.memory import OpsMemory
+def _stage_by_hand(tensors, wsf, wsb, a, j, n):
+    """Saved bytes and transient peak of ops [a, j) run as a training stage, step by step, as
+    ``OpsMemory`` describes it (a reference written out plainly)."""
+    made = lambda t: a <= t.producer < j  # noqa: E731
+    last = lambda t: max(t.readers, default=t.producer)  # noqa: E731
+    received = sum(t.nbytes for t in tensors if t.producer < a <= last(t))
+    forward = []
+    for step in range(a, j):
+        alive = sum(t.nbytes for t in tensors
+                    if made(t) and t.producer <= step and (t.savers or last(t) >= step))
+        forward.append(received + alive + wsf[step])
+    backward = []
+    for step in range(a, j):
+        held = sum(t.nbytes for t in tensors if any(a <= k <= step for k in t.savers))
+        grads = sum(t.grad_bytes for t in tensors if t.readers and t.producer <= step <= last(t))
+        backward.append(held + grads + wsb[step])
+    sent = [t for t in tensors if made(t) and t.grad_bytes and t.readers and last(t) >= j]
+    early = [x for step, x in zip(range(a, j), backward) if sent and step < max(t.producer for t in sent)]
+    peak = max(forward + backward + ([max(early) + sum(t.grad_bytes for t in sent)] if early else []))
+    saved = sum(t.nbytes for t in tensors if any(a <= k < j for k in t.savers))
+    return saved, peak
+
+
+def test_ops_memory_runs_tables_and_assignments_agree_with_a_step_by_step_stage():
+    from cost_models.memory import OpsMemory, Storage
 
     rng = np.random.default_rng(0)
-    n = 12
-    outputs = rng.integers(1, 100, n).astype(float)
+    n = 14
+    tensors = []
+    for _ in range(24):  # activations read nearby or far (a skip connection), some returned
+        p = int(rng.integers(-1, n))
+        readers = sorted(set(int(r) for r in rng.integers(max(p + 1, 0), n + 1, size=rng.integers(0, 4))))
+        savers = tuple(r for r in readers if r < n and rng.random() < 0.5)
+        tensors.append(Storage(float(rng.integers(1, 60)), p, tuple(readers), savers,
+                               float(rng.integers(0, 60)) if p >= 0 else 0.0))
+    wsf, wsb = rng.integers(0, 30, n).astype(float), rng.integers(0, 30, n).astype(float)
     params = rng.integers(0, 5, n).astype(float)
-    # tensors saved by one op, by neighbours, and by ops far apart (a mask read by every layer)
-    saved = [(float(rng.integers(1, 50)), sorted(rng.choice(n, size=rng.integers(1, 4), replace=False).tolist()))
-             for _ in range(15)]
-    memory = OpsMemory(outputs, params, saved)
+    reads = [{"w": 7.0} if k in (2, 9) else {} for k in range(n)]  # a tied weight read at ops 2 and 9
+    memory = OpsMemory(n, params, tensors, fwd_workspace=wsf, bwd_workspace=wsb, weight_reads=reads)
     for j in range(1, n + 1):
-        i = np.arange(j)
-        got = memory.activations_bytes(i, j)
-        want = [sum(b for b, savers in saved if any(a <= k < j for k in savers)) for a in range(j)]
-        assert got.tolist() == want
-        assert memory.largest_output_bytes(i, j).tolist() == [outputs[a:j].max() for a in range(j)]
-        peak = [max([outputs[a:j].max()] + [outputs[k] + outputs[k + 1] for k in range(a, j - 1)]) for a in range(j)]
-        assert memory.inference_peak_bytes(i, j).tolist() == peak
         for a in range(j):
-            mask = np.zeros(n, dtype=bool)
-            mask[a:j] = True
-            assert memory.quantities_of(mask) == memory.quantities(a, j)
+            saved, peak = _stage_by_hand(tensors, wsf, wsb, a, j, n)
+            q = memory.quantities(a, j)
+            assert (q["activations"], q["transient"]) == pytest.approx((saved, peak)), (a, j)
+            assert q["copies"] == (7.0 if a <= 9 < j and a > 2 else 0.0)
+            assignment = [0] * a + [1] * (j - a) + [2] * (n - j)
+            assert memory.quantities_of(assignment, 1) == pytest.approx(q), (a, j)
+    cuts = [0, 3, 5, 8, 11, n]
+    by_run = {j: memory.total_bytes(np.array(cuts[:k]), j, in_flight=2, gpu=False, mode="train", precision="fp32")
+              for k, j in enumerate(cuts) if k}
+    memory.prepare(cuts)  # the same figures from the table the DP reads
+    for k, j in enumerate(cuts):
+        if k:
+            tabled = memory.total_bytes(np.array(cuts[:k]), j, in_flight=2, gpu=False, mode="train", precision="fp32")
+            assert tabled == pytest.approx(by_run[j])
+
+
+def test_a_cpu_convolution_adds_the_temporaries_of_its_kernels():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1))
+    traced, costs = priced(model, spec((4, 8, 12, 12)))
+    conv = only(costs, "conv")
+    activation, output = 4 * 8 * 12 * 12 * 4, 4 * 16 * 12 * 12 * 4
+    assert conv.cpu_fwd_workspace_bytes == max(activation, output) + (16 * 8 * 9 + 16) * 4
+    assert conv.cpu_bwd_workspace_bytes == activation + output
+    nodes = list(costs)
+    from cost_models.memory import OpsMemory
+
+    memory = OpsMemory.from_costs(nodes, costs, [0.0] * len(nodes))
+    gpu, cpu = memory.quantities(0, len(nodes)), memory.quantities(0, len(nodes), cpu=True)
+    assert cpu["transient"] > gpu["transient"] and cpu["activations"] == gpu["activations"]
+
+
+def test_an_op_that_reshapes_its_own_result_allocates_it_once():
+    # A linear over a 3-D input is a matmul whose 2-D result is reshaped in place (an
+    # ``_unsafe_view``): one storage, no temporaries, forward or backward.
+    traced, costs = priced(nn.Linear(64, 256, bias=False), spec((4, 8, 64)))
+    linear = only(costs, "matmul")
+    assert linear.fwd_workspace_bytes == 0 and linear.bwd_workspace_bytes == 0
+    assert linear.output_bytes == linear.grad_bytes == 4 * 8 * 256 * 4
+    assert linear.weight_grad_bytes == 64 * 256 * 4

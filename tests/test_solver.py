@@ -52,7 +52,7 @@ def synthetic_chain(times, cross, params=None):
         ops=[f"op{k}" for k in range(n)], time_s={"h100-sxm": prefix(times)},
         state_bytes=prefix([16.0 * p for p in params]), param_count=prefix(params),
         activation_bytes=prefix([0.0] * n), cross_bytes=np.array([0.0] + list(cross) + [0.0]),
-        cross_count=np.array([0.0] + [1.0] * (n - 1) + [0.0]), largest_output_bytes=0.0,
+        cross_count=np.array([0.0] + [1.0] * (n - 1) + [0.0]),
         pins=np.full(n, -1), block_starts=list(range(n)), block_names=[f"op{k}" for k in range(n)],
         forbidden=set(), replicated={})
 
