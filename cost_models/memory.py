@@ -264,7 +264,9 @@ class OpsMemory:
 
     A stage runs its ops in order, one microbatch at a time; the caller holds what it received
     (a value made before the stage and read in it or after it, relayed on) until the stage
-    returns, and what the stage returns lives until then. Per microbatch:
+    returns, and what the stage returns lives until then (on its own device a received value is
+    a copy, freed after its last reader: there the figure is a bound by at most what the stage
+    receives). Per microbatch:
 
     * forward, at op t: every value made on the stage so far that a later op (here or on a
       later stage) still reads, or that some op keeps for backward, what was received, and the
