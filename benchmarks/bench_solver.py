@@ -383,7 +383,9 @@ def orders() -> None:
         "`search s`: the exact order search alone (`solver.search_orders`: a DP over how many devices of each",
         "kind the stages so far use, the kinds of the stage and the next, and the cut, at block cuts).",
         "`one by one, days`: the chain DP on one order, measured, times the distinct orders. `solve s`: the",
-        "whole `solve` (order, CP-SAT over blocks with its 10 s deterministic limit, op-level refinement).",
+        "whole `solve`: the order; CP-SAT over blocks, each within the stages it can take in a split as good",
+        "as the DP's; the DP over op positions; CP-SAT over single ops (only those near the cuts where the",
+        "model would have more op-stage choices than it takes in its 0.5 s limit).",
         "`order gap` 0: the chosen order is proven best among all distinct orders for block-level splits.",
         "",
         "| cluster | distinct orders | search s | one by one, days | solve s | orders priced | order gap | status "

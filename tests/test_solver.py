@@ -38,6 +38,7 @@ from autosplit.solver import (
     search_orders,
     solve,
     stage_ranges,
+    stage_shares,
     traffic_bound_s,
     unpriced_notes,
 )
@@ -98,6 +99,18 @@ def test_chain_dp_respects_memory():
     assert cuts == [2, 4]  # two ops (about 63 GiB at the step) fit in 72 GiB, three would not
     tight = StageModel(chain, Layout.of(cluster, range(3), 0.5), SolverOptions(), cluster)
     assert chain_dp(tight, range(7)) is None  # 40 GiB usable: one op each is 3 stages for 6 ops
+
+
+def test_chain_dp_checks_memory_where_the_fastest_split_does_not_fit_and_stops_at_an_upper_bound():
+    # The fastest split 3 | 1 (3 s each) puts three 1.5G-parameter ops on stage 0, about 94 GiB of
+    # bf16-mixed AdamW state and step: over the 72 GiB usable. 2 | 2 (2 s and 4 s) fits.
+    chain = synthetic_chain([1.0, 1.0, 1.0, 3.0], [0.0] * 3, params=[1.5 * 2**30] * 3 + [0.0])
+    cluster = Cluster.parse("2xh100")
+    model = StageModel(chain, Layout.of(cluster, range(2), 0.1), SolverOptions(), cluster)
+    found = chain_dp(model, range(5))
+    assert found == (pytest.approx(4.0), [2]) and found[0] == pytest.approx(brute_force(model, 4, 2), rel=1e-12)
+    assert chain_dp(model, range(5), upper_s=found[0]) == found
+    assert chain_dp(model, range(5), upper_s=3.9) is None  # no split that fits is that fast
 
 
 def widths_model(widths):
@@ -174,6 +187,8 @@ def test_small_dags_match_brute_force_and_skips_are_paid_on_every_hop():
     assert bottleneck(cp.assignment) == pytest.approx(best, rel=1e-4)
     # The skip from layer 0 to the final add crosses both hops when the ends are on stages 0 and 2.
     plan = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    # solve's CP-SAT, confined to the stage ranges of the DP's split, proves the best block split.
+    assert plan.solver.status == "OPTIMAL" and plan.bottleneck_s == pytest.approx(best, rel=1e-4)
     skip_bytes = 256 * 256 * 4
     stage_of = plan.stage_of()
     assert stage_of["layers_0"] == 0 and stage_of["add"] == 2
@@ -203,6 +218,31 @@ def test_stage_ranges_and_the_traffic_bound_hold_for_every_split():
     assert (last - first).sum() < 2 * chain.n  # the ranges do prune
     # The bound counts traffic the work bound leaves out: every cut carries at least one activation.
     assert traffic_bound_s(model, graph, best) > lower_bound_s(model) * 1.001
+
+
+def test_stage_ranges_on_mixed_devices_hold_for_every_split_and_count_what_a_slow_device_holds(monkeypatch):
+    traced, graph, costs = priced(Skips(d=1024, depth=4), spec((4096, 1024)))
+    cluster = Cluster.parse("l4+h100+l4")
+    blocks, chain, model = block_model(graph, costs, traced, cluster, SolverOptions())
+    position = {op: k for k, op in enumerate(chain.ops)}
+    edges = [(position[u], position[v]) for u, v in graph.dag.edges if u in position and v in position]
+    splits = {}
+    for a in itertools.product(range(3), repeat=chain.n):  # every op-level DAG split
+        if set(a) == {0, 1, 2} and all(a[u] <= a[v] for u, v in edges):
+            splits[a] = max(map(sum, zip(*evaluate(model, graph, list(a)))))
+    best = min(splits.values())
+    shares = stage_shares(model, best)
+    assert shares[1] == 1.0 and 0 < shares[0] == shares[2] < 0.6  # an L4 holds well under half an H100's work
+    widths = {}
+    for bound in (best, best * 1.2, best * 2):
+        first, last = stage_ranges(model, graph, bound)
+        inside = [a for a, value in splits.items() if value <= bound]
+        assert inside and all(first[k] <= a[k] <= last[k] for a in inside for k in range(chain.n))
+        widths[bound] = int((last - first).sum())
+    # Counted as H100s, the L4s would leave the ranges wider.
+    monkeypatch.setattr(solver_module, "stage_shares", lambda model, bound_s: np.ones(len(model.layout)))
+    first, last = stage_ranges(model, graph, best)
+    assert widths[best] < int((last - first).sum())
 
 
 @settings(max_examples=25, deadline=None)
@@ -536,6 +576,22 @@ def test_splits_not_contiguous_in_the_chain_order_are_found_around_the_cuts(monk
             assert stage[u] <= stage[v], (u, v)
     chain_order = [n for n in traced.nodes if n in stage]
     assert any(stage[a] > stage[b] for a, b in zip(chain_order, chain_order[1:]))  # not one interval per stage
+
+
+def test_too_many_op_stage_choices_move_only_the_ops_near_the_cuts_and_prove_nothing(monkeypatch):
+    model, args, _ = models.gpt2()
+    traced, graph, costs = priced(model, *args)
+    cluster, options = Cluster.parse("3xh100"), SolverOptions()
+    whole = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    monkeypatch.setattr(solver_module, "OPS_GAP", math.inf)  # the solver without its last step
+    contiguous = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    monkeypatch.setattr(solver_module, "OPS_GAP", 0.01)
+    monkeypatch.setattr(solver_module, "OPS_CHOICES_PER_S", 1)  # a model of 0.5 op-stage choices at most
+    windowed = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
+    assert whole.solver.status == "OPTIMAL" and not whole.solver.notes
+    assert windowed.bottleneck_s <= contiguous.bottleneck_s and windowed.solver.method.endswith("cp-sat ops")
+    assert windowed.solver.status == "FEASIBLE" and windowed.solver.gap > 0  # what moved is not every split
+    assert any(note.startswith("op-level CP-SAT moved only ops within 10 of a cut") for note in windowed.solver.notes)
 
 
 @pytest.mark.parametrize("text, stages", [("rtx4090+rtx3090+l4", 3), ("rtx4090+rtx3090+l4", 2), ("2xh100+l4", 3),
