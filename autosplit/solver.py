@@ -610,7 +610,9 @@ def choose_order(chain: Chain, cluster: Cluster, stages: int, options: SolverOpt
         model = StageModel(chain, Layout.of(cluster, order, options.memory_headroom), options, cluster)
         found = chain_dp(model, block_cuts)
         if found is None and options.refine:  # a block may be too big for any device: cut inside
-            found = chain_dp(model, sorted(set(range(chain.n + 1)) - chain.forbidden))
+            positions = sorted(set(range(chain.n + 1)) - chain.forbidden)
+            if _fill(model, positions).stage is None:  # some split fits by memory (checked greedily first)
+                found = chain_dp(model, positions)
         return None if found is None else (found[0], model, found[1])
 
     def best_of(orders: Sequence[Sequence[int]]) -> tuple[float, StageModel, list[int]] | None:
@@ -909,8 +911,6 @@ def chain_dp(model: StageModel, candidates: Sequence[int],
     """
     c = np.array(sorted(set(candidates)))
     n = model.chain.n
-    for gpu in set(model.layout.gpu):
-        model.memory.prepare(c, cpu=not gpu)
     assert c[0] == 0 and c[-1] == n
     S = len(model.layout)
     starts = np.ones((S + 1, len(c)), dtype=bool)
@@ -927,6 +927,8 @@ def chain_dp(model: StageModel, candidates: Sequence[int],
     ends = [0, *relaxed[1], n]
     if all(model.allowed(s, np.array([ends[s]]), ends[s + 1])[0] for s in range(S)):
         return relaxed
+    for gpu in set(model.layout.gpu):  # the stage memory of every candidate run, as a table
+        model.memory.prepare(c, cpu=not gpu)
     return _dp_pass(model, c, starts, limit, check=True)
 
 

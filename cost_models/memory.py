@@ -619,8 +619,9 @@ class OpsMemory:
         return dict(params=params, copies=copies, activations=activations, transient=peak)
 
 
-TABLE_MAX = 4096
-"""Most cut candidates :meth:`OpsMemory.prepare` tabulates (a table of their squares)."""
+TABLE_MAX = 2048
+"""Most cut candidates :meth:`OpsMemory.prepare` tabulates (three tables of their squares: at
+most 96 MiB); beyond, each query prices the runs it asks for."""
 COLUMN_CACHE = 1 << 24
 """Floats of per-start columns :class:`OpsMemory` keeps."""
 _NOTHING = OpCost()
