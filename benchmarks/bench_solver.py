@@ -78,20 +78,20 @@ with the smallest largest part (3 2 2 | 7 | 1: 7 against 8)."""
 
 
 def _prepare(name: str, batch: int, seq: int, mode: str):
-    """A preset in bf16 on meta, captured and priced: (traced, graph, costs, seconds taken)."""
+    """A preset in bf16 on meta, captured and priced: (model, traced, graph, costs, seconds taken)."""
     model, inputs = presets.build(name, batch=batch, seq=seq)
     model = model.to(torch.bfloat16)
     start = time.perf_counter()
     traced = capture(model, inputs)
     graph = OpGraph.from_traced(traced)
     costs = price_graph(traced.graph_module, training=mode == "train")
-    return traced, graph, costs, time.perf_counter() - start
+    return model, traced, graph, costs, time.perf_counter() - start
 
 
 def main() -> None:
     rows, timing, own = [], [], []
     for name, batch, seq, mode, microbatches in CASES:
-        traced, graph, costs, prepared_s = _prepare(name, batch, seq, mode)
+        model, traced, graph, costs, prepared_s = _prepare(name, batch, seq, mode)
         for stages in STAGES:
             cluster = Cluster.parse(f"{stages}xh100")
             options = SolverOptions(mode=mode, microbatches=microbatches, samples_per_microbatch=batch,
@@ -342,7 +342,7 @@ def orders() -> None:
     start = time.perf_counter()
     cpu_device()  # this host's CPU is measured once per process: not part of planning
     calibrate_s = time.perf_counter() - start
-    traced, graph, costs, prepared_s = _prepare(name, batch, seq, mode)
+    _, traced, graph, costs, prepared_s = _prepare(name, batch, seq, mode)
     options = SolverOptions(mode=mode, microbatches=microbatches, samples_per_microbatch=batch, tokens_per_sample=seq)
     rows = []
     for text in (ORDER_CLUSTER, "16xh100"):
