@@ -26,7 +26,7 @@ from autosplit.plan import Plan
 from autosplit.rewrite import SplitModule, split_module
 from autosplit.schedule import recheck_schedule
 from autosplit.solver import SolverOptions, solve
-from autosplit.trace import TensorSpec, Traced, capture
+from autosplit.trace import TensorSpec, Traced, capture, require_module
 from cost_models import Cluster, price_graph
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def plan(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, e
     Example:
         >>> p = autosplit.plan(model, cluster="8xh100", example_inputs=(spec((1, 4096), dtype=torch.long),))
     """
+    require_module(model, "plan")
     if example_inputs is None and not example_kwargs:
         raise ValueError("plan() needs example inputs, e.g. example_inputs=(x,) or "
                          "(autosplit.spec((8, 1024), dtype=torch.long),)")
@@ -107,6 +108,7 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
         >>> sm = autosplit(model, devices=2, example_inputs=(x,))
         >>> sm(x).sum().backward()
     """
+    require_module(model, "autosplit")
     if microbatches is None:
         microbatches = plan.microbatches if plan is not None else 1
     if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:

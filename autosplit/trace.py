@@ -217,8 +217,7 @@ def capture(
         >>> traced.nodes["embedding"].shapes
         ((4, 128, 768),)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
+    require_module(model, "capture")
     if tracer not in TRACERS:
         raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
     if isinstance(example_inputs, (torch.Tensor, TensorSpec)):
@@ -301,6 +300,18 @@ def _named_symbols(gm: fx.GraphModule, bound: inspect.BoundArguments, shapes: di
 
 
 # --------------------------------------------------------------------------- input handling
+
+
+def require_module(model: Any, caller: str) -> None:
+    """Refuse anything but an ``nn.Module``, saying how to make one of a plain function."""
+    if isinstance(model, nn.Module):
+        return
+    if callable(model):
+        name = getattr(model, "__name__", type(model).__name__)
+        raise TypeError(f"{caller}() splits an nn.Module, and {name!r} is a plain {type(model).__name__}: wrap it "
+                        f"in a module whose forward calls it (class Wrapped(nn.Module): def forward(self, *args): "
+                        f"return {name}(*args)), with the weights it uses as that module's parameters")
+    raise TypeError(f"{caller}() splits an nn.Module; got {type(model).__name__}")
 
 
 def _bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:

@@ -73,6 +73,20 @@ def test_bad_arguments_get_one_clear_error():
         autosplit.autosplit(model, devices=2, example_inputs=args, microbatches=3)
 
 
+def test_a_plain_function_is_refused_with_how_to_wrap_it():
+    def double(x):
+        return 2 * x
+
+    x = torch.randn(2, 3)
+    for call in (lambda: autosplit.autosplit(double, devices=["cpu", "cpu"], example_inputs=(x,)),
+                 lambda: autosplit.plan(double, devices=2, example_inputs=(x,)),
+                 lambda: autosplit.capture(double, (x,))):
+        with pytest.raises(TypeError, match=r"splits an nn.Module, and 'double' is a plain function: wrap it"):
+            call()
+    with pytest.raises(TypeError, match="splits an nn.Module; got int"):
+        autosplit.plan(3, devices=2, example_inputs=(x,))
+
+
 def test_a_model_without_weights_is_planned_not_split():
     model, args, _ = models.mlp("meta")
     with pytest.raises(ValueError, match="layers.0.weight is on meta.*only plan with autosplit.plan"):
