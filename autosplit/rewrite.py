@@ -93,6 +93,8 @@ class SplitModule(nn.Module):
         self.microbatches = built.microbatches
         self.__dict__["_fixed_shapes"] = built._fixed_shapes
         self.__dict__["_signature"] = built.__dict__.get("_signature")
+        self.__dict__["_captured"] = built.__dict__.get("_captured")
+        self.__dict__["_first_layers"] = built.__dict__.get("_first_layers", {})
         self.train(self.training)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -101,11 +103,86 @@ class SplitModule(nn.Module):
                 raise RuntimeError("this SplitModule has no plan: build it with autosplit.autosplit()")
             self._build(args, kwargs)  # kept until it succeeds: a refused batch leaves it to retry
             self.__dict__["_build"] = None
+        if self.__dict__.get("_captured") is not None:
+            self._check_arguments(args, kwargs)
         if self._fixed_shapes:
             self._check_shapes(args, kwargs)
         if self.microbatches > 1:
             self._check_batch_coupling()
-        return self.graph_module(*args, **kwargs)
+        try:
+            return self.graph_module(*args, **kwargs)
+        except RuntimeError as e:
+            raise self._shape_change(args, kwargs, e) or e
+
+    def capture_arguments(self, model: nn.Module, traced: Traced) -> None:
+        """Record what each argument of ``model.forward`` was at capture (a tensor's shape, None,
+        a fixed value), so a call that differs in a way the graph cannot follow is refused with
+        the argument's name (:meth:`_check_arguments`)."""
+        try:
+            bound = inspect.signature(model.forward).bind(*traced.example_args, **traced.example_kwargs)
+        except TypeError:
+            return
+        bound.apply_defaults()
+        self.__dict__["_captured"] = (inspect.signature(model.forward), dict(bound.arguments))
+        first_layers = {}
+        for node in traced.graph_module.graph.nodes:  # the first layer that reads each input
+            if node.op == "placeholder":
+                layer = next((u for u in _users_in_order(node) if u.op == "call_module"), None)
+                if layer is not None:
+                    first_layers[node.name] = (layer.target, type(traced.graph_module.get_submodule(layer.target)).__name__)
+        self.__dict__["_first_layers"] = first_layers
+
+    def _check_arguments(self, args: tuple, kwargs: dict) -> None:
+        """Refuse a call whose arguments the graph cannot follow: a tensor where capture saw None
+        (the split never reads it), None or nothing where it saw a tensor, a fixed value (a number,
+        a flag) passed with another value. An argument left out keeps its value at capture."""
+        signature, captured = self._captured
+        try:
+            given = signature.bind(*args, **kwargs).arguments
+        except TypeError as e:
+            raise InputSignatureError(f"this split takes the arguments of the model's forward{signature}: {e}") from None
+        for name, was in captured.items():
+            value = given.get(name)
+            if name in given and was is None and _has_tensor(value):
+                raise InputSignatureError(
+                    f"argument {name!r} was None when this split was captured, so the split does not read it and "
+                    f"would ignore it. To use it, split the model again with it as an example: "
+                    f"autosplit(model, ..., example_kwargs={{{name!r}: ...}})")
+            if _has_tensor(was) and value is None:
+                raise InputSignatureError(
+                    f"argument {name!r} was given when this split was captured, and the split reads it: pass it "
+                    f"again, or, to run without it, split the model again without it")
+            if name in given and not _has_tensor(was) and not _has_tensor(value) and _fixed_differs(was, value):
+                raise InputSignatureError(
+                    f"argument {name!r} was fixed to {was!r} when this split was captured, and the split computes "
+                    f"with {was!r}, not {value!r}. Split the model again with example_kwargs={{{name!r}: {value!r}}}; "
+                    f"to vary it between calls, capture it as a tensor (example_kwargs={{{name!r}: "
+                    f"torch.tensor({value!r})}}) and pass a tensor at every call")
+
+    def _shape_change(self, args: tuple, kwargs: dict, error: RuntimeError) -> Exception | None:
+        """The error a call raised, told in terms of the input whose shape differs from capture."""
+        if self.__dict__.get("_captured") is None:
+            return None
+        signature, captured = self._captured
+        try:
+            bound = signature.bind(*args, **kwargs).arguments
+        except TypeError:
+            return None
+        for name, value in bound.items():
+            was = captured.get(name)
+            if isinstance(value, torch.Tensor) and hasattr(was, "shape") and _beyond_batch(tuple(was.shape),
+                                                                                           tuple(value.shape)):
+                per = self.microbatches
+                layer = self.__dict__.get("_first_layers", {}).get(name)
+                where = f"; the first layer that reads it, {layer[0]} ({layer[1]}), was traced for that shape" \
+                    if layer else ""
+                shape = tuple(was.shape)
+                return InputSignatureError(
+                    f"input {name!r} has shape {tuple(value.shape)}, but this split was captured with "
+                    f"{shape if per == 1 else f'{shape} per microbatch (of {per})'}{where}, and the call failed: "
+                    f"{str(error).splitlines()[0]}. Pass inputs of the captured shape (sizes other than the batch), "
+                    "or split the model again with an example of this shape")
+        return None
 
     def fix_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Refuse calls whose tensor inputs (one microbatch of them) differ from ``shapes``, by
@@ -173,6 +250,28 @@ class SplitModule(nn.Module):
         return self
 
 
+def _users_in_order(node: fx.Node) -> list[fx.Node]:
+    order = {n: k for k, n in enumerate(node.graph.nodes)}
+    return sorted(node.users, key=order.__getitem__)
+
+
+def _beyond_batch(was: tuple[int, ...], now: tuple[int, ...]) -> bool:
+    """Whether a shape differs from the captured one in more than its first (batch) size."""
+    return len(was) != len(now) or was[1:] != now[1:]
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(t, (torch.Tensor, TensorSpec)) for t in pytree.tree_leaves(value))
+
+
+def _fixed_differs(was: Any, value: Any) -> bool:
+    """Whether a non-tensor argument differs from its value at capture (numbers, flags, strings)."""
+    try:
+        return bool(was != value)
+    except Exception:  # objects without a usable comparison are not checked
+        return False
+
+
 def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence[torch.device | str],
                  output_device: torch.device | str | None = None, microbatches: int = 1,
                  written_flags: Collection[str] = (), batch_dims: Mapping[str, int | None] | None = None
@@ -223,6 +322,7 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
             setattr(split, attr, getattr(gm, attr))
     _move_state(moves)
     result = SplitModule(model, split, plan, devices, output_device, microbatches)
+    result.capture_arguments(model, traced)
     if traced.tracer == "export":
         result.fix_shapes({n.name: tuple(n.meta["val"].shape) for n in gm.graph.nodes
                            if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)})

@@ -73,6 +73,38 @@ def test_bad_arguments_get_one_clear_error():
         autosplit.autosplit(model, devices=2, example_inputs=args, microbatches=3)
 
 
+class _Optional(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x, mask=None, scale=1.0):
+        h = self.a(x)
+        if mask is not None:
+            h = h * mask
+        return self.b(h) * scale
+
+
+def test_a_call_the_split_cannot_follow_names_the_argument_and_the_fix():
+    model, x = _Optional(), torch.randn(3, 4)
+    split = autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,))
+    assert_same(split(x), model(x))
+    assert_same(split(x, scale=1.0), model(x))  # the value it was captured with
+    with pytest.raises(autosplit.InputSignatureError, match=r"'mask' was None when this split was captured.*"
+                                                            r"example_kwargs=\{'mask': \.\.\.\}"):
+        split(x, mask=torch.ones(3, 4))
+    with pytest.raises(autosplit.InputSignatureError, match=r"'scale' was fixed to 1.0 .* not 2.0.*"
+                                                            r"example_kwargs=\{'scale': 2.0\}"):
+        split(x, scale=2.0)
+    with pytest.raises(autosplit.InputSignatureError, match=r"'x' has shape \(3, 5\), but this split was captured "
+                                                            r"with \(3, 4\); the first layer that reads it, a \(Linear\)"):
+        split(torch.randn(3, 5))
+    masked = autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,),
+                                 example_kwargs={"mask": torch.ones(3, 4)})
+    with pytest.raises(autosplit.InputSignatureError, match="'mask' was given when this split was captured"):
+        masked(x)
+
+
 def test_a_plain_function_is_refused_with_how_to_wrap_it():
     def double(x):
         return 2 * x
