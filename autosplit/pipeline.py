@@ -201,6 +201,9 @@ class Pipeline(nn.Module):
         kept = set(self.results)  # results stay until the microbatches are joined
         self.release = [[n for n, s in last_use.items() if s == stage and n not in kept] for stage in range(len(stages))]
         self._streams: dict[torch.device, Any] = {}
+        self.labels: dict[str, str] = {}
+        """How errors name each result: its place in the model's output (``output[1]``,
+        ``output['loss']``), not the graph node that makes it."""
 
     @classmethod
     def from_graph(cls, gm: fx.GraphModule, stage_of: dict[fx.Node, int], devices: Sequence[torch.device],
@@ -281,7 +284,8 @@ class Pipeline(nn.Module):
                     env.update(zip(self.outputs[s], values))
                     for name in self.release[s]:
                         env.pop(name, None)
-            joined = tuple(_join(name, [env[name] for env in envs], chunk) for name in self.results)
+            joined = tuple(_join(self.labels.get(name, name), [env[name] for env in envs], chunk)
+                           for name in self.results)
             for value in joined:  # made on a pipeline stream, used next on the caller's
                 if isinstance(value, torch.Tensor) and value.device in callers:
                     value.record_stream(callers[value.device])
@@ -335,12 +339,12 @@ def _join(name: str, values: list[Any], chunk: int) -> Any:
     if isinstance(first, torch.Tensor):
         if first.dim() == 0:
             raise MicrobatchError(
-                f"the model returns a scalar ({name!r}, e.g. a loss computed inside forward): it cannot be "
+                f"the model returns a scalar ({name}, e.g. a loss computed inside forward): it cannot be "
                 "joined from microbatches without changing its value. Return the per-sample outputs and compute "
                 "the loss outside the model, or use microbatches=1")
         if any(v.dim() == 0 or v.shape[0] != chunk for v in values):
             raise MicrobatchError(
-                f"the output {name!r} has shape {tuple(first.shape)} per microbatch of {chunk}: its dimension 0 "
+                f"the output {name} has shape {tuple(first.shape)} per microbatch of {chunk}: its dimension 0 "
                 "is not the batch, so it cannot be joined; return batch-first outputs, or use microbatches=1")
         return torch.cat(values, dim=0)
     if dataclasses.is_dataclass(first) and not isinstance(first, type) and type(first) not in pytree.SUPPORTED_NODES:
@@ -352,7 +356,7 @@ def _join(name: str, values: list[Any], chunk: int) -> Any:
         columns = zip(*(pytree.tree_leaves(v) for v in values))
         return pytree.tree_unflatten([_join(name, list(column), chunk) for column in columns], structure)
     if any(v is not first and v != first for v in values[1:]):
-        raise MicrobatchError(f"the output {name!r} differs between microbatches and is not a tensor: "
+        raise MicrobatchError(f"the output {name} differs between microbatches and is not a tensor: "
                               "it cannot be joined; use microbatches=1")
     return first
 

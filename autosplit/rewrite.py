@@ -250,6 +250,19 @@ class SplitModule(nn.Module):
         return self
 
 
+def _output_labels(output: fx.Node) -> dict[str, str]:
+    """The place of every node the graph returns in the model's output, as a user reads it:
+    ``output``, ``output[1]``, ``output['loss']``."""
+    structure = output.args[0] if output.args else None
+    if isinstance(structure, fx.Node):
+        return {structure.name: "output"}
+    labels: dict[str, str] = {}
+    for path, leaf in pytree.tree_flatten_with_path(structure)[0]:
+        if isinstance(leaf, fx.Node):
+            labels.setdefault(leaf.name, "output" + pytree.keystr(path))
+    return labels
+
+
 def _users_in_order(node: fx.Node) -> list[fx.Node]:
     order = {n: k for k, n in enumerate(node.graph.nodes)}
     return sorted(node.users, key=order.__getitem__)
@@ -341,6 +354,7 @@ def _pipelined(split: fx.GraphModule, placed: dict[fx.Node, int], once: set[fx.N
     call = top.call_module("pipeline", tuple(inputs))
     output = next(n for n in split.graph.nodes if n.op == "output")
     by_name = {name: top.call_function(operator.getitem, (call, j)) for j, name in enumerate(pipeline.results)}
+    pipeline.labels = _output_labels(output)
     top.output(fx.node.map_arg(output.args[0], lambda n: by_name[n.name]) if output.args else None)
     top.lint()
     return fx.GraphModule({"pipeline": pipeline}, top, class_name="PipelinedSplitGraph")

@@ -70,9 +70,9 @@ def test_outputs_that_cannot_be_joined_and_batches_that_cannot_be_cut_get_clear_
             return self.b(self.a(x)).sum(0)
 
     x = torch.randn(6, 4)
-    with pytest.raises(MicrobatchError, match="returns a scalar.*compute the loss outside"):
+    with pytest.raises(MicrobatchError, match=r"returns a scalar \(output, .*compute the loss outside"):
         autosplit.autosplit(LossInside(), devices=2, example_inputs=(x,), microbatches=2)(x)
-    with pytest.raises(MicrobatchError, match="shape \\(4,\\) per microbatch of 3.*not the batch"):
+    with pytest.raises(MicrobatchError, match="output has shape \\(4,\\) per microbatch of 3.*not the batch"):
         autosplit.autosplit(NotBatchFirst(), devices=2, example_inputs=(x,), microbatches=2)(x)
     with pytest.raises(MicrobatchError, match="batch of 3 cannot be cut into 2"):
         cut_microbatches([torch.randn(3, 4)], 2)
@@ -328,3 +328,19 @@ def test_every_tensor_of_a_container_input_is_cut_along_its_one_batch_dimension(
     with pytest.raises(MicrobatchError, match="'pair' holds tensors with and without the batch.*'pair': None"):
         resolve_batch_dims({"x": x, "pair": mixed}, microbatches=2)
     assert resolve_batch_dims({"x": x, "pair": mixed}, {"pair": None}, microbatches=2) == {"x": 0, "pair": None}
+
+
+def test_a_microbatch_error_names_the_output_by_its_place_in_the_model_output():
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.b(self.a(x))
+            return h, {"loss": h.square().mean(), "h": h}
+
+    x = torch.randn(6, 5, 4)
+    split = autosplit.autosplit(Nested(), devices=["cpu", "cpu"], example_inputs=(x,), microbatches=2)
+    with pytest.raises(MicrobatchError, match=r"returns a scalar \(output\[1\]\['loss'\], "):
+        split(x)
