@@ -459,7 +459,12 @@ class _ValuePropagator(fx.Interpreter):
         self.copy = _meta_copy if to_meta else _buffer_copy
 
     def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
+        try:
+            value = super().run_node(n)
+        except Exception as e:  # the op that rejects the values reaching it: named in the TraceError
+            if not hasattr(e, "autosplit_node"):
+                e.autosplit_node = (n, [self.env[a] for a in n.all_input_nodes if a in self.env])
+            raise
         if n.op != "output":
             n.meta["val"] = value
         return value
@@ -736,19 +741,35 @@ def _trace_error(model: nn.Module, failures: list[tuple[str, BaseException]]) ->
         lines.append(f"  {'torch.fx.symbolic_trace' if tracer == 'fx' else 'torch.export'}: "
                      f"{type(exc).__name__}: {reason}" + (f"\n      at {where}" if where else ""))
     tips = []
-    if culprit and culprit[0] != "<root>":
-        path, cls = culprit
-        tips.append(f"mark {cls} a leaf (leaf_modules=[{cls}] or ['{path}']) so fx does not trace into it")
-    tips.append("pass the inputs that select the branch you want (example_kwargs, e.g. flags or masks)")
-    tried = {t for t, _ in failures}
-    if tried == {"fx"}:
-        tips.append('try tracer="export"')
-    elif tried == {"export"}:
-        tips.append('try tracer="fx"')
-    else:
-        tips.append("replace data-dependent Python branches (`if x.sum() > 0`) with torch.where or torch.cond")
+    rejected = next((_rejection(exc) for tracer, exc in failures if getattr(exc, "autosplit_node", None)), None)
+    if rejected:
+        lines.append(f"  the example inputs reach {rejected}, which cannot take them")
+        tips.append("check the example inputs' shapes and dtypes against what that layer was built for "
+                    "(example_inputs are one batch as the model's forward takes it)")
+    if not rejected:  # the graph could not be built: what makes tracing fail
+        if culprit and culprit[0] != "<root>":
+            path, cls = culprit
+            tips.append(f"mark {cls} a leaf (leaf_modules=[{cls}] or ['{path}']) so fx does not trace into it")
+        tips.append("pass the inputs that select the branch you want (example_kwargs, e.g. flags or masks)")
+        tried = {t for t, _ in failures}
+        if tried == {"fx"}:
+            tips.append('try tracer="export"')
+        elif tried == {"export"}:
+            tips.append('try tracer="fx"')
+        else:
+            tips.append("replace data-dependent Python branches (`if x.sum() > 0`) with torch.where or torch.cond")
     lines.append("What to try: " + "; ".join(tips) + ".")
     return TraceError("\n".join(lines))
+
+
+def _rejection(exc: BaseException) -> str:
+    """The op an fx value propagation failed at, with the shapes that reached it."""
+    node, values = exc.autosplit_node
+    shapes = ", ".join(str(tuple(v.shape)) for v in values if isinstance(v, torch.Tensor)) or "no tensors"
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        return f"layer '{node.target}' ({type(module).__name__}) with inputs of shape {shapes}"
+    return f"{_target_name(node)} ('{node.name}') with inputs of shape {shapes}"
 
 
 def _failure_site(exc: BaseException, names: dict[int, str]) -> tuple[str | None, tuple[str, str] | None]:

@@ -273,3 +273,10 @@ def test_dynamic_capture_keeps_named_dimensions_symbolic():
         capture(model, (ids,), dynamic=True, tracer="fx")
     with pytest.raises(ValueError, match="identifier or None"):
         spec((2, 16), dims=("batch",))
+
+
+def test_example_inputs_a_layer_cannot_take_name_the_layer_and_the_shape():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(TraceError, match=r"reach layer '0' \(Linear\) with inputs of shape \(3, 5\)") as caught:
+        capture(model, (torch.randn(3, 5),))
+    assert "data-dependent" not in str(caught.value)
