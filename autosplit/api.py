@@ -26,7 +26,7 @@ from autosplit.plan import Plan
 from autosplit.rewrite import SplitModule, split_module
 from autosplit.schedule import recheck_schedule
 from autosplit.solver import SolverOptions, solve
-from autosplit.trace import TensorSpec, Traced, capture, require_module
+from autosplit.trace import TRACERS, TensorSpec, Traced, capture, require_module
 from cost_models import Cluster, price_graph
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def resolve_devices(devices: int | Sequence[str | torch.device]) -> list[torch.d
 
 def plan(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, example_inputs: Any = None,
          example_kwargs: dict[str, Any] | None = None, mode: str = "train", microbatches: int = 1,
-         cluster: Cluster | str | None = None, **options: Any) -> Plan:
+         cluster: Cluster | str | None = None, tracer: str = "auto", **options: Any) -> Plan:
     """Plan the split of ``model``: capture, price and solve; no device is touched.
 
     Args:
@@ -65,6 +65,9 @@ def plan(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, e
         mode, microbatches: see :class:`SolverOptions`; other ``options`` are its fields
             (``schedule``, ``memory_headroom``, ``pin``, ``no_split``...).
         cluster: plan for other hardware than the local devices, e.g. ``"8xh100"``.
+        tracer: how the model is captured (see :func:`autosplit.capture`): ``"auto"`` (torch.fx,
+            or torch.export where fx cannot capture the model or would drop its buffer writes),
+            ``"fx"`` or ``"export"``.
 
     Example:
         >>> p = autosplit.plan(model, cluster="8xh100", example_inputs=(spec((1, 4096), dtype=torch.long),))
@@ -73,14 +76,16 @@ def plan(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, e
     if example_inputs is None and not example_kwargs:
         raise ValueError("plan() needs example inputs, e.g. example_inputs=(x,) or "
                          "(autosplit.spec((8, 1024), dtype=torch.long),)")
-    traced = capture(model, example_inputs if example_inputs is not None else (), example_kwargs)
+    _check_tracer(tracer)
+    traced = capture(model, example_inputs if example_inputs is not None else (), example_kwargs, tracer=tracer)
     return _solve(traced, devices, cluster, mode, microbatches, options)
 
 
 def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, example_inputs: Any = None,
               example_kwargs: dict[str, Any] | None = None, mode: str = "train", microbatches: int | None = None,
               cluster: Cluster | str | None = None, plan: Plan | None = None, output_device: Any = None,
-              batch_dims: Mapping[str, int | None] | None = None, **options: Any) -> SplitModule:
+              batch_dims: Mapping[str, int | None] | None = None, tracer: str = "auto", **options: Any
+              ) -> SplitModule:
     """Split ``model`` over ``devices`` and return a module that trains like it.
 
     Without example inputs the split is planned on the first forward call, with that batch. With
@@ -104,6 +109,12 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     seq = batch or a (batch, batch) matrix, is refused until declared. The dimensions are fixed
     with the first batch and kept for every call.
 
+    Buffers that ``forward`` writes in place (a step counter, an EMA, running statistics of a
+    custom norm) are updated by the split once per call, as by the model, on the stage that
+    stores them. ``tracer`` chooses the capture (see :func:`plan`); ``"auto"`` takes torch.export
+    where fx would drop such a write, and ``tracer="fx"`` on such a model is refused. With
+    microbatches > 1 such a model is refused: the update would run once per microbatch.
+
     Example:
         >>> sm = autosplit(model, devices=2, example_inputs=(x,))
         >>> sm(x).sum().backward()
@@ -115,6 +126,7 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
         raise ValueError(f"microbatches must be a positive int, e.g. microbatches=4; got {microbatches!r}")
     resolved = resolve_devices(devices)
     _check_options(options)
+    _check_tracer(tracer)
     if batch_dims is not None:
         if not isinstance(batch_dims, Mapping):
             raise TypeError(f"batch_dims must map forward-argument names to the batch dimension or None, "
@@ -135,7 +147,7 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
         dims = input_batch_dims(model, args, kwargs, batch_dims, microbatches) if microbatches > 1 else {}
         args, kwargs = first_microbatch(args, kwargs, microbatches, batch_dims=dims, model=model)
         with _mode(model, training=mode == "train"):
-            traced = capture(model, args, kwargs)
+            traced = capture(model, args, kwargs, tracer=tracer)
         chosen = plan if plan is not None else _solve(traced, resolved, cluster, mode, microbatches, options)
         built = split_module(model, traced, chosen, stage_devices(chosen, resolved, cluster), output_device,
                              microbatches, _written_flags(model, traced, args, kwargs), batch_dims=dims)
@@ -183,7 +195,7 @@ def _written_flags(model: nn.Module, traced: Traced, args: tuple, kwargs: dict) 
         return frozenset()
     try:
         with _mode(model, training=not traced.training):
-            other = capture(model, args, kwargs)
+            other = capture(model, args, kwargs, tracer=traced.tracer)
     except AutosplitError as e:  # the split still works; flags equal to the capture's mode follow the mode
         logger.warning("could not capture the model in %s mode to tell fixed dropout flags from mode-following "
                        "ones (%s); every flag equal to the capture's mode will follow train()/eval()",
@@ -272,6 +284,12 @@ def _solve(traced, devices, cluster, mode: str, microbatches: int, options: dict
     return solve(OpGraph.from_traced(traced), cluster, solver_options,
                  costs=price_graph(traced.graph_module, training=mode == "train"), parameters=traced.parameters,
                  buffers=traced.buffers)
+
+
+def _check_tracer(tracer: Any) -> None:
+    if tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {', '.join(map(repr, TRACERS))}, got {tracer!r}: \"auto\" picks "
+                         "torch.fx, or torch.export where fx cannot capture the model or would drop its buffer writes")
 
 
 def _check_options(options: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import networkx as nx
 
-from autosplit.trace import NodeInfo, Traced
+from autosplit.trace import NodeInfo, Traced, writes_in_place  # noqa: F401 (used by solver, rewrite)
 
 logger = logging.getLogger(__name__)
 
@@ -363,11 +363,3 @@ def _atomic_modules(graph: OpGraph, max_block_share: float | None) -> set[str]:
 
     visit("", forced=True)
     return atomic
-
-
-def writes_in_place(target: str) -> bool:
-    """Whether an op (its ``NodeInfo.target``, e.g. ``aten.add_.Tensor`` or ``mul_``) writes its
-    first argument in place."""
-    parts = target.split(".")
-    name = parts[1] if parts[0] == "aten" and len(parts) > 1 else parts[-1]
-    return name.endswith("_") and not name.endswith("__")

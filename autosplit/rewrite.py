@@ -315,6 +315,7 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
     if weightless is not None or any(d.type == "meta" for d in devices):
         raise ValueError(f"{weightless or 'a device'} is on meta: a split module runs real tensors. Load the weights "
                          "first (model.to_empty(device=...) then load_state_dict), or only plan with autosplit.plan()")
+    _check_microbatched_writes(traced, microbatches)
     gm = traced.graph_module
     stage_of = _stages_of_nodes(gm, plan)
     homes = _weight_homes(model, traced, plan)
@@ -676,19 +677,34 @@ def _foreign_state(gm: fx.GraphModule, node: fx.Node, canonical: dict[int, str],
 
 
 def _check_writes(node: fx.Node, traced: Traced, homes: dict[str, int], stage: int) -> None:
-    """Refuse an in-place write to a weight stored on another stage: it would change a copy."""
+    """Refuse an in-place write to a weight stored on another stage: it would change a copy.
+    The write may go through a view or an earlier in-place result (``NodeInfo.writes``)."""
     info = traced.nodes.get(node.name)
-    if info is None or node.op not in ("call_function", "call_method") or not node.args:
+    if info is None or node.op not in ("call_function", "call_method"):
         return
-    target = node.args[0]
-    if not (isinstance(target, fx.Node) and target.op == "get_attr") or not writes_in_place(info.target):
+    for key in info.writes:
+        if homes.get(key, stage) != stage:
+            raise AutosplitError(
+                f"{node.name} ({info.target} in {info.module_path or 'the model'}) writes {key} on stage {stage}, but "
+                f"{key} is stored on stage {homes[key]}: the write would change a copy. Pin the module that writes "
+                f"it to stage {homes[key]} (pin={{'{info.module_path}': {homes[key]}}}) or plan again")
+
+
+def _check_microbatched_writes(traced: Traced, microbatches: int) -> None:
+    """Refuse a graph that writes parameters or buffers in place when it runs per microbatch:
+    the pipeline runs every op once per microbatch, so a counter would count m times and an
+    EMA or running statistic would take m steps on small batches instead of one on the batch."""
+    written = traced.written()
+    if microbatches == 1 or not written:
         return
-    key = _weight_key(traced, target)
-    if homes.get(key, stage) != stage:
-        raise AutosplitError(
-            f"{node.name} ({info.target} in {info.module_path or 'the model'}) writes {key} on stage {stage}, but "
-            f"{key} is stored on stage {homes[key]}: the write would change a copy. Pin the module that writes it "
-            f"to stage {homes[key]} (pin={{'{info.module_path}': {homes[key]}}}) or plan again")
+    name, writers = next(iter(written.items()))
+    info = traced.nodes[writers[0]]
+    more = f" (and {len(written) - 1} more)" if len(written) > 1 else ""
+    raise MicrobatchError(
+        f"the model updates {name}{more} in forward ({info.target} in {info.module_path or 'the model'}), and with "
+        f"microbatches={microbatches} the update would run {microbatches} times per call on parts of the batch "
+        "instead of once on the whole batch. Use microbatches=1, or move the update out of forward (e.g. into "
+        "the training loop, once per step)")
 
 
 def _on_device(value: Any, device: torch.device) -> Any:

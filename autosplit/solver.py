@@ -348,6 +348,7 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
                     spans.setdefault(site, []).append(k)
         for ks in spans.values():
             forbidden.update(range(min(ks) + 1, max(ks) + 1))
+    forbidden.update(_written_spans(ops, infos))
     weight_reads = []  # the parameters each op reads, itself or through the weight ops it reads
     for op in ops:
         names = [] if infos[op].op == "get_attr" else list(infos[op].reads) + [
@@ -465,6 +466,24 @@ def replicable(graph: OpGraph, exclude: Collection[str] = ()) -> dict[str, tuple
             sources.update(found.get(p, (p,)))
         found[name] = tuple(sorted(sources))
     return found
+
+
+def _written_spans(ops: Sequence[str], infos: Mapping[str, Any]) -> set[int]:
+    """Cut positions between the first op that reads or writes a parameter or buffer the model
+    writes in place (a counter, an EMA, running statistics) and the last op that writes it.
+
+    The tensor is stored on the stage of its first reader, and a write on any other stage
+    would change a copy sent there: so every access up to the last write stays on one stage.
+    Reads after the last write may lie on later stages; the updated tensor is sent to them.
+    """
+    first: dict[str, int] = {}
+    last_write: dict[str, int] = {}
+    for k, op in enumerate(ops):
+        for name in [*infos[op].reads, *infos[op].writes]:
+            first.setdefault(name, k)
+        for name in infos[op].writes:
+            last_write[name] = k
+    return {cut for name, end in last_write.items() for cut in range(first[name] + 1, end + 1)}
 
 
 def _under(path: str, prefix: str) -> bool:

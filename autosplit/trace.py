@@ -9,6 +9,12 @@ standard ``torch.nn`` layers as single ``call_module`` nodes, and non-strict ``t
 which follows Python control flow on shapes (Hugging Face models need it) and yields ATen ops.
 Shapes are always found without running real kernels: on ``meta`` tensors for the fx graph, on
 export's fake tensors otherwise, so a 70B-parameter model on ``meta`` captures in seconds.
+
+Capture never writes the model's state. fx reads buffers as real tensors, so Python code on them
+runs while tracing: the model's buffers are swapped for copies then, and a copy written there
+(``self.n += 1``, ``self.ema.mul_(0.9)``) is a write fx leaves out of its graph: ``"auto"`` then
+takes export, which records buffer writes as in-place ops on them, and ``"fx"`` is refused. Each
+node's ``writes`` names the parameters and buffers it writes in place.
 """
 
 from __future__ import annotations
@@ -121,6 +127,10 @@ class NodeInfo:
     reused at several places is marked ``path@n`` so each call site stays distinct."""
     reads: tuple[str, ...] = ()
     """Canonical names of the parameters and buffers the node reads."""
+    writes: tuple[str, ...] = ()
+    """Canonical names of the parameters and buffers the node writes in place: directly
+    (``n.add_(1)``), through a view, or through the result of an earlier in-place op on them
+    (``ema.mul_(0.9).add_(y)``: both ops write ``ema``)."""
     single_tensor: bool = False
     """True when the node's value is exactly one tensor."""
 
@@ -179,6 +189,15 @@ class Traced:
     def parameter_count(self) -> int:
         return sum(_numel(p.shape) for p in self.parameters.values())
 
+    def written(self) -> dict[str, tuple[str, ...]]:
+        """The parameters and buffers the graph writes in place, each with the nodes writing it
+        (in graph order): a counter, an EMA, running statistics updated in ``forward``."""
+        writers: dict[str, list[str]] = {}
+        for info in self.nodes.values():
+            for name in info.writes:
+                writers.setdefault(name, []).append(info.name)
+        return {name: tuple(nodes) for name, nodes in writers.items()}
+
     def canonical(self, name: str) -> str:
         """The canonical name of a parameter or buffer given under any of its names."""
         return self.aliases.get(name, name)
@@ -200,7 +219,8 @@ def capture(
         example_inputs: positional inputs: tensors, :func:`spec` shapes, or containers of them.
             A single tensor or spec stands for a one-element tuple.
         example_kwargs: keyword inputs, likewise.
-        tracer: ``"auto"`` (fx, then export), ``"fx"`` or ``"export"``.
+        tracer: ``"auto"`` (fx, then export where fx fails or would drop a buffer write),
+            ``"fx"`` or ``"export"``.
         leaf_modules: module classes or qualified names that fx keeps as single nodes.
         dynamic: keep the dimensions named in the specs' ``dims`` symbolic (torch.export with
             dynamic shapes), so costs can be re-priced at other sizes without tracing again.
@@ -210,7 +230,8 @@ def capture(
 
     Raises:
         InputSignatureError: the inputs do not fit ``model.forward``.
-        TraceError: no tracer could capture the model; says where and what to try.
+        TraceError: no tracer could capture the model; says where and what to try. With
+            ``tracer="fx"``, also when fx would leave a buffer write in ``forward`` out of its graph.
 
     Example:
         >>> traced = capture(model, (autosplit.spec((4, 128), dtype=torch.long),))
@@ -248,6 +269,11 @@ def capture(
                 else:
                     gm = _trace_export(model, example_inputs, example_kwargs, device, dynamic_shapes)
                 break
+            except UnrecordedWriteError as e:
+                if tracer == "fx":  # the user chose fx: its one problem, and the remedy
+                    raise
+                logger.info("fx would drop buffer writes of %s; capturing with export", type(model).__name__)
+                failures.append((name, e))
             except Exception as e:  # each tracer fails in its own ways; all are reported below
                 logger.debug("tracer %s failed on %s: %s", name, type(model).__name__, e)
                 failures.append((name, e))
@@ -425,7 +451,16 @@ def _trace_fx(
         if not any(isinstance(x, (torch.Tensor, TensorSpec)) for x in pytree.tree_leaves(value))
     }
     tracer = _LeafTracer(leaf_types, leaf_paths)
-    graph = tracer.trace(model, concrete_args=concrete)
+    with _scratch_buffers(model) as scratch:
+        graph = tracer.trace(model, concrete_args=concrete)
+    written = [name for name, copy in scratch if copy._version > 0]
+    if written:
+        raise UnrecordedWriteError(
+            f"{type(model).__name__}.forward writes the buffer {written[0]}"
+            f"{f' (and {len(written) - 1} more)' if len(written) > 1 else ''} in place in a way torch.fx cannot "
+            "record (e.g. `self.n += 1` or `self.ema.mul_(0.9)`): fx runs such code once while tracing and leaves "
+            "the write out of the graph, so a split would never update the buffer. Use tracer=\"export\" (or "
+            "\"auto\", which picks it), which records buffer writes")
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     # Concrete arguments come back renamed (`mask_1`); give the signature its real names back.
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -444,6 +479,38 @@ def _trace_fx(
             logger.info("shape propagation on meta failed (%s); propagating on %s", e, device)
             _ValuePropagator(gm, to_meta=False).run(*_materialize(values, device))
     return gm
+
+
+class UnrecordedWriteError(TraceError):
+    """fx traced a forward that writes a buffer in place, but the write is not in its graph."""
+
+
+@contextlib.contextmanager
+def _scratch_buffers(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Every buffer of ``model`` replaced by a copy while fx traces it; yields (canonical name,
+    copy) pairs.
+
+    fx turns parameter reads into graph nodes but reads buffers as the real tensors, so Python
+    code on a buffer runs for real while tracing: ``self.n += 1`` would add 1 to the user's
+    buffer, and the graph would not hold the write. The copies take such writes instead (their
+    version counters show them); a copy shared by two names is one copy, as the buffer was.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    named: list[tuple[str, torch.Tensor]] = []
+    for name, buffer in model.named_buffers():
+        copies[id(buffer)] = buffer.detach().clone()
+        named.append((name, copies[id(buffer)]))
+    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+    try:
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and id(buffer) in copies:
+                    swapped.append((module, name, buffer))
+                    module._buffers[name] = copies[id(buffer)]
+        yield named
+    finally:
+        for module, name, buffer in swapped:
+            module._buffers[name] = buffer
 
 
 class _ValuePropagator(fx.Interpreter):
@@ -601,8 +668,10 @@ def _annotate(
         }
 
     nodes: dict[str, NodeInfo] = {}
+    aliases_of_state: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
-        nodes[node.name] = _node_info(node, gm, canonical, module_types)
+        writes = _written_state(node, gm, canonical, aliases_of_state)
+        nodes[node.name] = _node_info(node, gm, canonical, module_types, writes)
         node.meta["autosplit"] = nodes[node.name]
     return Traced(
         graph_module=gm,
@@ -624,7 +693,8 @@ _CALL_SUFFIX = re.compile(r"@(\d+)$")
 
 
 def _node_info(
-    node: fx.Node, gm: fx.GraphModule, canonical: dict[int, str], module_types: dict[str, str]
+    node: fx.Node, gm: fx.GraphModule, canonical: dict[int, str], module_types: dict[str, str],
+    writes: tuple[str, ...] = (),
 ) -> NodeInfo:
     if node.op == "output":
         value = pytree.tree_map(lambda a: a.meta.get("val") if isinstance(a, fx.Node) else None, node.args[0])
@@ -677,8 +747,50 @@ def _node_info(
         module_type=module_types.get(module_path, ""),
         scope=scope,
         reads=tuple(reads),
+        writes=writes,
         single_tensor=isinstance(value, torch.Tensor),
     )
+
+
+_INPLACE_OPERATORS = frozenset({"setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow",
+                                "iand", "ior", "ixor", "ilshift", "irshift"})
+_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "select", "narrow", "transpose", "t",
+                           "permute", "squeeze", "unsqueeze", "expand", "expand_as", "flatten", "unflatten",
+                           "detach", "diagonal", "as_strided", "movedim", "split", "chunk", "unbind", "getitem",
+                           "__getitem__", "real", "imag"})
+
+
+def writes_in_place(target: str) -> bool:
+    """Whether an op (its ``NodeInfo.target``, e.g. ``aten.add_.Tensor``, ``mul_`` or
+    ``_operator.iadd``) writes its first argument in place."""
+    parts = target.split(".")
+    name = parts[1] if parts[0] == "aten" and len(parts) > 1 else parts[-1]
+    return (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_OPERATORS
+
+
+def _written_state(node: fx.Node, gm: fx.GraphModule, canonical: dict[int, str],
+                   aliases: dict[fx.Node, str]) -> tuple[str, ...]:
+    """The parameter or buffer ``node`` writes in place, if any. ``aliases`` maps each node seen
+    so far whose value shares memory with one (the tensor itself, a view of it, the result of
+    an in-place op on it) to its canonical name, and is extended with ``node``: in
+    ``ema.mul_(0.9).add_(y)`` the ``add_`` writes ``ema`` through the ``mul_`` result."""
+    if node.op == "get_attr":
+        t = _fetch(gm, node.target)
+        if isinstance(t, torch.Tensor) and id(t) in canonical:
+            aliases[node] = canonical[id(t)]
+        return ()
+    if node.op not in ("call_function", "call_method") or not node.args or node.args[0] not in aliases:
+        return ()
+    base = aliases[node.args[0]]
+    target = _target_name(node)
+    if writes_in_place(target):
+        aliases[node] = base
+        return (base,)
+    is_view = getattr(node.target, "is_view", False) if isinstance(node.target, torch._ops.OpOverload) \
+        else target.rpartition(".")[2] in _VIEW_METHODS
+    if is_view:
+        aliases[node] = base
+    return ()
 
 
 def _traced_size(d: Any) -> int:

@@ -192,6 +192,63 @@ class NoMetaKernel(nn.Module):
         return self.b(h) + torch.unique(h).sum()
 
 
+class StepCounter(nn.Module):
+    """Counts its calls in a buffer: ``self.n += 1``, which fx runs at trace time and drops."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.n += 1
+        return self.b(torch.relu(self.a(x))) * (1 + 0.1 * self.n)
+
+
+class EMAModel(nn.Module):
+    """Keeps an exponential moving average of its hidden mean, updated by a chain of in-place ops
+    (``mul_`` then ``add_`` on its result), and subtracts it."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.register_buffer("ema", torch.full((d,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        self.ema.mul_(0.9).add_(0.1 * h.mean(0).detach())
+        return self.b(h - self.ema)
+
+
+class RunningNorm(nn.Module):
+    """A custom norm with BatchNorm-like running statistics, updated in training."""
+
+    def __init__(self, d: int, momentum: float = 0.1):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(d))
+        self.register_buffer("running_var", torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mean, var = x.mean(0), x.var(0, unbiased=False)
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach(), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) / (var + 1e-5).sqrt()
+
+
+class RunningNormNet(nn.Module):
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(d, d), RunningNorm(d), nn.Linear(d, d)
+        self.c = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(self.norm(self.a(x)))))
+
+
 def tiny_gpt2_config(**overrides: Any):
     from transformers import GPT2Config
 
@@ -296,3 +353,23 @@ REGISTRY: dict[str, Callable[..., Built]] = {
     "mixtral": mixtral,
 }
 """Every model the suite runs each execution path on."""
+
+
+def step_counter(device: str = "cpu") -> Built:
+    return _build(StepCounter, device), (torch.randn(4, 8, device=device),), {}
+
+
+def ema(device: str = "cpu") -> Built:
+    return _build(EMAModel, device), (torch.randn(4, 8, device=device),), {}
+
+
+def running_norm(device: str = "cpu") -> Built:
+    return _build(RunningNormNet, device), (torch.randn(4, 8, device=device),), {}
+
+
+STATEFUL: dict[str, Callable[..., Built]] = {
+    "step_counter": step_counter,
+    "ema": ema,
+    "running_norm": running_norm,
+}
+"""Models whose forward writes their own buffers; the split must make the same writes."""
