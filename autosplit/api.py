@@ -55,7 +55,8 @@ def resolve_devices(devices: int | Sequence[str | torch.device]) -> list[torch.d
 
 def plan(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, example_inputs: Any = None,
          example_kwargs: dict[str, Any] | None = None, mode: str = "train", microbatches: int = 1,
-         cluster: Cluster | str | None = None, tracer: str = "auto", **options: Any) -> Plan:
+         cluster: Cluster | str | None = None, tracer: str = "auto",
+         leaf_modules: Sequence[type[nn.Module] | str] = (), **options: Any) -> Plan:
     """Plan the split of ``model``: capture, price and solve; no device is touched.
 
     Args:
@@ -68,6 +69,8 @@ def plan(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, e
         tracer: how the model is captured (see :func:`autosplit.capture`): ``"auto"`` (torch.fx,
             or torch.export where fx cannot capture the model or would drop its buffer writes),
             ``"fx"`` or ``"export"``.
+        leaf_modules: module classes or qualified names that fx keeps as single nodes, e.g. a
+            module whose forward fx cannot trace (the capture error names it).
 
     Example:
         >>> p = autosplit.plan(model, cluster="8xh100", example_inputs=(spec((1, 4096), dtype=torch.long),))
@@ -77,15 +80,16 @@ def plan(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, e
         raise ValueError("plan() needs example inputs, e.g. example_inputs=(x,) or "
                          "(autosplit.spec((8, 1024), dtype=torch.long),)")
     _check_tracer(tracer)
-    traced = capture(model, example_inputs if example_inputs is not None else (), example_kwargs, tracer=tracer)
+    traced = capture(model, example_inputs if example_inputs is not None else (), example_kwargs, tracer=tracer,
+                     leaf_modules=leaf_modules)
     return _solve(traced, devices, cluster, mode, microbatches, options)
 
 
 def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, example_inputs: Any = None,
               example_kwargs: dict[str, Any] | None = None, mode: str = "train", microbatches: int | None = None,
               cluster: Cluster | str | None = None, plan: Plan | None = None, output_device: Any = None,
-              batch_dims: Mapping[str, int | None] | None = None, tracer: str = "auto", **options: Any
-              ) -> SplitModule:
+              batch_dims: Mapping[str, int | None] | None = None, tracer: str = "auto",
+              leaf_modules: Sequence[type[nn.Module] | str] = (), **options: Any) -> SplitModule:
     """Split ``model`` over ``devices`` and return a module that trains like it.
 
     Without example inputs the split is planned on the first forward call, with that batch. With
@@ -147,10 +151,10 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
         dims = input_batch_dims(model, args, kwargs, batch_dims, microbatches) if microbatches > 1 else {}
         args, kwargs = first_microbatch(args, kwargs, microbatches, batch_dims=dims, model=model)
         with _mode(model, training=mode == "train"):
-            traced = capture(model, args, kwargs, tracer=tracer)
+            traced = capture(model, args, kwargs, tracer=tracer, leaf_modules=leaf_modules)
         chosen = plan if plan is not None else _solve(traced, resolved, cluster, mode, microbatches, options)
         built = split_module(model, traced, chosen, stage_devices(chosen, resolved, cluster), output_device,
-                             microbatches, _written_flags(model, traced, args, kwargs), batch_dims=dims)
+                             microbatches, _written_flags(model, traced, args, kwargs, leaf_modules), batch_dims=dims)
         split.attach(built)
 
     if example_inputs is not None or example_kwargs:
@@ -188,14 +192,15 @@ def stage_devices(plan: Plan, devices: Sequence[torch.device], cluster: Cluster 
     return [devices[r] for r in ranks]
 
 
-def _written_flags(model: nn.Module, traced: Traced, args: tuple, kwargs: dict) -> frozenset[str]:
+def _written_flags(model: nn.Module, traced: Traced, args: tuple, kwargs: dict,
+                   leaf_modules: Sequence[type[nn.Module] | str] = ()) -> frozenset[str]:
     """The mode flags that the model's code fixes whatever its mode: found by capturing it once
     more in the other mode, when the graph has such flags at all."""
     if not any(in_mode(n, model, traced.training) for n in traced.graph.nodes):
         return frozenset()
     try:
         with _mode(model, training=not traced.training):
-            other = capture(model, args, kwargs, tracer=traced.tracer)
+            other = capture(model, args, kwargs, tracer=traced.tracer, leaf_modules=leaf_modules)
     except AutosplitError as e:  # the split still works; flags equal to the capture's mode follow the mode
         logger.warning("could not capture the model in %s mode to tell fixed dropout flags from mode-following "
                        "ones (%s); every flag equal to the capture's mode will follow train()/eval()",

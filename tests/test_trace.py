@@ -208,6 +208,13 @@ def test_marking_the_data_dependent_module_a_leaf_makes_it_capturable():
     x = torch.randn(2, 8)
     traced = capture(model, (x,), leaf_modules=[models.DataDependentGate])
     assert_same(traced.graph_module(x), model(x))
+    # the advice works with the function the user called
+    with pytest.raises(TraceError, match=r"leaf_modules=\[DataDependentGate\]"):
+        autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,))
+    split = autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,),
+                                leaf_modules=[models.DataDependentGate])
+    assert_same(split(x), model(x))
+    assert autosplit.plan(model, devices=2, example_inputs=(x,), leaf_modules=["gate"]).stages
 
 
 @pytest.mark.parametrize(
