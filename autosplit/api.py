@@ -286,9 +286,17 @@ def _solve(traced, devices, cluster, mode: str, microbatches: int, options: dict
     elif isinstance(cluster, str):
         cluster = Cluster.parse(cluster)
     solver_options = SolverOptions(mode=mode, microbatches=microbatches, **options)
-    return solve(OpGraph.from_traced(traced), cluster, solver_options,
+    plan = solve(OpGraph.from_traced(traced), cluster, solver_options,
                  costs=price_graph(traced.graph_module, training=mode == "train"), parameters=traced.parameters,
                  buffers=traced.buffers)
+    return with_capture_notes(plan, traced)
+
+
+def with_capture_notes(plan: Plan, traced: Traced) -> Plan:
+    """The plan with what the capture chose for the user among its solver notes."""
+    if not traced.notes:
+        return plan
+    return dataclasses.replace(plan, solver=dataclasses.replace(plan.solver, notes=(*traced.notes, *plan.solver.notes)))
 
 
 def _check_tracer(tracer: Any) -> None:

@@ -206,6 +206,7 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
 def _run_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from autosplit.api import with_capture_notes
     from autosplit.solver import SolverOptions, solve
     from cost_models import Cluster, get_device, price_graph
 
@@ -238,8 +239,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         traced = capture(model, inputs)
         costs = price_graph(traced.graph_module, training=args.mode == "train")
     with _step(console, args, f"solving for {cluster}"):
-        plan = solve(OpGraph.from_traced(traced), cluster, options, costs=costs, parameters=traced.parameters,
-                     buffers=traced.buffers)
+        plan = with_capture_notes(solve(OpGraph.from_traced(traced), cluster, options, costs=costs,
+                                        parameters=traced.parameters, buffers=traced.buffers), traced)
     args.step = "printing the plan"
     console.print(plan.table())
     for line in plan.summary():

@@ -104,7 +104,7 @@ class SplitModule(nn.Module):
             self._build(args, kwargs)  # kept until it succeeds: a refused batch leaves it to retry
             self.__dict__["_build"] = None
         if self.__dict__.get("_captured") is not None:
-            self._check_arguments(args, kwargs)
+            kwargs = self._check_arguments(args, kwargs)
         if self._fixed_shapes:
             self._check_shapes(args, kwargs)
         if self.microbatches > 1:
@@ -132,15 +132,19 @@ class SplitModule(nn.Module):
                     first_layers[node.name] = (layer.target, type(traced.graph_module.get_submodule(layer.target)).__name__)
         self.__dict__["_first_layers"] = first_layers
 
-    def _check_arguments(self, args: tuple, kwargs: dict) -> None:
+    def _check_arguments(self, args: tuple, kwargs: dict) -> dict:
         """Refuse a call whose arguments the graph cannot follow: a tensor where capture saw None
         (the split never reads it), None or nothing where it saw a tensor, a fixed value (a number,
-        a flag) passed with another value. An argument left out keeps its value at capture."""
+        a flag) passed with another value. An argument left out keeps its value at capture: the
+        returned keyword arguments pass it to the graph where the graph takes it."""
         signature, captured = self._captured
         try:
             given = signature.bind(*args, **kwargs).arguments
         except TypeError as e:
             raise InputSignatureError(f"this split takes the arguments of the model's forward{signature}: {e}") from None
+        graph_takes = inspect.signature(self.graph_module.forward).parameters
+        kept = {name: was for name, was in captured.items() if name not in given and name in graph_takes
+                and graph_takes[name].default is inspect.Parameter.empty and not _has_tensor(was)}
         for name, was in captured.items():
             value = given.get(name)
             if name in given and was is None and _has_tensor(value):
@@ -158,6 +162,7 @@ class SplitModule(nn.Module):
                     f"with {was!r}, not {value!r}. Split the model again with example_kwargs={{{name!r}: {value!r}}}; "
                     f"to vary it between calls, capture it as a tensor (example_kwargs={{{name!r}: "
                     f"torch.tensor({value!r})}}) and pass a tensor at every call")
+        return {**kwargs, **kept}
 
     def _shape_change(self, args: tuple, kwargs: dict, error: RuntimeError) -> Exception | None:
         """The error a call raised, told in terms of the input whose shape differs from capture."""

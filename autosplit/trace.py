@@ -25,6 +25,7 @@ import inspect
 import io
 import linecache
 import logging
+import weakref
 import os
 import re
 import sysconfig
@@ -178,6 +179,8 @@ class Traced:
     training: bool = True
     """The model's mode at capture. An exported graph keeps that mode's behaviour (dropout,
     batch statistics) whatever mode it is later put in; an fx graph follows its modules' mode."""
+    notes: list[str] = field(default_factory=list)
+    """What the capture chose for the user, to say in the plan (e.g. :data:`CACHE_OFF`)."""
 
     @property
     def graph(self) -> fx.Graph:
@@ -252,6 +255,14 @@ def capture(
         )
     example_kwargs = dict(example_kwargs or {})
     signature = _bind_inputs(model, example_inputs, example_kwargs)
+    notes = []
+    if _caches_by_default(model, example_inputs, example_kwargs):  # a split cannot hand back a cache its stages would each hold part of
+        example_kwargs["use_cache"] = False
+        signature = _bind_inputs(model, example_inputs, example_kwargs)
+        notes.append(CACHE_OFF)
+        if model not in _TOLD_CACHE_OFF:  # once per model, however often it is captured
+            _TOLD_CACHE_OFF.add(model)
+            logger.warning("%s: %s", type(model).__name__, CACHE_OFF)
     device = _model_device(model)
     leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
     leaf_paths = frozenset(m for m in leaf_modules if isinstance(m, str))
@@ -282,6 +293,7 @@ def capture(
     if failures:
         logger.info("captured %s with %s after fx failed: %s", type(model).__name__, name, failures[0][1])
     traced = _annotate(model, gm, name, example_inputs, example_kwargs, device)
+    traced.notes = notes
     if dynamic:
         traced.symbols = _named_symbols(gm, signature, dynamic_shapes)
     return traced
@@ -326,6 +338,25 @@ def _named_symbols(gm: fx.GraphModule, bound: inspect.BoundArguments, shapes: di
 
 
 # --------------------------------------------------------------------------- input handling
+
+
+CACHE_OFF = ("captured with use_cache=False: the split returns no KV cache (past_key_values is None). Pass "
+             "example_kwargs={'use_cache': False}, or set model.config.use_cache = False, to choose this yourself")
+"""The note of a model whose config turns its KV cache on and whose inputs leave it on."""
+_TOLD_CACHE_OFF: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _caches_by_default(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether ``model`` would build and return a KV cache with these inputs: its config turns
+    the cache on and the inputs do not say ``use_cache``."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        return False
+    try:
+        given = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return False
+    return "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in given
 
 
 def require_module(model: Any, caller: str) -> None:

@@ -170,3 +170,23 @@ def test_a_plan_made_for_1f1b_is_checked_again_for_the_wavefront_this_runner_run
     with pytest.raises(InfeasibleError, match="stage 0"):
         autosplit.autosplit(model, devices=2, example_inputs=(x,), microbatches=4, plan=tight, batch_dims={"x": 0})
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_model_that_caches_by_default_is_captured_without_and_says_so(caplog):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(models.tiny_gpt2_config(n_layer=2)).eval()
+    assert model.config.use_cache
+    x = torch.randint(0, model.config.vocab_size, (2, 8))
+    with caplog.at_level("WARNING"):
+        split = autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,), mode="infer")
+        out = split(x)
+    assert sum("use_cache=False" in r.getMessage() for r in caplog.records) == 1  # said once
+    assert any("use_cache=False" in note and "model.config.use_cache = False" in note for note in split.plan.solver.notes)
+    assert out.past_key_values is None
+    assert_same(out.logits, model(x, use_cache=False).logits)
+    with pytest.raises(autosplit.InputSignatureError, match="'use_cache' was fixed to False"):
+        split(x, use_cache=True)
+    quiet = autosplit.plan(model, devices=2, example_inputs=(x,), example_kwargs={"use_cache": False}, mode="infer")
+    assert not any("use_cache" in note for note in quiet.solver.notes)
