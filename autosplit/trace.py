@@ -9,6 +9,9 @@ standard ``torch.nn`` layers as single ``call_module`` nodes, and non-strict ``t
 which follows Python control flow on shapes (Hugging Face models need it) and yields ATen ops.
 Shapes are always found without running real kernels: on ``meta`` tensors for the fx graph, on
 export's fake tensors otherwise, so a 70B-parameter model on ``meta`` captures in seconds.
+With fx a custom ``torch.autograd.Function`` call and a ``torch.utils.checkpoint`` call of a
+submodule stay one node each, running the user's own code (:mod:`autosplit.opaque`); export
+would inline them and refuses them instead.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from autosplit.errors import InputSignatureError, TraceError
+from autosplit.errors import InputSignatureError, OpaqueCallError, TraceError
+from autosplit.opaque import FunctionCall, install_regions, kept_whole
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +214,8 @@ def capture(
 
     Raises:
         InputSignatureError: the inputs do not fit ``model.forward``.
+        OpaqueCallError: a custom autograd Function or a checkpointed region the tracer would
+            inline (torch.export), or checkpoint of code that is not a submodule.
         TraceError: no tracer could capture the model; says where and what to try.
 
     Example:
@@ -249,6 +255,8 @@ def capture(
                 else:
                     gm = _trace_export(model, example_inputs, example_kwargs, device, dynamic_shapes)
                 break
+            except OpaqueCallError:  # a refusal, not a failure: no other tracer keeps such a call either
+                raise
             except Exception as e:  # each tracer fails in its own ways; all are reported below
                 logger.debug("tracer %s failed on %s: %s", name, type(model).__name__, e)
                 failures.append((name, e))
@@ -381,15 +389,19 @@ def _capture_context(model: nn.Module) -> Iterator[None]:
 
 
 class _LeafTracer(fx.Tracer):
-    """``fx.Tracer`` with extra leaf modules, by class or by qualified name."""
+    """``fx.Tracer`` with extra leaf modules, by class or by qualified name, and the modules
+    called under checkpoint (leaves for that call only: see :mod:`autosplit.opaque`)."""
 
     def __init__(self, leaf_types: tuple[type, ...], leaf_paths: frozenset[str]):
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
+        self.leaf_now: set[str] = set()
+        self.checkpointed: dict[str, dict[str, Any]] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if (self.leaf_types and isinstance(m, self.leaf_types)) or module_qualified_name in self.leaf_paths:
+        if (self.leaf_types and isinstance(m, self.leaf_types)) or module_qualified_name in self.leaf_paths \
+                or module_qualified_name in self.leaf_now:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -414,8 +426,10 @@ def _trace_fx(
         if not any(isinstance(x, (torch.Tensor, TensorSpec)) for x in pytree.tree_leaves(value))
     }
     tracer = _LeafTracer(leaf_types, leaf_paths)
-    graph = tracer.trace(model, concrete_args=concrete)
+    with kept_whole(model, tracer):  # custom autograd Functions and checkpointed modules stay one node each
+        graph = tracer.trace(model, concrete_args=concrete)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    install_regions(gm, model, tracer.checkpointed)
     # Concrete arguments come back renamed (`mask_1`); give the signature its real names back.
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == len(params), (placeholders, params)
@@ -509,7 +523,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict,
     noisy.setLevel(logging.ERROR)
     stderr = io.StringIO()
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(stderr), _no_stack_traces():
+        with torch.no_grad(), contextlib.redirect_stderr(stderr), _no_stack_traces(), kept_whole(model, None):
             return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     finally:
         noisy.setLevel(level)
@@ -684,6 +698,8 @@ def _fetch(gm: fx.GraphModule, target: str) -> Any:
 def _target_name(node: fx.Node) -> str:
     if node.op == "call_function":
         target = node.target
+        if isinstance(target, FunctionCall):
+            return repr(target)
         if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             return str(target)
         return fx.node._get_qualified_name(target)
