@@ -4,7 +4,8 @@ The public surface is small; everything not listed in ``__all__`` is internal.
 """
 
 from autosplit.api import autosplit, plan
-from autosplit.errors import AutosplitError, ConfigError, InfeasibleError, InputSignatureError, MicrobatchError, TraceError
+from autosplit.errors import (AutosplitError, ConfigError, InfeasibleError, InputSignatureError, MicrobatchError,
+                              OpaqueCallError, TraceError)
 from autosplit.graph import OpGraph
 from autosplit.plan import Plan
 from autosplit.rewrite import PlanMismatchError, SplitModule
@@ -17,6 +18,7 @@ __all__ = [
     "InfeasibleError",
     "InputSignatureError",
     "MicrobatchError",
+    "OpaqueCallError",
     "OpGraph",
     "Plan",
     "PlanMismatchError",

@@ -27,3 +27,8 @@ class MicrobatchError(AutosplitError, ValueError):
 class ConfigError(AutosplitError, ValueError):
     """A request the model cannot meet as asked, found once the model is known: more stages than
     ops a cut can separate, a pin on a stage that does not exist or inside one block."""
+
+
+class OpaqueCallError(TraceError):
+    """A custom ``torch.autograd.Function`` or a ``torch.utils.checkpoint`` region that capture
+    cannot keep as one call: inlined, it would lose its own backward or its recomputation."""

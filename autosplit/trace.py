@@ -15,6 +15,10 @@ runs while tracing: the model's buffers are swapped for copies then, and a copy 
 (``self.n += 1``, ``self.ema.mul_(0.9)``) is a write fx leaves out of its graph: ``"auto"`` then
 takes export, which records buffer writes as in-place ops on them, and ``"fx"`` is refused. Each
 node's ``writes`` names the parameters and buffers it writes in place.
+
+With fx a custom ``torch.autograd.Function`` call and a ``torch.utils.checkpoint`` call of a
+submodule stay one node each, running the user's own code (:mod:`autosplit.opaque`); export
+would inline them and refuses them instead.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from autosplit.errors import InputSignatureError, TraceError
+from autosplit.errors import InputSignatureError, OpaqueCallError, TraceError
+from autosplit.opaque import FunctionCall, install_regions, kept_whole
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +238,8 @@ def capture(
 
     Raises:
         InputSignatureError: the inputs do not fit ``model.forward``.
+        OpaqueCallError: a custom autograd Function or a checkpointed region the tracer would
+            inline (torch.export), or checkpoint of code that is not a submodule.
         TraceError: no tracer could capture the model; says where and what to try. With
             ``tracer="fx"``, also when fx would leave a buffer write in ``forward`` out of its graph.
 
@@ -280,6 +287,8 @@ def capture(
                 else:
                     gm = _trace_export(model, example_inputs, example_kwargs, device, dynamic_shapes)
                 break
+            except OpaqueCallError:  # a refusal, not a failure: no other tracer keeps such a call either
+                raise
             except UnrecordedWriteError as e:
                 if tracer == "fx":  # the user chose fx: its one problem, and the remedy
                     raise
@@ -449,15 +458,19 @@ def _capture_context(model: nn.Module) -> Iterator[None]:
 
 
 class _LeafTracer(fx.Tracer):
-    """``fx.Tracer`` with extra leaf modules, by class or by qualified name."""
+    """``fx.Tracer`` with extra leaf modules, by class or by qualified name, and the modules
+    called under checkpoint (leaves for that call only: see :mod:`autosplit.opaque`)."""
 
     def __init__(self, leaf_types: tuple[type, ...], leaf_paths: frozenset[str]):
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
+        self.leaf_now: set[str] = set()
+        self.checkpointed: dict[str, dict[str, Any]] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if (self.leaf_types and isinstance(m, self.leaf_types)) or module_qualified_name in self.leaf_paths:
+        if (self.leaf_types and isinstance(m, self.leaf_types)) or module_qualified_name in self.leaf_paths \
+                or module_qualified_name in self.leaf_now:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -482,7 +495,7 @@ def _trace_fx(
         if not any(isinstance(x, (torch.Tensor, TensorSpec)) for x in pytree.tree_leaves(value))
     }
     tracer = _LeafTracer(leaf_types, leaf_paths)
-    with _scratch_buffers(model) as scratch:
+    with _scratch_buffers(model) as scratch, kept_whole(model, tracer):  # Functions, checkpoints: one node each
         graph = tracer.trace(model, concrete_args=concrete)
     written = [name for name, copy in scratch if copy._version > 0]
     if written:
@@ -493,6 +506,7 @@ def _trace_fx(
             "the write out of the graph, so a split would never update the buffer. Use tracer=\"export\" (or "
             "\"auto\", which picks it), which records buffer writes")
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    install_regions(gm, model, tracer.checkpointed)
     # Concrete arguments come back renamed (`mask_1`); give the signature its real names back.
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == len(params), (placeholders, params)
@@ -623,7 +637,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict,
     noisy.setLevel(logging.ERROR)
     stderr = io.StringIO()
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(stderr), _no_stack_traces():
+        with torch.no_grad(), contextlib.redirect_stderr(stderr), _no_stack_traces(), kept_whole(model, None):
             return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     finally:
         noisy.setLevel(level)
@@ -843,6 +857,8 @@ def _fetch(gm: fx.GraphModule, target: str) -> Any:
 def _target_name(node: fx.Node) -> str:
     if node.op == "call_function":
         target = node.target
+        if isinstance(target, FunctionCall):
+            return repr(target)
         if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             return str(target)
         return fx.node._get_qualified_name(target)

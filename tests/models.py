@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -249,6 +250,75 @@ class RunningNormNet(nn.Module):
         return self.c(torch.relu(self.b(self.norm(self.a(x)))))
 
 
+class RoundSTE(torch.autograd.Function):
+    """Rounds in forward; backward passes the gradient straight through (a straight-through
+    estimator). Differentiating the forward instead gives zero: round's derivative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class QuantizedNet(nn.Module):
+    """Activations quantized by :class:`RoundSTE` between linear layers."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(d, 2 * d), nn.Linear(2 * d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = RoundSTE.apply(4 * torch.tanh(self.inp(x)))
+        return self.out(RoundSTE.apply(torch.relu(self.mid(h))))
+
+
+class FrozenWeightMatmul(torch.autograd.Function):
+    """``x @ w.T`` whose backward deliberately gives ``w`` no gradient (only ``x`` one)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return grad @ w, None
+
+
+class FrozenProjectionNet(nn.Module):
+    """A weight that only a custom Function reads, and whose gradient that Function withholds."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.inp, self.out = nn.Linear(d, d), nn.Linear(d, d)
+        self.proj = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(torch.relu(FrozenWeightMatmul.apply(h, self.proj)))
+
+
+class CheckpointedNet(nn.Module):
+    """A block run under ``torch.utils.checkpoint``: its activations are recomputed in backward
+    (with ``checkpoint=False`` the same block runs plainly)."""
+
+    def __init__(self, d: int = 8, checkpoint: bool = True):
+        super().__init__()
+        self.inp, self.out = nn.Linear(d, d), nn.Linear(d, d)
+        self.block = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.checkpoint = checkpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        if self.checkpoint:
+            return self.out(h + torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=False))
+        return self.out(h + self.block(h))
+
+
 def tiny_gpt2_config(**overrides: Any):
     from transformers import GPT2Config
 
@@ -317,6 +387,18 @@ def dataclass_out(device: str = "cpu") -> Built:
 
 def no_meta_kernel(device: str = "cpu") -> Built:
     return _build(NoMetaKernel, device), (torch.randn(4, 8, device=device),), {}
+
+
+def quantized(device: str = "cpu") -> Built:
+    return _build(QuantizedNet, device), (torch.randn(4, 8, device=device),), {}
+
+
+def frozen_projection(device: str = "cpu") -> Built:
+    return _build(FrozenProjectionNet, device), (torch.randn(4, 8, device=device),), {}
+
+
+def checkpointed(device: str = "cpu") -> Built:
+    return _build(CheckpointedNet, device), (torch.randn(4, 8, device=device),), {}
 
 
 def gpt2(device: str = "cpu") -> Built:
