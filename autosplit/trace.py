@@ -277,6 +277,8 @@ def capture(
         raise TypeError("leaf_modules takes nn.Module classes or qualified module names (str)")
 
     dynamic_shapes = _dynamic_shapes(signature, tracer) if dynamic else None
+    if dynamic_shapes is not None:  # export wants a key for every keyword it is given (use_cache too)
+        dynamic_shapes.update({k: None for k in example_kwargs if k not in dynamic_shapes})
     failures: list[tuple[str, BaseException]] = []
     tried = ("fx", "export") if tracer == "auto" and not dynamic else (tracer if tracer != "auto" else "export",)
     with _capture_context(model):

@@ -11,6 +11,7 @@ from torch import nn
 import autosplit
 import models
 from autosplit import InputSignatureError, TraceError, capture, spec
+from autosplit.trace import CACHE_OFF
 from numerics import assert_same
 
 HF = {"gpt2", "llama", "mixtral"}
@@ -35,10 +36,12 @@ def test_captured_graph_computes_what_the_model_computes(name):
     model.eval()
     traced = capture(model, args, kwargs)
     assert traced.tracer == ("export" if name in HF else "fx")
+    # A model that caches by default is captured with use_cache=False, an input of its graph.
+    off = {"use_cache": False} if name in HF else {}
+    assert traced.example_kwargs.get("use_cache", False) is False and (CACHE_OFF in traced.notes) == bool(off)
     with torch.no_grad():
-        got = traced.graph_module(*args, **kwargs)
-        # The graph is the model's cache-free forward (KV caches are switched off for capture).
-        want = model(*args, **kwargs, **({"use_cache": False} if name in HF else {}))
+        got = traced.graph_module(*args, **kwargs, **off)
+        want = model(*args, **kwargs, **off)
     assert_same_outputs(got, want)
 
 
@@ -164,7 +167,7 @@ def test_hugging_face_models_train_through_the_graph(name):
     traced = capture(model, args, kwargs)
     assert model.config.use_cache is True and model.training
     assert traced.training
-    traced.graph_module(*args, **kwargs).logits.square().mean().backward()
+    traced.graph_module(*args, use_cache=False, **kwargs).logits.square().mean().backward()
     reference(*args, use_cache=False, **kwargs).logits.square().mean().backward()
     for (name_, got), want in zip(model.named_parameters(), reference.parameters()):
         assert_same(got.grad, want.grad, name=f"{name_}.grad")
