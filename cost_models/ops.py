@@ -193,11 +193,10 @@ class _ByteCounter(TorchDispatchMode):
         self.ops: list[str] = []
         self.live = 0
         """Bytes of the tensors its ops allocated that are still referenced."""
-        self.kept: set[int] | None = None
+        self.peak = 0
+        self.kept: int | None = None
         self._storages: dict[int, list[int]] = {}
-        """Storage → [bytes, tensors on it still alive, serial number of its allocation]."""
-        self._events: list[tuple[int, int]] = []
-        """(serial number, +bytes at allocation or −bytes at release), in order."""
+        """Storage → [bytes, tensors on it still alive]."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -230,9 +229,9 @@ class _ByteCounter(TorchDispatchMode):
             if key not in self._storages:
                 if r.alias_info is not None:
                     continue  # a view of something this counter did not allocate
-                self._storages[key] = [t.untyped_storage().nbytes(), 0, len(self._events)]
-                self._events.append((len(self._events), self._storages[key][0]))
+                self._storages[key] = [t.untyped_storage().nbytes(), 0]
                 self.live += self._storages[key][0]
+                self.peak = max(self.peak, self.live)
             self._storages[key][1] += 1
             weakref.finalize(t, self._released, key)
 
@@ -241,25 +240,20 @@ class _ByteCounter(TorchDispatchMode):
         entry[1] -= 1
         if entry[1] == 0:
             self.live -= entry[0]
-            self._events.append((entry[2], -entry[0]))
             del self._storages[key]
 
     def transient(self) -> int:
-        """Peak bytes of the storages allocated under this counter that are no longer referenced
-        at ``settle`` (or now): what the op allocated and freed again before it returned. The
-        peak is taken over time, so a result made late (the first layer's weight gradient of
-        a recomputed region) does not hide the temporaries that lived before it."""
-        kept = {entry[2] for entry in self._storages.values()} if self.kept is None else self.kept
-        live = peak = 0
-        for serial, delta in self._events:
-            if serial not in kept:
-                live += delta
-                peak = max(peak, live)
-        return peak
+        """Peak bytes allocated under this counter less those still referenced at ``settle`` (or
+        now). The memory model counts what the op keeps (its outputs, its gradients) for the whole
+        op, so this is what the op adds at its peak: with the kept bytes, its real peak, even when
+        a result is made after the temporaries are gone (a recomputed region's activations, then
+        the weight gradients)."""
+        kept = self.live if self.kept is None else self.kept
+        return max(0, self.peak - kept)
 
     def settle(self) -> None:
         """Mark what is referenced now as the op's lasting result (its outputs, its gradients)."""
-        self.kept = {entry[2] for entry in self._storages.values()}
+        self.kept = self.live
 
 
 _GATHERS = frozenset({"embedding", "index_select", "gather", "index", "take"})

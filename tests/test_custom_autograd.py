@@ -120,7 +120,9 @@ def test_a_checkpointed_region_keeps_only_its_inputs_and_prices_the_recompute():
     first_linear = 2 * 4 * 8 * 32
     assert cost.fwd_flops == block.fwd_flops
     assert cost.bwd_flops == block.bwd_flops + first_linear
-    assert cost.bwd_workspace_bytes >= 2 * 4 * 32 * 4  # the recomputed hidden activations live there
+    # the recomputed hidden activations live there: with what it keeps (the input's and the
+    # weights' gradients), its backward's peak holds them
+    assert cost.bwd_workspace_bytes + cost.weight_grad_bytes + 4 * 8 * 4 >= 2 * 4 * 32 * 4
 
 
 def test_export_refuses_what_it_would_inline_and_leaves_the_model_alone():
