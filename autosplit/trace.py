@@ -351,8 +351,9 @@ def _named_symbols(gm: fx.GraphModule, bound: inspect.BoundArguments, shapes: di
 # --------------------------------------------------------------------------- input handling
 
 
-CACHE_OFF = ("captured with use_cache=False: the split returns no KV cache (past_key_values is None). Pass "
-             "example_kwargs={'use_cache': False}, or set model.config.use_cache = False, to choose this yourself")
+CACHE_OFF = ("captured with use_cache=False: the graph, and a split of it, returns no KV cache (past_key_values "
+             "is None). Pass example_kwargs={'use_cache': False}, or set model.config.use_cache = False, to choose "
+             "this yourself")
 """The note of a model whose config turns its KV cache on and whose inputs leave it on."""
 _TOLD_CACHE_OFF: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 

@@ -108,7 +108,7 @@ def _blocks(batch: int, seq: int):
     traced = capture(model, (ids,))
     costs = price_graph(traced.graph_module)
     graph = OpGraph.from_traced(traced).coarsen()
-    values = _all_values(traced.graph_module, ids)
+    values = _all_values(traced.graph_module, ids, *traced.example_kwargs.values())  # use_cache=False
     for name in [b for b in graph if graph[b]["module_path"].startswith("transformer.h.")]:
         members = list(graph[name]["members"])
         yield name, tuple(costs[m] for m in members), _block_callable(traced.graph_module, members, values)
