@@ -190,3 +190,18 @@ def test_a_model_that_caches_by_default_is_captured_without_and_says_so(caplog):
         split(x, use_cache=True)
     quiet = autosplit.plan(model, devices=2, example_inputs=(x,), example_kwargs={"use_cache": False}, mode="infer")
     assert not any("use_cache" in note for note in quiet.solver.notes)
+
+
+def test_an_encoder_decoder_that_caches_by_default_splits_exactly_without_its_cache():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                num_heads=4, decoder_start_token_id=0)).eval()
+    assert model.config.use_cache
+    ids, decoder_ids = torch.randint(1, 64, (2, 8)), torch.randint(1, 64, (2, 6))
+    split = autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(ids,),
+                                example_kwargs={"decoder_input_ids": decoder_ids}, mode="infer")
+    out = split(ids, decoder_input_ids=decoder_ids)
+    assert out.past_key_values is None and any("use_cache=False" in note for note in split.plan.solver.notes)
+    assert_same(out.logits, model(ids, decoder_input_ids=decoder_ids, use_cache=False).logits)
