@@ -18,10 +18,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from autosplit.errors import AutosplitError, InputSignatureError
+from autosplit.errors import AutosplitError, InputSignatureError, MicrobatchError
 from autosplit.graph import OpGraph
 from autosplit.modes import in_mode, written_flags
-from autosplit.pipeline import check_batch_dims, cut_microbatches, resolve_batch_dims
+from autosplit.pipeline import batch_size, check_batch_dims, cut_microbatches, resolve_batch_dims
 from autosplit.plan import Plan
 from autosplit.rewrite import SplitModule, split_module
 from autosplit.schedule import recheck_schedule
@@ -149,6 +149,8 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
 
     def build(args: tuple, kwargs: dict) -> None:
         dims = input_batch_dims(model, args, kwargs, batch_dims, microbatches) if microbatches > 1 else {}
+        if microbatches > 1:
+            _refuse_batched_defaults(model, args, kwargs, dims, microbatches)
         args, kwargs = first_microbatch(args, kwargs, microbatches, batch_dims=dims, model=model)
         with _mode(model, training=mode == "train"):
             traced = capture(model, args, kwargs, tracer=tracer, leaf_modules=leaf_modules)
@@ -248,6 +250,23 @@ def input_batch_dims(model: nn.Module, args: tuple, kwargs: dict, batch_dims: Ma
     _, arguments = _arguments(model, args, kwargs)
     declared = {name: dim for name, dim in (batch_dims or {}).items() if name in arguments}
     return resolve_batch_dims(arguments, declared, microbatches=microbatches)
+
+
+def _refuse_batched_defaults(model: nn.Module, args: tuple, kwargs: dict, dims: Mapping[str, int | None],
+                             microbatches: int) -> None:
+    """A default tensor argument of ``forward`` left out of the call is part of the graph, whole:
+    if it has a dimension of the batch's size it would meet microbatches of another size."""
+    _, arguments = _arguments(model, args, kwargs)
+    batch = batch_size(list(arguments.values()), [dims.get(name) for name in arguments])
+    for p in inspect.signature(model.forward).parameters.values():
+        default = p.default
+        if p.name in arguments or not isinstance(default, torch.Tensor) or batch not in tuple(default.shape):
+            continue
+        raise MicrobatchError(
+            f"{type(model).__name__}.forward's default for {p.name!r} is a tensor of shape {tuple(default.shape)}, "
+            f"with the batch's size ({batch}): with microbatches={microbatches} it would meet microbatches of "
+            f"{batch // microbatches}. Pass it at every call (it is then cut like the other inputs; "
+            f"batch_dims={{{p.name!r}: None}} passes it whole), or use microbatches=1")
 
 
 def _arguments(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[str], dict[str, Any]]:

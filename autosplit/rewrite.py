@@ -122,8 +122,9 @@ class SplitModule(nn.Module):
             bound = inspect.signature(model.forward).bind(*traced.example_args, **traced.example_kwargs)
         except TypeError:
             return
+        given = set(bound.arguments)
         bound.apply_defaults()
-        self.__dict__["_captured"] = (inspect.signature(model.forward), dict(bound.arguments))
+        self.__dict__["_captured"] = (inspect.signature(model.forward), dict(bound.arguments), given)
         first_layers = {}
         for node in traced.graph_module.graph.nodes:  # the first layer that reads each input
             if node.op == "placeholder":
@@ -137,7 +138,7 @@ class SplitModule(nn.Module):
         (the split never reads it), None or nothing where it saw a tensor, a fixed value (a number,
         a flag) passed with another value. An argument left out keeps its value at capture: the
         returned keyword arguments pass it to the graph where the graph takes it."""
-        signature, captured = self._captured
+        signature, captured, passed = self._captured
         try:
             given = signature.bind(*args, **kwargs).arguments
         except TypeError as e:
@@ -152,7 +153,7 @@ class SplitModule(nn.Module):
                     f"argument {name!r} was None when this split was captured, so the split does not read it and "
                     f"would ignore it. To use it, split the model again with it as an example: "
                     f"autosplit(model, ..., example_kwargs={{{name!r}: ...}})")
-            if _has_tensor(was) and value is None:
+            if _has_tensor(was) and value is None and name in passed:
                 raise InputSignatureError(
                     f"argument {name!r} was given when this split was captured, and the split reads it: pass it "
                     f"again, or, to run without it, split the model again without it")
@@ -168,7 +169,7 @@ class SplitModule(nn.Module):
         """The error a call raised, told in terms of the input whose shape differs from capture."""
         if self.__dict__.get("_captured") is None:
             return None
-        signature, captured = self._captured
+        signature, captured, _ = self._captured
         try:
             bound = signature.bind(*args, **kwargs).arguments
         except TypeError:
@@ -463,7 +464,10 @@ def _state_moves(model: nn.Module, gm: fx.GraphModule, traced: Traced, homes: di
     of the captured graph that is not the model's (a constant) goes to the stage of its node."""
     target: dict[int, tuple[torch.Tensor, torch.device]] = {}
     for name, stage in homes.items():
-        t = model.get_parameter(name) if name in traced.parameters else model.get_buffer(name)
+        try:
+            t = model.get_parameter(name) if name in traced.parameters else model.get_buffer(name)
+        except AttributeError:  # a constant the capture made (a default tensor argument): the graph's own
+            t = _fetch(gm, name)
         target.setdefault(id(t), (t, devices[stage]))
     for node in gm.graph.nodes:
         if node.op == "get_attr":

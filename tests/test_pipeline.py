@@ -344,3 +344,27 @@ def test_a_microbatch_error_names_the_output_by_its_place_in_the_model_output():
     split = autosplit.autosplit(Nested(), devices=["cpu", "cpu"], example_inputs=(x,), microbatches=2)
     with pytest.raises(MicrobatchError, match=r"returns a scalar \(output\[1\]\['loss'\], "):
         split(x)
+
+
+class _DefaultShift(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x, shift=torch.arange(4.0).unsqueeze(1).expand(4, 8)):
+        return self.b(self.a(x) + shift)
+
+
+def test_a_default_tensor_argument_is_part_of_the_split_and_refused_where_microbatches_would_cut_it():
+    model, x = _DefaultShift(), torch.randn(4, 8)
+    split = autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,))
+    assert_same(split(x), model(x))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(MicrobatchError, match=r"default for 'shift' is a tensor of shape \(4, 8\), with the batch's "
+                                              r"size \(4\).*Pass it at every call"):
+        autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,), microbatches=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    shift = torch.arange(4.0).unsqueeze(1).expand(4, 8)
+    passed = autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,), example_kwargs={"shift": shift},
+                                 microbatches=2)
+    assert_same(passed(x, shift=shift), model(x))
