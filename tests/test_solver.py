@@ -198,16 +198,22 @@ def test_small_dags_match_brute_force_and_skips_are_paid_on_every_hop():
     assert relay.comm_in_s >= per_hop_s and relay.comm_out_s >= per_hop_s
 
 
+def _every_split_on_three(model, graph, chain):
+    """The bottleneck of every op-level split of ``chain`` over 3 stages that follows the DAG."""
+    position = {op: k for k, op in enumerate(chain.ops)}
+    edges = [(position[u], position[v]) for u, v in graph.dag.edges if u in position and v in position]
+    splits = {}
+    for a in itertools.product(range(3), repeat=chain.n):
+        if set(a) == {0, 1, 2} and all(a[u] <= a[v] for u, v in edges):
+            splits[a] = max(map(sum, zip(*evaluate(model, graph, list(a)))))
+    return splits
+
+
 def test_stage_ranges_and_the_traffic_bound_hold_for_every_split():
     traced, graph, costs = priced(Skips(depth=4), spec((256, 256)))
     cluster = Cluster.parse("3xh100")
     blocks, chain, model = block_model(graph, costs, traced, cluster, SolverOptions())
-    position = {op: k for k, op in enumerate(chain.ops)}
-    edges = [(position[u], position[v]) for u, v in graph.dag.edges if u in position and v in position]
-    splits = {}
-    for a in itertools.product(range(3), repeat=chain.n):  # every op-level DAG split
-        if set(a) == {0, 1, 2} and all(a[u] <= a[v] for u, v in edges):
-            splits[a] = max(map(sum, zip(*evaluate(model, graph, list(a)))))
+    splits = _every_split_on_three(model, graph, chain)
     best = min(splits.values())
     for bound in (best, best * 1.2, best * 2):
         first, last = stage_ranges(model, graph, bound)
@@ -224,12 +230,7 @@ def test_stage_ranges_on_mixed_devices_hold_for_every_split_and_count_what_a_slo
     traced, graph, costs = priced(Skips(d=1024, depth=4), spec((4096, 1024)))
     cluster = Cluster.parse("l4+h100+l4")
     blocks, chain, model = block_model(graph, costs, traced, cluster, SolverOptions())
-    position = {op: k for k, op in enumerate(chain.ops)}
-    edges = [(position[u], position[v]) for u, v in graph.dag.edges if u in position and v in position]
-    splits = {}
-    for a in itertools.product(range(3), repeat=chain.n):  # every op-level DAG split
-        if set(a) == {0, 1, 2} and all(a[u] <= a[v] for u, v in edges):
-            splits[a] = max(map(sum, zip(*evaluate(model, graph, list(a)))))
+    splits = _every_split_on_three(model, graph, chain)
     best = min(splits.values())
     shares = stage_shares(model, best)
     assert shares[1] == 1.0 and 0 < shares[0] == shares[2] < 0.6  # an L4 holds well under half an H100's work
