@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from autosplit.errors import AutosplitError, InputSignatureError, MicrobatchError
-from autosplit.graph import OpGraph, writes_in_place
+from autosplit.graph import OpGraph
 from autosplit.modes import in_mode
 from autosplit.pipeline import Pipeline, cut_microbatches, resolve_batch_dims
 from autosplit.plan import Plan

@@ -161,9 +161,10 @@ def measure(label: str, model: torch.nn.Module, args: tuple, mode: str) -> list[
                     del arrived, values, pending
                 else:
                     tensors, passing = in_flight_now.pop(0)
-                    through = [torch.ones(shape, dtype=dtype) for shape, dtype in passing]
+                    through = [torch.ones(shape, dtype=dtype) for shape, dtype in passing]  # held while it runs
                     torch.autograd.backward(tensors, [torch.ones(v.shape, dtype=v.dtype) for v in tensors])
-                    del tensors, through
+                    through.clear()
+                    del tensors
             if optimizer is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
