@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                              help="sequence length (presets; default: the model's longest)")
         command.add_argument("--verbose", action="store_true", help="log progress and details")
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    trace.add_argument("--tracer", choices=TRACERS, default="auto", help="which tracer to use")
+        command.add_argument("--tracer", choices=TRACERS, default="auto",
+                             help="which tracer captures the model (auto: fx, or export where fx cannot)")
     trace.set_defaults(run=_run_trace)
     plan.add_argument("--devices", type=int, default=None, help="number of devices (of --gpu, or local)")
     where = plan.add_mutually_exclusive_group()
@@ -236,7 +237,7 @@ def _run_plan(args: argparse.Namespace) -> int:
                                 precision=precision, optimizer=args.optimizer, weight_dtype=args.dtype,
                                 samples_per_microbatch=args.batch, tokens_per_sample=seq)
     with _step(console, args, "capturing and pricing"):
-        traced = capture(model, inputs)
+        traced = capture(model, inputs, tracer=args.tracer)
         costs = price_graph(traced.graph_module, training=args.mode == "train")
     with _step(console, args, f"solving for {cluster}"):
         plan = with_capture_notes(solve(OpGraph.from_traced(traced), cluster, options, costs=costs,

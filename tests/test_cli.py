@@ -38,6 +38,22 @@ def test_trace_a_file_factory(tmp_path, capsys):
     assert "Linear" in out and "5 ops in 5 blocks, captured by fx" in out and "Sequential: 212 parameters" in out
 
 
+def test_plan_takes_the_tracer_and_a_forced_one_is_what_captures(tmp_path, capsys):
+    path = tmp_path / "my_model.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def build():
+            model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+            return model, (torch.randn(3, 8),)
+    """))
+    assert main(["plan", f"{path}:build", "--cluster", "2xh100", "--tracer", "export", "--mode", "infer"]) == 0
+    assert "2-stage infer plan" in capsys.readouterr().out
+    assert main(["trace", f"{path}:build", "--tracer", "export"]) == 0
+    assert "captured by export" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["trace", "lama-7b"], "unknown preset 'lama-7b'; known presets: gpt2"),
     (["trace", "missing.py:build"], "no such file: missing.py"),
