@@ -354,8 +354,8 @@ def build_chain(graph: OpGraph, blocks: OpGraph, costs: Mapping[str, OpCost], pa
         names = [] if infos[op].op == "get_attr" else list(infos[op].reads) + [
             r for u in graph.dag.predecessors(op) if infos[u].op == "get_attr" for r in infos[u].reads]
         weight_reads.append({name: math.prod(parameters[name].shape) for name in names if name in parameters})
-    chain = Chain(ops, time_s, prefix(state), prefix(params), prefix(activations), cross, count, pins, block_starts, block_names, forbidden, replicated, no_gradient,
-                  weights={**(buffers or {}), **parameters},
+    chain = Chain(ops, time_s, prefix(state), prefix(params), prefix(activations), cross, count, pins, block_starts,
+                  block_names, forbidden, replicated, no_gradient, weights={**(buffers or {}), **parameters},
                   memory=OpsMemory.from_costs(ops, costs if train else _unsaved(costs), params,
                                               weight_reads=weight_reads, train=train))
 
@@ -1602,8 +1602,11 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     chain = build_chain(graph, blocks, costs, parameters, times, options, fastest_link(cluster), buffers)
     units = chain.n - len(chain.forbidden & set(range(1, chain.n)))  # runs of ops no cut can separate
     if stages > units:
+        written = sorted({name for op in chain.ops for name in graph.infos[op].writes})
+        why = (f" (every op from the first read of {', '.join(written[:3])} to its last in-place write stays on one "
+               "stage, which stores it)" if written else "")
         raise ConfigError(f"{stages} stages need at least {stages} ops that a cut can separate; this graph has "
-                         f"{units}: use fewer stages")
+                          f"{units}{why}: use fewer stages")
     for path, stage in options.pin.items():
         if not 0 <= stage < stages:
             raise ConfigError(f"pin puts {path!r} on stage {stage}, but there are {stages} stages (0..{stages - 1})")

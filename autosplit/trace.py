@@ -508,6 +508,18 @@ def _trace_fx(
             "record (e.g. `self.n += 1` or `self.ema.mul_(0.9)`): fx runs such code once while tracing and leaves "
             "the write out of the graph, so a split would never update the buffer. Use tracer=\"export\" (or "
             "\"auto\", which picks it), which records buffer writes")
+    state = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    written_in_graph = sorted({n.args[0].target for n in graph.nodes
+                               if n.op in ("call_method", "call_function") and n.args
+                               and writes_in_place(_target_name(n)) and isinstance(n.args[0], fx.Node)
+                               and n.args[0].op == "get_attr" and n.args[0].target in state})
+    folded = [n.target for n in graph.nodes if n.op == "get_attr" and n.target.startswith("_tensor_constant")]
+    if written_in_graph and folded:
+        raise UnrecordedWriteError(
+            f"{type(model).__name__}.forward writes the buffer {written_in_graph[0]} in place, and torch.fx computed "
+            f"{len(folded)} tensor expression{'s' if len(folded) > 1 else ''} ({folded[0]}) once while tracing, "
+            "e.g. `1 + self.n`: one on that buffer would keep its value at capture while the buffer changes. Use "
+            "tracer=\"export\" (or \"auto\", which picks it), which reads the buffer at every call")
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     install_regions(gm, model, tracer.checkpointed)
     # Concrete arguments come back renamed (`mask_1`); give the signature its real names back.

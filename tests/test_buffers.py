@@ -141,3 +141,34 @@ def dataclass_replace(obj, **changes):
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
+
+
+class _FoldedCounter(torch.nn.Module):
+    """Reads its buffer in an expression fx computes at trace time (``1 + self.n``) and writes it
+    in place after the layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x):
+        h = self.b(self.a(x * (1 + self.n)))
+        self.n.add_(h.mean().detach())
+        return h
+
+
+def test_an_expression_fx_folds_on_a_written_buffer_is_captured_by_export_and_kept_on_one_stage():
+    model, x = _FoldedCounter(), torch.randn(3, 8)
+    before = copy.deepcopy(model)
+    with pytest.raises(TraceError, match=r"writes the buffer n in place, and torch.fx computed 1 tensor expression"):
+        capture(model, (x,), tracer="fx")
+    assert capture(model, (x,)).tracer == "export"
+    with pytest.raises(autosplit.ConfigError, match=r"from the first read of n to its last in-place write"):
+        autosplit.plan(model, devices=2, example_inputs=(x,))
+    assert_unchanged(model, before)
+    reference = copy.deepcopy(model)
+    split = autosplit.autosplit(model, devices=["cpu"], example_inputs=(x,))
+    for _ in range(3):  # the buffer is read at every call, as it changes
+        assert_same(split(x), reference(x))
+    assert_same(model.n, reference.n)
