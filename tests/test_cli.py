@@ -23,7 +23,8 @@ def test_trace_a_preset_prints_one_row_per_block(capsys):
     assert re.search(r"\d+ ops in 23 blocks, captured by export in", out)
 
 
-def test_trace_a_file_factory(tmp_path, capsys):
+def _factory_file(tmp_path):
+    """A file whose ``build`` returns a small model and its example inputs."""
     path = tmp_path / "my_model.py"
     path.write_text(textwrap.dedent("""
         import torch
@@ -33,21 +34,18 @@ def test_trace_a_file_factory(tmp_path, capsys):
             model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
             return model, (torch.randn(3, 8),)
     """))
+    return path
+
+
+def test_trace_a_file_factory(tmp_path, capsys):
+    path = _factory_file(tmp_path)
     assert main(["trace", f"{path}:build"]) == 0
     out = capsys.readouterr().out
     assert "Linear" in out and "5 ops in 5 blocks, captured by fx" in out and "Sequential: 212 parameters" in out
 
 
 def test_plan_takes_the_tracer_and_a_forced_one_is_what_captures(tmp_path, capsys):
-    path = tmp_path / "my_model.py"
-    path.write_text(textwrap.dedent("""
-        import torch
-        from torch import nn
-
-        def build():
-            model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-            return model, (torch.randn(3, 8),)
-    """))
+    path = _factory_file(tmp_path)
     assert main(["plan", f"{path}:build", "--cluster", "2xh100", "--tracer", "export", "--mode", "infer"]) == 0
     assert "2-stage infer plan" in capsys.readouterr().out
     assert main(["trace", f"{path}:build", "--tracer", "export"]) == 0
