@@ -1315,15 +1315,14 @@ def _memory_constraints(m: cp_model.CpModel, model: StageModel, y: list[list[Any
     params = [float(memory.params(bounds[b], bounds[b + 1])) for b in range(B)]
     own = [0.0] * B
     shared: dict[tuple[int, ...], float] = {}
-    for idx, tensor in enumerate(memory.tensors):
-        if not tensor.savers or not train:
+    for tensor in memory.tensors if train else ():
+        if not tensor.savers:
             continue
-        nbytes = float(memory._b[idx])
         held = tuple(sorted({int(block_of_op[k]) for k in tensor.savers}))
         if len(held) == 1:
-            own[held[0]] += nbytes
+            own[held[0]] += tensor.nbytes
         else:
-            shared[held] = shared.get(held, 0.0) + nbytes
+            shared[held] = shared.get(held, 0.0) + tensor.nbytes
     beyond = [0.0 if train else float(memory.floor_bytes(bounds[b], bounds[b + 1])) for b in range(B)]
     for s in range(S):
         here = [b for b in range(B) if first[b] <= s <= last[b]]
