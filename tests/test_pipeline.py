@@ -357,8 +357,19 @@ class _DefaultShift(nn.Module):
 
 def test_a_default_tensor_argument_is_part_of_the_split_and_refused_where_microbatches_would_cut_it():
     model, x = _DefaultShift(), torch.randn(4, 8)
+    reference = copy.deepcopy(model)
     split = autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,))
-    assert_same(split(x), model(x))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference)]
+    out, want = split(x), reference(x)
+    assert_same(out, want)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    for (name, got), expected in zip(model.named_parameters(), reference.parameters()):
+        assert_same(got.grad, expected.grad, name=f"{name}.grad")
+    for optimizer in optimizers:
+        optimizer.step()
+    for (name, got), expected in zip(model.named_parameters(), reference.parameters()):
+        assert_same(got, expected, name=name)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(MicrobatchError, match=r"default for 'shift' is a tensor of shape \(4, 8\), with the batch's "
                                               r"size \(4\).*Pass it at every call"):
@@ -367,4 +378,4 @@ def test_a_default_tensor_argument_is_part_of_the_split_and_refused_where_microb
     shift = torch.arange(4.0).unsqueeze(1).expand(4, 8)
     passed = autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,), example_kwargs={"shift": shift},
                                  microbatches=2)
-    assert_same(passed(x, shift=shift), model(x))
+    assert_same(passed(x, shift=shift), model(x))  # the model, after the step both took
