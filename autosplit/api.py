@@ -99,9 +99,11 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
 
     With ``microbatches`` = m > 1 (default: the plan's, else 1) every call cuts its batch into m
     equal microbatches along dimension 0 and runs the stages in a GPipe wavefront, so the devices
-    work at the same time; outputs are joined again, and outputs and gradients equal m = 1. The
-    split is captured and planned for one microbatch. Layers that couple the samples of a batch
-    (BatchNorm in training mode) are refused with m > 1.
+    work at the same time; each output is joined again along its own batch dimension (found by
+    capturing the model again at the whole batch, :func:`autosplit.rewrite.output_batch_dims`),
+    and outputs and gradients equal m = 1. The split is captured and planned for one microbatch.
+    Layers that couple the samples of a batch (BatchNorm in training mode), scalar outputs and
+    outputs without a batch dimension of their own are refused with m > 1.
 
     ``batch_dims`` says which dimension of each input holds the batch, by forward-argument name
     (positional inputs by their parameter's name, keyword inputs by key): ``{"x": 1}`` cuts x

@@ -11,8 +11,8 @@ kernels are queued without waiting, copies between devices order the two streams
 kernel waits for the sender's stream and the receiver's stream waits for the copy), and the
 autograd engine runs each device's backward on its own thread, on the stream its forward used,
 so backward overlaps too. On CPU devices the stages run one after the other, with the same
-results. The outputs of the microbatches are joined along dimension 0, so loss and gradients
-equal the unsplit batch's.
+results. The outputs of the microbatches are joined along each one's batch dimension (found at
+capture, :attr:`Pipeline.join_dims`), so loss and gradients equal the unsplit batch's.
 """
 
 from __future__ import annotations
@@ -204,6 +204,10 @@ class Pipeline(nn.Module):
         self.labels: dict[str, str] = {}
         """How errors name each result: its place in the model's output (``output[1]``,
         ``output['loss']``), not the graph node that makes it."""
+        self.join_dims: dict[str, tuple[int | str, ...]] = {}
+        """The batch dimension of each tensor in each result (:func:`tensor_leaves` order), by
+        result name, as the capture found it; a str says why a tensor has none. Results not
+        here join along dimension 0 where only that dimension has the microbatch's size."""
 
     @classmethod
     def from_graph(cls, gm: fx.GraphModule, stage_of: dict[fx.Node, int], devices: Sequence[torch.device],
@@ -284,8 +288,8 @@ class Pipeline(nn.Module):
                     env.update(zip(self.outputs[s], values))
                     for name in self.release[s]:
                         env.pop(name, None)
-            joined = tuple(_join(self.labels.get(name, name), [env[name] for env in envs], chunk)
-                           for name in self.results)
+            joined = tuple(_join(self.labels.get(name, name), [env[name] for env in envs], chunk,
+                                 self.join_dims.get(name)) for name in self.results)
             for value in joined:  # made on a pipeline stream, used next on the caller's
                 if isinstance(value, torch.Tensor) and value.device in callers:
                     value.record_stream(callers[value.device])
@@ -332,33 +336,83 @@ class Pipeline(nn.Module):
                 callers[device].wait_stream(stream)
 
 
-def _join(name: str, values: list[Any], chunk: int) -> Any:
-    """Join one output's values over the microbatches: tensors along dimension 0, containers
-    (tuples, dicts, model-output classes, dataclasses) leaf by leaf; other values must agree."""
+def tensor_leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors in an output value, in the order :func:`_join` visits them: containers
+    (tuples, dicts, model-output classes) leaf by leaf, dataclasses field by field."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and type(value) not in pytree.SUPPORTED_NODES:
+        return [t for f in dataclasses.fields(value) if f.init for t in tensor_leaves(getattr(value, f.name))]
+    leaves = pytree.tree_leaves(value)
+    if len(leaves) == 1 and leaves[0] is value:
+        return []
+    return [t for leaf in leaves for t in tensor_leaves(leaf)]
+
+
+def _join(name: str, values: list[Any], chunk: int, dims: Sequence[int | str] | None = None) -> Any:
+    """Join one output's values over the microbatches: each tensor along its batch dimension,
+    containers (tuples, dicts, model-output classes, dataclasses) leaf by leaf; other values must
+    agree. ``dims`` gives each tensor's batch dimension, in :func:`tensor_leaves` order, as the
+    capture found it (or why it has none, a str); without it a tensor joins along dimension 0
+    when only that dimension has the microbatch's size."""
+    return _join_value(name, values, chunk, iter(dims) if dims is not None else None)
+
+
+def _join_value(name: str, values: list[Any], chunk: int, dims: Iterator[int | str] | None) -> Any:
     first = values[0]
     if isinstance(first, torch.Tensor):
-        if first.dim() == 0:
+        dim = next(dims, None) if dims is not None else None
+        if isinstance(dim, str):
+            raise MicrobatchError(f"{_called(name)} {dim}")
+        if dim is None:
+            dim = _batch_dim_by_size(name, values, chunk)
+        elif any(v.dim() <= dim or v.shape[dim] != chunk for v in values):
             raise MicrobatchError(
-                f"the model returns a scalar ({name}, e.g. a loss computed inside forward): it cannot be "
-                "joined from microbatches without changing its value. Return the per-sample outputs and compute "
-                "the loss outside the model, or use microbatches=1")
-        if any(v.dim() == 0 or v.shape[0] != chunk for v in values):
-            raise MicrobatchError(
-                f"the output {name} has shape {tuple(first.shape)} per microbatch of {chunk}: its dimension 0 "
-                "is not the batch, so it cannot be joined; return batch-first outputs, or use microbatches=1")
-        return torch.cat(values, dim=0)
+                f"{_called(name)} has shape {tuple(first.shape)} per microbatch of {chunk}, but its batch "
+                f"dimension at capture was {dim}: its shape depends on the batch in a way the capture did not "
+                "show; use microbatches=1")
+        return torch.cat(values, dim=dim)
     if dataclasses.is_dataclass(first) and not isinstance(first, type) and type(first) not in pytree.SUPPORTED_NODES:
         return dataclasses.replace(first, **{
-            f.name: _join(f"{name}.{f.name}", [getattr(v, f.name) for v in values], chunk)
+            f.name: _join_value(f"{name}.{f.name}", [getattr(v, f.name) for v in values], chunk, dims)
             for f in dataclasses.fields(first) if f.init})
     leaves, structure = pytree.tree_flatten(first)
     if not (len(leaves) == 1 and leaves[0] is first):
         columns = zip(*(pytree.tree_leaves(v) for v in values))
-        return pytree.tree_unflatten([_join(name, list(column), chunk) for column in columns], structure)
+        return pytree.tree_unflatten([_join_value(name, list(column), chunk, dims) for column in columns], structure)
     if any(v is not first and v != first for v in values[1:]):
-        raise MicrobatchError(f"the output {name} differs between microbatches and is not a tensor: "
+        raise MicrobatchError(f"{_called(name)} differs between microbatches and is not a tensor: "
                               "it cannot be joined; use microbatches=1")
     return first
+
+
+SCALAR_OUTPUT = ("is a scalar (e.g. a loss computed inside forward): it cannot be joined from microbatches without "
+                 "changing its value. Return the per-sample outputs and compute the loss outside the model, or use "
+                 "microbatches=1")
+
+
+def _batch_dim_by_size(name: str, values: list[torch.Tensor], chunk: int) -> int:
+    """Dimension 0, for an output whose batch dimension the capture did not give, when only that
+    dimension has the microbatch's size in every microbatch; anything else is refused."""
+    first = values[0]
+    if first.dim() == 0:
+        raise MicrobatchError(f"{_called(name)} {SCALAR_OUTPUT}")
+    sized = sorted(set.intersection(*({d for d in range(v.dim()) if v.shape[d] == chunk} for v in values)))
+    if sized == [0]:
+        return 0
+    if not sized or sized[0] != 0:
+        raise MicrobatchError(
+            f"{_called(name)} has shape {tuple(first.shape)} per microbatch of {chunk}: its dimension 0 "
+            "is not the batch, so it cannot be joined; return batch-first outputs, or use microbatches=1")
+    raise MicrobatchError(
+        f"{_called(name)} has shape {tuple(first.shape)} per microbatch of {chunk}: its dimensions {sized} all "
+        "have the microbatch's size, and the capture could not tell which one holds the batch: use "
+        "microbatches=1, or return the output with the batch as its only dimension of that size")
+
+
+def _called(name: str) -> str:
+    """How an error names an output: by its place in the model's output where known."""
+    return f"the model's {name}" if name.startswith("output") else f"the output {name}"
 
 
 def _unique(items: Any) -> list[Any]:

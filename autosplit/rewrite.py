@@ -30,9 +30,9 @@ from torch import nn
 from autosplit.errors import AutosplitError, InputSignatureError, MicrobatchError
 from autosplit.graph import OpGraph
 from autosplit.modes import in_mode
-from autosplit.pipeline import Pipeline, cut_microbatches, resolve_batch_dims
+from autosplit.pipeline import SCALAR_OUTPUT, Pipeline, cut_microbatches, resolve_batch_dims, tensor_leaves
 from autosplit.plan import Plan
-from autosplit.trace import TensorSpec, Traced
+from autosplit.trace import TensorSpec, Traced, capture
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +323,9 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
                          "first (model.to_empty(device=...) then load_state_dict), or only plan with autosplit.plan()")
     _check_microbatched_writes(traced, microbatches)
     gm = traced.graph_module
+    declared = {**_spec_batch_dims(model, traced), **dict(batch_dims or {})}
+    join_dims = output_batch_dims(model, traced, declared, microbatches) if microbatches > 1 else {}
+    _refuse_unjoinable(gm, join_dims)
     stage_of = _stages_of_nodes(gm, plan)
     homes = _weight_homes(model, traced, plan)
     moves = _state_moves(model, gm, traced, homes, stage_of, devices)
@@ -335,8 +338,8 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
     split = fx.GraphModule(_targets(gm, graph, in_modes), graph, class_name="SplitGraph")
     split.graph.lint()
     if microbatches > 1:
-        declared = {**_spec_batch_dims(model, traced), **dict(batch_dims or {})}
-        split = _pipelined(split, placed, once, devices, microbatches, _placeholder_arguments(model, gm), declared)
+        split = _pipelined(split, placed, once, devices, microbatches, _placeholder_arguments(model, gm), declared,
+                           _renamed(join_dims, gm, split))
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
             setattr(split, attr, getattr(gm, attr))
@@ -350,11 +353,14 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
 
 
 def _pipelined(split: fx.GraphModule, placed: dict[fx.Node, int], once: set[fx.Node], devices: list[torch.device],
-               microbatches: int, arguments: list[str], batch_dims: dict[str, int | None]) -> fx.GraphModule:
+               microbatches: int, arguments: list[str], batch_dims: dict[str, int | None],
+               join_dims: dict[str, tuple[int | str, ...]]) -> fx.GraphModule:
     """The split graph with its body replaced by a :class:`Pipeline` over the same stages: the
     inputs and the output structure stay the split graph's. The nodes in ``once`` (weights sent
-    to the other stages that read them) run once per call, before the microbatches."""
+    to the other stages that read them) run once per call, before the microbatches; each result
+    joins along the dimensions ``join_dims`` gives it (:func:`output_batch_dims`)."""
     pipeline = Pipeline.from_graph(split, placed, devices, microbatches, arguments, batch_dims, once=once)
+    pipeline.join_dims = dict(join_dims)
     top = fx.Graph()
     top._codegen = split.graph._codegen
     inputs = [top.node_copy(n) for n in split.graph.nodes if n.op == "placeholder"]
@@ -365,6 +371,98 @@ def _pipelined(split: fx.GraphModule, placed: dict[fx.Node, int], once: set[fx.N
     top.output(fx.node.map_arg(output.args[0], lambda n: by_name[n.name]) if output.args else None)
     top.lint()
     return fx.GraphModule({"pipeline": pipeline}, top, class_name="PipelinedSplitGraph")
+
+
+def output_batch_dims(model: nn.Module, traced: Traced, batch_dims: Mapping[str, int | None],
+                      microbatches: int) -> dict[str, tuple[int | str, ...]]:
+    """Where each output holds the batch, found by capturing the model again at ``microbatches``
+    times the batch of ``traced`` (one microbatch) and comparing every output's shape: the batch
+    dimension of a tensor is the one whose size is the batch in both captures. For each node the
+    graph returns, one entry per tensor of its value (:func:`autosplit.pipeline.tensor_leaves`
+    order): that dimension, or a str saying why the tensor has none (a scalar, a statistic over
+    the batch, the batch mixed with other sizes). ``batch_dims`` gives the inputs' batch
+    dimensions (the rest follow :func:`autosplit.pipeline.resolve_batch_dims`).
+
+    Returns {} where the model cannot be captured again at the larger batch (data-dependent
+    shapes): the outputs then join along dimension 0 where only it has the microbatch's size.
+    """
+    try:
+        bound = inspect.signature(model.forward).bind(*traced.example_args, **traced.example_kwargs)
+        arguments = {name: pytree.tree_map(_spec_as_meta, value) for name, value in bound.arguments.items()}
+        dims = resolve_batch_dims(arguments, {k: v for k, v in batch_dims.items() if k in arguments}, microbatches=1)
+        source = next(name for name, dim in dims.items() if dim is not None)
+        small = next(t for t in pytree.tree_leaves(arguments[source]) if isinstance(t, torch.Tensor) and t.dim() > 0
+                     ).shape[dims[source]]
+        for name, dim in dims.items():
+            if dim is not None:
+                bound.arguments[name] = pytree.tree_map(lambda x, d=dim: _grown(x, d, microbatches), bound.arguments[name])
+        large = capture(model, tuple(bound.args), dict(bound.kwargs), tracer=traced.tracer,
+                        leaf_modules=traced.leaf_modules)
+    except Exception as e:  # the outputs join by size instead, refusing what that cannot tell
+        logger.info("no batch dimensions of the outputs: capturing %s at %d× the batch failed (%s)",
+                    type(model).__name__, microbatches, e)
+        return {}
+    values = {n.name: n.meta.get("val") for n in large.graph.nodes}
+    output = next(n for n in traced.graph.nodes if n.op == "output")
+    found: dict[str, tuple[int | str, ...]] = {}
+    for node in output.all_input_nodes:
+        if node.name not in values or "val" not in node.meta:
+            continue
+        pairs = list(zip(tensor_leaves(node.meta["val"]), tensor_leaves(values[node.name])))
+        if len(pairs) == len(tensor_leaves(node.meta["val"])):
+            found[node.name] = tuple(_batch_dim(a, b, small, small * microbatches) for a, b in pairs)
+    return found
+
+
+def _spec_as_meta(value: Any) -> Any:
+    return value.materialize(torch.device("meta")) if isinstance(value, TensorSpec) else value
+
+
+def _grown(value: Any, dim: int, factor: int) -> Any:
+    """A spec ``factor`` times as large along ``dim``."""
+    if not isinstance(value, TensorSpec) or len(value.shape) <= dim:
+        return value
+    shape = list(value.shape)
+    shape[dim] *= factor
+    return TensorSpec(tuple(shape), value.dtype, value.dims)
+
+
+def _batch_dim(small: torch.Tensor, large: torch.Tensor, batch: int, grown: int) -> int | str:
+    """The dimension of an output that holds the batch: ``batch`` in the ``small`` capture and
+    ``grown`` in the ``large`` one, every other dimension the same; or why there is none."""
+    was, now = tuple(small.shape), tuple(large.shape)
+    if not was and not now:
+        return SCALAR_OUTPUT
+    changed = [d for d in range(len(was)) if len(was) == len(now) and was[d] != now[d]]
+    if len(was) == len(now) and not changed:
+        return (f"has shape {was} whatever the batch size, so it holds no batch to join microbatches along "
+                "(e.g. a statistic over the whole batch): return per-sample values, or use microbatches=1")
+    if len(changed) == 1 and (was[changed[0]], now[changed[0]]) == (batch, grown):
+        return changed[0]
+    return (f"has shape {was} for a batch of {batch} and {now} for {grown}: no one dimension of it is the batch "
+            "(e.g. the batch flattened with the sequence), so microbatches cannot be joined exactly. Return it with "
+            "the batch as a dimension of its own, or use microbatches=1")
+
+
+def _refuse_unjoinable(gm: fx.GraphModule, join_dims: Mapping[str, tuple[int | str, ...]]) -> None:
+    """Refuse, before anything moves, an output the capture found no batch dimension in."""
+    labels = _output_labels(next(n for n in gm.graph.nodes if n.op == "output"))
+    for name, dims in join_dims.items():
+        reason = next((d for d in dims if isinstance(d, str)), None)
+        if reason is not None:
+            raise MicrobatchError(f"the model's {labels.get(name, 'output')} {reason}")
+
+
+def _renamed(join_dims: Mapping[str, tuple[int | str, ...]], gm: fx.GraphModule, split: fx.GraphModule
+             ) -> dict[str, tuple[int | str, ...]]:
+    """``join_dims`` keyed by the split graph's result nodes (which may be transfers to the
+    output device): the two graphs return the same structure, leaf for leaf."""
+    def leaves(graph: fx.Graph) -> list[Any]:
+        output = next(n for n in graph.nodes if n.op == "output")
+        return pytree.tree_leaves(output.args[0] if output.args else None)
+
+    return {new.name: join_dims[old.name] for old, new in zip(leaves(gm.graph), leaves(split.graph))
+            if isinstance(old, fx.Node) and isinstance(new, fx.Node) and old.name in join_dims}
 
 
 def _placeholder_arguments(model: nn.Module, gm: fx.GraphModule) -> list[str]:

@@ -186,6 +186,8 @@ class Traced:
     batch statistics) whatever mode it is later put in; an fx graph follows its modules' mode."""
     notes: list[str] = field(default_factory=list)
     """What the capture chose for the user, to say in the plan (e.g. :data:`CACHE_OFF`)."""
+    leaf_modules: tuple[type[nn.Module] | str, ...] = ()
+    """The ``leaf_modules`` the capture was given: capturing again with them gives the same nodes."""
 
     @property
     def graph(self) -> fx.Graph:
@@ -305,6 +307,7 @@ def capture(
         logger.info("captured %s with %s after fx failed: %s", type(model).__name__, name, failures[0][1])
     traced = _annotate(model, gm, name, example_inputs, example_kwargs, device)
     traced.notes = notes
+    traced.leaf_modules = tuple(leaf_modules)
     if dynamic:
         traced.symbols = _named_symbols(gm, signature, dynamic_shapes)
     return traced
@@ -673,16 +676,24 @@ def _no_stack_traces() -> Iterator[None]:
         fx_config.do_not_emit_stack_traces = before
 
 
+def _run_on_meta(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The model's output for these inputs, computed on meta copies of its weights and inputs
+    (specs included): shapes and structure only, nothing real runs or is written. Raises what the
+    model raises on meta (data-dependent code, ops without a meta kernel)."""
+    copies: dict[int, Any] = {}
+    state = {name: copies.setdefault(id(t), _meta_copy(t)) for name, t in _named_state(model)}
+    meta = torch.device("meta")
+    with torch.no_grad(), _capture_context(model):
+        return torch.func.functional_call(model, state, _materialize(args, meta), _materialize(kwargs, meta))
+
+
 def _register_output_dataclasses(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     """Register the dataclasses found in the model's output as pytrees; True if any was new.
 
     export must flatten outputs; a plain dataclass is opaque to it until registered.
     """
-    state = {name: _meta_copy(t) for name, t in _named_state(model)}
     try:
-        with torch.no_grad():
-            out = torch.func.functional_call(model, state, _materialize(args, torch.device("meta")),
-                                              _materialize(kwargs, torch.device("meta")))
+        out = _run_on_meta(model, args, kwargs)
     except Exception:
         return False
     found: list[type] = []

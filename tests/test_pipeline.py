@@ -70,16 +70,81 @@ def test_outputs_that_cannot_be_joined_and_batches_that_cannot_be_cut_get_clear_
             return self.b(self.a(x)).sum(0)
 
     x = torch.randn(6, 4)
-    with pytest.raises(MicrobatchError, match=r"returns a scalar \(output, .*compute the loss outside"):
-        autosplit.autosplit(LossInside(), devices=2, example_inputs=(x,), microbatches=2)(x)
-    with pytest.raises(MicrobatchError, match="output has shape \\(4,\\) per microbatch of 3.*not the batch"):
-        autosplit.autosplit(NotBatchFirst(), devices=2, example_inputs=(x,), microbatches=2)(x)
+    # refused when the split is built, before any weight moves: the capture shows the outputs' shapes
+    with pytest.raises(MicrobatchError, match=r"model's output is a scalar .*compute the loss outside"):
+        autosplit.autosplit(LossInside(), devices=2, example_inputs=(x,), microbatches=2)
+    model = NotBatchFirst()
+    before = copy.deepcopy(model)
+    with pytest.raises(MicrobatchError, match=r"model's output has shape \(4,\) whatever the batch size"):
+        autosplit.autosplit(model, devices=2, example_inputs=(x,), microbatches=2)
+    for (name, got), want in zip(model.state_dict().items(), before.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name
+    # without an example the refusal comes at the first call, which captures
+    with pytest.raises(MicrobatchError, match=r"model's output is a scalar"):
+        autosplit.autosplit(LossInside(), devices=2, microbatches=2)(x)
     with pytest.raises(MicrobatchError, match="batch of 3 cannot be cut into 2"):
         cut_microbatches([torch.randn(3, 4)], 2)
     with pytest.raises(MicrobatchError, match="needs a tensor input with a batch dimension"):
         cut_microbatches([1.0, torch.tensor(2.0)], 2)
     flag, mask = 0.5, torch.ones(1, 3)  # not batched: every microbatch gets them whole
     assert [chunk[1:] for chunk in cut_microbatches([torch.zeros(4, 2), flag, mask], 2)] == [[flag, mask]] * 2
+
+
+class SeqState(nn.Module):
+    """An LSTM that returns its final state: ``h`` and ``c`` are (layers, batch, hidden)."""
+
+    def __init__(self, layers: int = 2):
+        super().__init__()
+        self.inp = nn.Linear(3, 6)
+        self.rnn = nn.LSTM(6, 6, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        out, (h, c) = self.rnn(self.inp(x))
+        return self.head(out), (h, c)
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_outputs_join_along_the_batch_dimension_the_capture_found(layers):
+    # 2 layers = the microbatch of 2 too: h and c, (layers, batch, hidden), would pass a dim-0 join
+    model = SeqState(layers)
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 7, 3)
+    x = torch.cat([x, x.flip(0)])[:4]
+    split = autosplit.autosplit(model, devices=2, example_inputs=(x,), microbatches=2)
+    assert sorted(split.graph_module.pipeline.join_dims.values()) == [(0,), (1,), (1,)]
+    (out, (h, c)), (want, (want_h, want_c)) = split(x), reference(x)
+    for got, expected, name in [(out, want, "output"), (h, want_h, "h"), (c, want_c, "c")]:
+        assert_same(got, expected, name=name)
+    (out.sum() + h.square().sum() + c.square().sum()).backward()
+    (want.sum() + want_h.square().sum() + want_c.square().sum()).backward()
+    for (name, p1), p2 in zip(split.named_parameters(), reference.parameters(), strict=True):
+        assert_same(p1.grad, p2.grad, name=f"{name}.grad")
+
+
+def test_outputs_with_the_batch_mixed_into_a_dimension_are_refused():
+    class Flattened(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return {"tokens": self.b(self.a(x)).flatten(0, 1)}
+
+    with pytest.raises(MicrobatchError, match=r"model's output\['tokens'\] has shape \(9, 4\) for a batch of 3 and "
+                                              r"\(18, 4\) for 6: no one dimension of it is the batch"):
+        autosplit.autosplit(Flattened(), devices=2, example_inputs=(torch.randn(6, 3, 4),), microbatches=2)
+
+
+def test_without_the_capture_outputs_join_along_dimension_0_only_where_unambiguous():
+    from autosplit.pipeline import _join
+
+    parts = [torch.randn(2, 5), torch.randn(2, 5)]
+    assert_same(_join("output", parts, 2), torch.cat(parts))
+    assert_same(_join("output", [p.T for p in parts], 2, dims=(1,)), torch.cat([p.T for p in parts], dim=1))
+    with pytest.raises(MicrobatchError, match=r"output\[1\] has shape \(2, 2, 6\) per microbatch of 2: its "
+                                              r"dimensions \[0, 1\] all have the microbatch's size"):
+        _join("output[1]", [torch.randn(2, 2, 6)] * 2, 2)
 
 
 def test_keyword_inputs_and_hugging_face_outputs_are_cut_and_joined():
@@ -341,9 +406,8 @@ def test_a_microbatch_error_names_the_output_by_its_place_in_the_model_output():
             return h, {"loss": h.square().mean(), "h": h}
 
     x = torch.randn(6, 5, 4)
-    split = autosplit.autosplit(Nested(), devices=["cpu", "cpu"], example_inputs=(x,), microbatches=2)
-    with pytest.raises(MicrobatchError, match=r"returns a scalar \(output\[1\]\['loss'\], "):
-        split(x)
+    with pytest.raises(MicrobatchError, match=r"^the model's output\[1\]\['loss'\] is a scalar "):
+        autosplit.autosplit(Nested(), devices=["cpu", "cpu"], example_inputs=(x,), microbatches=2)
 
 
 class _DefaultShift(nn.Module):
