@@ -67,7 +67,8 @@ class OpGraph:
 
     Node attributes: ``kind`` (input, output, weight, compute), ``members`` (fx node names),
     ``module_path`` and ``module_type`` (the owning module), ``reads`` (parameters and buffers
-    read), ``output_bytes``. Edge attribute: ``tensors``.
+    read), ``output_bytes``. Edge attribute: ``tensors`` (empty on an edge that only keeps the
+    model's order of accesses to a buffer it writes in place).
     """
 
     def __init__(
@@ -111,6 +112,7 @@ class OpGraph:
             for arg in node.all_input_nodes:
                 tensor = Tensor(arg.name, traced.nodes[arg.name].output_bytes, arg.op == "get_attr")
                 dag.add_edge(arg.name, node.name, tensors={arg.name: tensor})
+        _order_state_accesses(dag, traced)
         return cls(dag, order, dict(traced.nodes), dict(traced.module_types))
 
     # ------------------------------------------------------------------ queries
@@ -311,6 +313,31 @@ class OpGraph:
         coarse = OpGraph(dag, order, self.infos, self.module_types, coarse=True)
         logger.debug("coarsened %d ops into %d blocks", len(self), len(coarse))
         return coarse
+
+
+def _order_state_accesses(dag: nx.DiGraph, traced: Traced) -> None:
+    """Edges without tensors (``tensors={}``) that keep the accesses of a parameter or buffer
+    the model writes in place in the model's order: each write after the reads before it, each
+    access after the write before it. An fx graph reads a buffer through a fresh ``get_attr``
+    after ``self.ema.lerp_(...)``, with no data edge from the write: without these edges a
+    topological order could run that read before the write."""
+    written = set(traced.written())
+    if not written:
+        return
+    last_write: dict[str, str] = {}
+    since: dict[str, list[str]] = {}  # accesses after the last write
+    for node in traced.graph.nodes:
+        info = traced.nodes[node.name]
+        for name in sorted(written & {*info.reads, *info.writes}):
+            earlier = [last_write[name]] if name in last_write else []
+            if name in info.writes:
+                earlier += since.pop(name, [])
+                last_write[name] = node.name
+            else:
+                since.setdefault(name, []).append(node.name)
+            for u in earlier:
+                if u != node.name and not dag.has_edge(u, node.name):
+                    dag.add_edge(u, node.name, tensors={})
 
 
 def _atomic_modules(graph: OpGraph, max_block_share: float | None) -> set[str]:

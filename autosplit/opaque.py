@@ -121,7 +121,9 @@ def kept_whole(model: nn.Module, tracer: fx.Tracer | None) -> Iterator[None]:
         proxy = _traced((args, kwargs))
         if issubclass(cls, checkpoint_module.CheckpointFunction) and (refuse or proxy is not None):
             _refuse_checkpoint(args[0] if args else None, refuse)
-        if refuse:
+        if refuse and not cls.__module__.startswith("torch._library."):
+            # torch.library custom ops with register_autograd call a generated Function here;
+            # export keeps such an op as one node with its registered backward.
             raise OpaqueCallError(
                 f"{_function_name(cls)} is a custom torch.autograd.Function, and torch.export traces its forward "
                 "and would differentiate that instead of calling its backward. Capture with tracer='fx', which keeps "

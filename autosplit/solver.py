@@ -1384,8 +1384,8 @@ def travelling_readers(graph: OpGraph, ops: Sequence[str], replicated: Mapping[s
     readers: dict[str, list[int]] = {}
     for v in position:
         for u in graph.dag.predecessors(v):
-            if graph.infos[u].op == "get_attr":
-                continue
+            if graph.infos[u].op == "get_attr" or not graph.dag.edges[u, v]["tensors"]:
+                continue  # a weight, or an edge that only orders accesses to a written buffer
             for source in replicated.get(u, (u,)):
                 readers.setdefault(source, []).append(position[v])
     return {u: r for u, r in readers.items() if u not in replicated}

@@ -29,10 +29,11 @@ import inspect
 import io
 import linecache
 import logging
-import weakref
+import operator
 import os
 import re
 import sysconfig
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -474,6 +475,12 @@ class _LeafTracer(fx.Tracer):
         self.leaf_now: set[str] = set()
         self.checkpointed: dict[str, dict[str, Any]] = {}
 
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if not torch.is_grad_enabled():  # inside `with torch.no_grad():` in the model's code
+            node.meta["grad_enabled"] = False
+        return node
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if (self.leaf_types and isinstance(m, self.leaf_types)) or module_qualified_name in self.leaf_paths \
                 or module_qualified_name in self.leaf_now:
@@ -501,8 +508,9 @@ def _trace_fx(
         if not any(isinstance(x, (torch.Tensor, TensorSpec)) for x in pytree.tree_leaves(value))
     }
     tracer = _LeafTracer(leaf_types, leaf_paths)
-    with _scratch_buffers(model) as scratch, kept_whole(model, tracer):  # Functions, checkpoints: one node each
-        graph = tracer.trace(model, concrete_args=concrete)
+    # Traced with grad enabled, so the nodes made inside the model's no_grad regions show as such.
+    with _scratch_buffers(model) as scratch, kept_whole(model, tracer), torch.enable_grad():
+        graph = tracer.trace(model, concrete_args=concrete)  # Functions, checkpoints: one node each
     written = [name for name, copy in scratch if copy._version > 0]
     if written:
         raise UnrecordedWriteError(
@@ -541,6 +549,7 @@ def _trace_fx(
             # Data-dependent code (`.item()`, `.tolist()`) cannot run on meta; real weights can.
             logger.info("shape propagation on meta failed (%s); propagating on %s", e, device)
             _ValuePropagator(gm, to_meta=False).run(*_materialize(values, device))
+    _detach_no_grad_regions(gm)
     return gm
 
 
@@ -635,6 +644,8 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, device: torch.dev
         ep = _export(model, args, kwargs, dynamic_shapes)
     # Guards would reject any batch size but the traced one; the input check stays.
     gm = ep.module(check_guards=False)
+    _inline_grad_regions(gm)
+    _detach_no_grad_regions(gm)
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
@@ -644,9 +655,8 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, device: torch.dev
 
 def _export(model: nn.Module, args: tuple, kwargs: dict,
             dynamic_shapes: dict[str, Any] | None = None) -> torch.export.ExportedProgram:
-    # Under no_grad export records no grad-mode switches (e.g. Llama's rotary embedding wraps
-    # itself in one), which would otherwise become higher-order ops that cannot be split.
-    # A failed export prints the partial graph to stderr and logs a warning about it: the
+    # Exported with grad enabled: the model's own no_grad regions come back as higher-order ops
+    # (_inline_grad_regions). A failed export prints the partial graph to stderr and logs a warning about it: the
     # TraceError says what matters in one message, the rest goes to the debug log.
     # Source stack traces are not recorded on the nodes: nothing here reads them, and collecting
     # one per op is about a fifth of the export time of a large model.
@@ -655,12 +665,104 @@ def _export(model: nn.Module, args: tuple, kwargs: dict,
     noisy.setLevel(logging.ERROR)
     stderr = io.StringIO()
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(stderr), _no_stack_traces(), kept_whole(model, None):
+        with torch.enable_grad(), contextlib.redirect_stderr(stderr), _no_stack_traces(), kept_whole(model, None):
             return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     finally:
         noisy.setLevel(level)
         if stderr.getvalue():
             logger.debug("torch.export printed:\n%s", stderr.getvalue())
+
+
+_SET_GRAD = torch.ops.higher_order.wrap_with_set_grad_enabled
+
+
+def _inline_grad_regions(gm: fx.GraphModule) -> None:
+    """Inline the grad-mode regions export keeps as higher-order ops (``with torch.no_grad():``
+    in the model's code becomes ``wrap_with_set_grad_enabled(False, submodule, *inputs)``), each
+    inlined node marked with the region's mode in ``meta["grad_enabled"]`` (inner regions keep
+    their own), so the graph can be split through them; :func:`_detach_no_grad_regions` then
+    keeps what the mode did."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not _SET_GRAD:
+            continue
+        enabled, holder, *inputs = node.args
+        body = getattr(gm, holder.target)
+        _inline_grad_regions(body)
+        env: dict[fx.Node, Any] = {}
+        placeholders = iter(inputs)
+        results: Any = None
+        with gm.graph.inserting_before(node):
+            for inner in body.graph.nodes:
+                if inner.op == "placeholder":
+                    env[inner] = next(placeholders)
+                elif inner.op == "output":
+                    results = fx.node.map_arg(inner.args[0], env.__getitem__)
+                elif inner.op == "get_attr":
+                    env[inner] = gm.graph.get_attr(_adopt(gm, body, inner.target))
+                else:
+                    env[inner] = gm.graph.node_copy(inner, env.__getitem__)
+                    env[inner].meta.setdefault("grad_enabled", bool(enabled))
+        for user in list(node.users):  # getitem(region, i) -> the region's i-th result
+            assert user.target is operator.getitem, user
+            user.replace_all_uses_with(results[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        if not holder.users:
+            gm.graph.erase_node(holder)
+            delattr(gm, holder.target)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _adopt(gm: fx.GraphModule, body: fx.GraphModule, target: str) -> str:
+    """The name under which ``gm`` reaches what ``body`` fetches as ``target``."""
+    value = _fetch(body, target)
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False),
+                    *gm.named_modules(remove_duplicate=False)]:
+        if t is value:
+            return name
+    name = f"_region_{target.replace('.', '_')}"
+    setattr(gm, name, value)
+    return name
+
+
+def _detach_no_grad_regions(gm: fx.GraphModule) -> None:
+    """Keep what the model's ``torch.no_grad()`` regions do when the graph runs in grad mode:
+    every tensor a region's op reads from outside the region, and every tensor it makes, passes
+    through ``detach``. No gradient then reaches a region's inputs or the weights its layers
+    read, and a buffer it updates in place stays free of autograd history, exactly as under
+    no_grad (the nodes carry ``meta["grad_enabled"] = False``, set while tracing)."""
+    region = [n for n in gm.graph.nodes if n.meta.get("grad_enabled") is False
+              and n.op in ("call_function", "call_method", "call_module")]
+    if not region:
+        return
+    inside = set(region)
+    exported = any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+
+    def detached(source: fx.Node, after: fx.Node, owner: fx.Node) -> fx.Node:
+        with gm.graph.inserting_after(after):
+            node = (gm.graph.call_function(torch.ops.aten.detach.default, (source,)) if exported
+                    else gm.graph.call_method("detach", (source,)))
+        node.meta = {k: v for k, v in owner.meta.items() if k in ("nn_module_stack", "stack_trace")}
+        node.meta["val"] = source.meta["val"].detach()
+        ours.add(node)
+        return node
+
+    ours: set[fx.Node] = set()
+    for node in region:
+        cut = {}
+        for source in node.all_input_nodes:
+            if source not in inside and source not in ours and isinstance(source.meta.get("val"), torch.Tensor) \
+                    and source not in cut:
+                cut[source] = detached(source, node.prev, node)
+        if cut:
+            node.args = fx.node.map_arg(node.args, lambda n: cut.get(n, n))
+            node.kwargs = fx.node.map_arg(node.kwargs, lambda n: cut.get(n, n))
+        if isinstance(node.meta.get("val"), torch.Tensor) and node.users:
+            made = detached(node, node, node)
+            node.replace_all_uses_with(made, delete_user_cb=lambda user: user is not made)
+    gm.graph.lint()
+    gm.recompile()
 
 
 @contextlib.contextmanager

@@ -145,9 +145,12 @@ def price_graph(gm: fx.GraphModule, *, training: bool = True) -> dict[str, OpCos
                                       alias=True, grad_bytes=grad)
             continue
         key = signature(node, gm, needs_grad)
+        backward = training and node.meta.get("grad_enabled") is not False  # none in a no_grad region
+        if key is not None and not backward:
+            key += "|no backward"
         measured = cache.get(key) if key is not None else None
         if measured is None:
-            measured = _measure(node, gm, needs_grad, training)
+            measured = _measure(node, gm, needs_grad, backward)
             if key is not None:
                 cache[key] = measured
         cost, saved = measured
@@ -522,7 +525,8 @@ def _fused_attention(args: Any, kwargs: Any, out: Any, inputs: dict, training: b
 
 
 def needs_grad_of(gm: fx.GraphModule) -> dict[str, bool]:
-    """Which nodes' values depend on a trainable weight (their gradient is computed)."""
+    """Which nodes' values depend on a trainable weight (their gradient is computed): not those
+    of a ``detach``, nor those made in the model's no_grad regions (``meta["grad_enabled"]``)."""
     needs: dict[str, bool] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":  # an input needs a gradient only if it asks for one
@@ -531,6 +535,8 @@ def needs_grad_of(gm: fx.GraphModule) -> dict[str, bool]:
         elif node.op == "get_attr":
             t = _fetch(gm, node.target)
             needs[node.name] = isinstance(t, nn.Parameter) and t.requires_grad
+        elif node.meta.get("grad_enabled") is False or node.target in ("detach", torch.ops.aten.detach.default):
+            needs[node.name] = False  # run in the model's no_grad regions, or cut off from autograd
         elif node.op == "call_module":
             module = gm.get_submodule(node.target)
             needs[node.name] = any(p.requires_grad for p in module.parameters()) or any(

@@ -240,6 +240,24 @@ class RunningNorm(nn.Module):
         return (x - mean) / (var + 1e-5).sqrt()
 
 
+class NoGradStats(nn.Module):
+    """Code under ``torch.no_grad()``: a running mean updated there and read after the update
+    (no data edge links the write to the read in an fx graph), and a frozen target branch whose
+    layer must get no gradient and pass none back."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.a, self.target, self.b = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.register_buffer("running_mean", torch.zeros(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            self.running_mean.lerp_(h.mean(0), 0.1)
+            goal = torch.sigmoid(self.target(h))
+        return self.b(h - self.running_mean) * goal
+
+
 class RunningNormNet(nn.Module):
     def __init__(self, d: int = 8):
         super().__init__()
@@ -449,9 +467,14 @@ def running_norm(device: str = "cpu") -> Built:
     return _build(RunningNormNet, device), (torch.randn(4, 8, device=device),), {}
 
 
+def no_grad_stats(device: str = "cpu") -> Built:
+    return _build(NoGradStats, device), (torch.randn(4, 8, device=device),), {}
+
+
 STATEFUL: dict[str, Callable[..., Built]] = {
     "step_counter": step_counter,
     "ema": ema,
     "running_norm": running_norm,
+    "no_grad_stats": no_grad_stats,
 }
 """Models whose forward writes their own buffers; the split must make the same writes."""

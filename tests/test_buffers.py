@@ -107,6 +107,29 @@ def test_fx_keeps_writes_it_records():
         assert_same(b1, b2, name=n1)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_no_grad_regions_pass_no_gradient_and_reads_follow_the_write(tracer, stages):
+    model, (x,), _ = models.no_grad_stats()
+    reference = copy.deepcopy(model)
+    traced = capture(model, (x,), tracer=tracer)
+    region = [n.name for n in traced.graph.nodes if n.meta.get("grad_enabled") is False]
+    assert region
+    costs = price_graph(traced.graph_module)  # no backward runs through the region: nothing saved for it
+    assert all(costs[name].saved_bytes == 0 and costs[name].grad_bytes == 0 for name in region), region
+    split = autosplit.autosplit(model, devices=["cpu"] * stages, example_inputs=(x,), tracer=tracer)
+    for step in range(2):  # the second call reads the mean the first one wrote
+        out, want = split(x + step), reference(x + step)
+        assert_same(out, want, name=f"output of call {step}")
+        out.square().mean().backward()
+        want.square().mean().backward()
+        assert_same(split.get_buffer("running_mean"), reference.running_mean, name=f"running_mean after {step}")
+        assert not split.get_buffer("running_mean").requires_grad
+    assert model.target.weight.grad is None  # the frozen branch: no gradient, as in the model
+    for (name, p1), p2 in zip(split.named_parameters(), reference.parameters(), strict=True):
+        assert_same(p1.grad, p2.grad, name=f"{name}.grad")
+
+
 def test_a_bad_tracer_is_refused():
     model, args, _ = models.mlp()
     for entry in (autosplit.autosplit, autosplit.plan):
@@ -128,11 +151,13 @@ def test_a_plan_that_puts_a_write_off_its_buffers_stage_is_refused():
     traced = capture(model, args)
     plan = _solve(traced, ["cpu", "cpu"], None, "train", 1, {})
     add = traced.written()["ema"][-1]
-    stages = list(plan.stages)  # move the second write to stage 1, its buffer stays on stage 0
-    moved = [dataclass_replace(stages[0], nodes=tuple(n for n in stages[0].nodes if n != add)),
-             dataclass_replace(stages[1], nodes=(add, *stages[1].nodes))]
+    home = next(s.index for s in plan.stages if "ema" in s.weights)
+    other = 1 - home  # move the second write to the other stage; its buffer stays where it is
+    stages = [dataclass_replace(s, nodes=tuple(n for n in s.nodes if n != add)) for s in plan.stages]
+    stages[other] = dataclass_replace(stages[other], nodes=(add, *stages[other].nodes))
+    moved = stages
     before = copy.deepcopy(model)
-    with pytest.raises(autosplit.AutosplitError, match=r"writes ema on stage 1, but ema is stored on stage 0"):
+    with pytest.raises(autosplit.AutosplitError, match=rf"writes ema on stage {other}, but ema is stored on stage {home}"):
         split_module(model, traced, dataclass_replace(plan, stages=moved), ["cpu", "cpu"])
     assert_unchanged(model, before)
 
