@@ -34,3 +34,12 @@ __all__ = [
     "spec",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # autosplit.distributed loads torch.distributed.pipelining (about a second): only when used
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module("autosplit.distributed")
+    raise AttributeError(f"module 'autosplit' has no attribute {name!r}")

@@ -82,7 +82,7 @@ def plan(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, e
     _check_tracer(tracer)
     traced = capture(model, example_inputs if example_inputs is not None else (), example_kwargs, tracer=tracer,
                      leaf_modules=leaf_modules)
-    return _solve(traced, devices, cluster, mode, microbatches, options)
+    return solve_captured(traced, devices, cluster, mode, microbatches, options)
 
 
 def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] = 4, example_inputs: Any = None,
@@ -150,15 +150,12 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
                         microbatches)
 
     def build(args: tuple, kwargs: dict) -> None:
-        dims = input_batch_dims(model, args, kwargs, batch_dims, microbatches) if microbatches > 1 else {}
-        if microbatches > 1:
-            _refuse_batched_defaults(model, args, kwargs, dims, microbatches)
-        args, kwargs = first_microbatch(args, kwargs, microbatches, batch_dims=dims, model=model)
-        with _mode(model, training=mode == "train"):
-            traced = capture(model, args, kwargs, tracer=tracer, leaf_modules=leaf_modules)
-        chosen = plan if plan is not None else _solve(traced, resolved, cluster, mode, microbatches, options)
+        captured = capture_microbatch(model, args, kwargs, microbatches=microbatches, batch_dims=batch_dims,
+                                      training=mode == "train", tracer=tracer, leaf_modules=leaf_modules)
+        traced = captured.traced
+        chosen = plan if plan is not None else solve_captured(traced, resolved, cluster, mode, microbatches, options)
         built = split_module(model, traced, chosen, stage_devices(chosen, resolved, cluster), output_device,
-                             microbatches, _written_flags(model, traced, args, kwargs, leaf_modules), batch_dims=dims)
+                             microbatches, captured.written_flags, batch_dims=captured.batch_dims)
         split.attach(built)
 
     if example_inputs is not None or example_kwargs:
@@ -169,6 +166,42 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     else:
         split.build_on_first_call(build)
     return split
+
+
+@dataclasses.dataclass(frozen=True)
+class CapturedMicrobatch:
+    """A model captured for a split run with microbatches: what every runtime needs to build
+    its stages from a plan."""
+
+    traced: Traced
+    """The capture of the first microbatch (the graph the plan was made for)."""
+    args: tuple
+    kwargs: dict
+    """The first microbatch itself."""
+    batch_dims: dict[str, int | None]
+    """The batch dimension of every input by forward-argument name (empty for one microbatch)."""
+    written_flags: frozenset[str]
+    """Dropout and batch-norm flags the model's code fixes whatever its mode
+    (:func:`autosplit.modes.written_flags`)."""
+
+
+def capture_microbatch(model: nn.Module, args: tuple, kwargs: dict, *, microbatches: int,
+                       batch_dims: Mapping[str, int | None] | None = None, training: bool = True,
+                       tracer: str = "auto", leaf_modules: Sequence[type[nn.Module] | str] = ()) -> CapturedMicrobatch:
+    """Capture ``model`` on the first of ``microbatches`` equal microbatches of a batch, in
+    training or eval mode: the one-process split and the distributed runtime capture a model
+    this way, so both build their stages from the graph a plan was made for.
+
+    Raises:
+        MicrobatchError: the batch cannot be cut, or a default tensor argument has the batch's size.
+    """
+    dims = input_batch_dims(model, args, kwargs, batch_dims, microbatches) if microbatches > 1 else {}
+    if microbatches > 1:
+        _refuse_batched_defaults(model, args, kwargs, dims, microbatches)
+    args, kwargs = first_microbatch(args, kwargs, microbatches, batch_dims=dims, model=model)
+    with _mode(model, training=training):
+        traced = capture(model, args, kwargs, tracer=tracer, leaf_modules=leaf_modules)
+    return CapturedMicrobatch(traced, args, kwargs, dims, _written_flags(model, traced, args, kwargs, leaf_modules))
 
 
 def stage_devices(plan: Plan, devices: Sequence[torch.device], cluster: Cluster | str | None = None
@@ -300,7 +333,11 @@ def _input_names(model: nn.Module) -> list[str] | None:
     return [p.name for p in parameters]
 
 
-def _solve(traced, devices, cluster, mode: str, microbatches: int, options: dict[str, Any]) -> Plan:
+def solve_captured(traced: Traced, devices: int | Sequence[str | torch.device], cluster: Cluster | str | None,
+                   mode: str, microbatches: int, options: dict[str, Any]) -> Plan:
+    """Price and solve a captured graph for ``devices`` (or ``cluster``, which describes them)
+    with the solver's ``options``: the plan that ``plan()``, ``autosplit()`` and the distributed
+    runtime make."""
     _check_options(options)
     if cluster is None:
         cluster = Cluster.from_devices([str(d) for d in resolve_devices(devices)])

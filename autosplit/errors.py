@@ -32,3 +32,9 @@ class ConfigError(AutosplitError, ValueError):
 class OpaqueCallError(TraceError):
     """A custom ``torch.autograd.Function`` or a ``torch.utils.checkpoint`` region that capture
     cannot keep as one call: inlined, it would lose its own backward or its recomputation."""
+
+
+class DistributedError(AutosplitError, RuntimeError):
+    """The ranks of a distributed run cannot run the plan together: a world size other than the
+    plan's stage count, ranks that hold different plans, or a rank that failed to build its
+    stage (its message is reported on every rank)."""

@@ -213,60 +213,17 @@ class Pipeline(nn.Module):
     def from_graph(cls, gm: fx.GraphModule, stage_of: dict[fx.Node, int], devices: Sequence[torch.device],
                    microbatches: int, arguments: Sequence[str] | None = None,
                    batch_dims: Mapping[str, int | None] | None = None, once: Collection[fx.Node] = ()) -> "Pipeline":
-        """Cut ``gm`` into one graph module per stage. ``stage_of`` gives the stage of every node
-        that computes (placeholders, weights and the output node need none); a stage's graph takes
-        the values it reads from the inputs or from earlier stages and returns those read later.
-        ``arguments`` and ``batch_dims``: see the attributes of the same names. The nodes in
-        ``once`` (which read weights only) run once per call, in a prologue whose results every
-        microbatch reads."""
-        graph = gm.graph
-        count = len(devices)
-        output = next(n for n in graph.nodes if n.op == "output")
-        results = _unique(n for n in output.all_input_nodes)
-        weights = [n.target for n in results if n.op == "get_attr"]
+        """Cut ``gm`` into one graph module per stage (:func:`cut_stages`). ``arguments`` and
+        ``batch_dims``: see the attributes of the same names. The nodes in ``once`` (which read
+        weights only) run once per call, in a prologue whose results every microbatch reads."""
+        cut = cut_stages(gm, stage_of, len(devices), once)
+        results = set(cut.results)
+        weights = [n.target for n in gm.graph.nodes if n.name in results and n.op == "get_attr"]
         if weights:
             raise MicrobatchError(f"the model returns its own weights ({', '.join(weights)}), which are not "
                                   "per microbatch: use microbatches=1")
-        readers: dict[fx.Node, set[int]] = {}
-        for node in graph.nodes:
-            if node.op in _COMPUTE:
-                for source in node.all_input_nodes:
-                    readers.setdefault(source, set()).add(stage_of[node])
-        once = set(once)
-        prologue = None
-        if once:
-            sub, env = fx.Graph(), {}
-            for node in (n for n in graph.nodes if n in once):
-                env[node] = sub.node_copy(node, lambda n: env.setdefault(n, sub.node_copy(n)))
-            sub.output(tuple(env[n] for n in graph.nodes if n in once))
-            prologue = fx.GraphModule(gm, sub, class_name="SharedWeights")
-        stages, inputs, outputs = [], [], []
-        for s in range(count):
-            sub = fx.Graph()
-            env: dict[fx.Node, fx.Node] = {}
-            members = [n for n in graph.nodes if n.op in _COMPUTE and stage_of[n] == s and n not in once]
-            reads = _unique(src for n in members for src in n.all_input_nodes
-                            if src.op != "get_attr" and (src.op == "placeholder" or src in once or stage_of[src] != s))
-            for source in reads:
-                env[source] = sub.placeholder(source.name)
-                env[source].meta = dict(source.meta)
-
-            def local(node: fx.Node) -> fx.Node:
-                if node not in env:  # a weight or buffer: each stage fetches its own
-                    env[node] = sub.node_copy(node)
-                return env[node]
-
-            for node in members:
-                env[node] = sub.node_copy(node, local)
-            sends = [n for n in members if n in results or any(r > s for r in readers.get(n, ()))]
-            sub.output(tuple(env[n] for n in sends))
-            sub.lint()
-            stages.append(fx.GraphModule(gm, sub, class_name=f"Stage{s}"))
-            inputs.append([n.name for n in reads])
-            outputs.append([n.name for n in sends])
-        placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
-        return cls(stages, inputs, outputs, placeholders, [n.name for n in results], devices, microbatches,
-                   arguments, batch_dims, prologue, [n.name for n in graph.nodes if n in once])
+        return cls(cut.stages, cut.inputs, cut.outputs, cut.placeholders, cut.results, devices, microbatches,
+                   arguments, batch_dims, cut.prologue, cut.shared)
 
     def forward(self, *flat: Any) -> tuple[Any, ...]:
         dims = self._dims(flat)
@@ -334,6 +291,78 @@ class Pipeline(nn.Module):
         finally:
             for device, stream in streams.items():
                 callers[device].wait_stream(stream)
+
+
+@dataclasses.dataclass
+class StageGraphs:
+    """A split graph cut into one graph module per stage."""
+
+    stages: list[fx.GraphModule]
+    """Stage s takes the values named ``inputs[s]`` and returns those named ``outputs[s]``."""
+    inputs: list[list[str]]
+    """The values each stage reads from the graph's inputs, from ``once`` nodes or from other
+    stages, in the order of its placeholders (by node name in the split graph)."""
+    outputs: list[list[str]]
+    """The values each stage computes that a later stage reads or the graph returns, in graph order."""
+    placeholders: list[str]
+    """The split graph's inputs, in order."""
+    results: list[str]
+    """The values the graph returns (each once, in the order the output node reads them)."""
+    prologue: fx.GraphModule | None
+    """Computes the ``once`` nodes (weights sent to other stages), or None."""
+    shared: list[str]
+    """The values the prologue returns, in order."""
+
+
+def cut_stages(gm: fx.GraphModule, stage_of: dict[fx.Node, int], count: int,
+               once: Collection[fx.Node] = ()) -> StageGraphs:
+    """Cut ``gm`` into one graph module per stage. ``stage_of`` gives the stage of every node
+    that computes (placeholders, weights and the output node need none); a stage's graph takes
+    the values it reads from the inputs or from earlier stages and returns those read later,
+    and fetches each weight it reads itself. The nodes in ``once`` go to a prologue instead,
+    whose results the stages read as inputs."""
+    graph = gm.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    results = _unique(n for n in output.all_input_nodes)
+    readers: dict[fx.Node, set[int]] = {}
+    for node in graph.nodes:
+        if node.op in _COMPUTE:
+            for source in node.all_input_nodes:
+                readers.setdefault(source, set()).add(stage_of[node])
+    once = set(once)
+    prologue = None
+    if once:
+        sub, env = fx.Graph(), {}
+        for node in (n for n in graph.nodes if n in once):
+            env[node] = sub.node_copy(node, lambda n: env.setdefault(n, sub.node_copy(n)))
+        sub.output(tuple(env[n] for n in graph.nodes if n in once))
+        prologue = fx.GraphModule(gm, sub, class_name="SharedWeights")
+    stages, inputs, outputs = [], [], []
+    for s in range(count):
+        sub = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        members = [n for n in graph.nodes if n.op in _COMPUTE and stage_of[n] == s and n not in once]
+        reads = _unique(src for n in members for src in n.all_input_nodes
+                        if src.op != "get_attr" and (src.op == "placeholder" or src in once or stage_of[src] != s))
+        for source in reads:
+            env[source] = sub.placeholder(source.name)
+            env[source].meta = dict(source.meta)
+
+        def local(node: fx.Node) -> fx.Node:
+            if node not in env:  # a weight or buffer: each stage fetches its own
+                env[node] = sub.node_copy(node)
+            return env[node]
+
+        for node in members:
+            env[node] = sub.node_copy(node, local)
+        sends = [n for n in members if n in results or any(r > s for r in readers.get(n, ()))]
+        sub.output(tuple(env[n] for n in sends))
+        sub.lint()
+        stages.append(fx.GraphModule(gm, sub, class_name=f"Stage{s}"))
+        inputs.append([n.name for n in reads])
+        outputs.append([n.name for n in sends])
+    return StageGraphs(stages, inputs, outputs, [n.name for n in graph.nodes if n.op == "placeholder"],
+                       [n.name for n in results], prologue, [n.name for n in graph.nodes if n in once])
 
 
 def tensor_leaves(value: Any) -> list[torch.Tensor]:

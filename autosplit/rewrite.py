@@ -17,6 +17,7 @@ and checkpoints are the model's.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import operator
@@ -217,16 +218,7 @@ class SplitModule(nn.Module):
                     "that shape (e.g. drop_last=True in the DataLoader), or plan and split the model for this shape")
 
     def _check_batch_coupling(self) -> None:
-        """BatchNorm in training mode normalizes with the statistics of the batch it sees: per
-        microbatch they differ from the whole batch's, and so would outputs and running stats."""
-        coupled = [name for name in self._batch_norms if self.get_submodule(name).training]
-        if coupled:
-            raise MicrobatchError(
-                f"{coupled[0]} ({type(self.get_submodule(coupled[0])).__name__}"
-                f"{f' and {len(coupled) - 1} more' if len(coupled) > 1 else ''}) computes batch statistics in "
-                f"training mode, and with microbatches={self.microbatches} it would see {self.microbatches} "
-                "small batches instead of one, changing outputs and running statistics. Use microbatches=1, "
-                "put those layers in eval mode (frozen statistics), or replace them with GroupNorm/LayerNorm")
+        refuse_batch_statistics([(name, self.get_submodule(name)) for name in self._batch_norms], self.microbatches)
 
     def to(self, *args: Any, **kwargs: Any) -> "SplitModule":
         """Casts dtypes (``split.to(torch.bfloat16)``); moving to one device would undo the split."""
@@ -254,6 +246,27 @@ class SplitModule(nn.Module):
             for module in self.graph_module.modules():  # the graph's own containers of our layers too
                 module.training = mode
         return self
+
+
+def refuse_batch_statistics(modules: Sequence[tuple[str, nn.Module]], microbatches: int) -> None:
+    """Refuse BatchNorm in training mode among ``modules`` (name, module) when the batch runs as
+    ``microbatches`` > 1: it normalizes with the statistics of the batch it sees, and per
+    microbatch they differ from the whole batch's, and so would outputs and running stats.
+
+    Raises:
+        MicrobatchError: such a layer is in training mode.
+    """
+    if microbatches == 1:
+        return
+    coupled = [(name, m) for name, m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if coupled:
+        name, module = coupled[0]
+        raise MicrobatchError(
+            f"{name} ({type(module).__name__}"
+            f"{f' and {len(coupled) - 1} more' if len(coupled) > 1 else ''}) computes batch statistics in "
+            f"training mode, and with microbatches={microbatches} it would see {microbatches} "
+            "small batches instead of one, changing outputs and running statistics. Use microbatches=1, "
+            "put those layers in eval mode (frozen statistics), or replace them with GroupNorm/LayerNorm")
 
 
 def _output_labels(output: fx.Node) -> dict[str, str]:
@@ -316,40 +329,79 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
     if len(devices) != len(plan.stages):
         raise ValueError(f"the plan has {len(plan.stages)} stages but {len(devices)} devices were given: "
                          f"pass one device per stage, e.g. {[f'cuda:{i}' for i in range(len(plan.stages))]}")
-    _check_fingerprint(traced, plan)
-    weightless = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
-    if weightless is not None or any(d.type == "meta" for d in devices):
-        raise ValueError(f"{weightless or 'a device'} is on meta: a split module runs real tensors. Load the weights "
-                         "first (model.to_empty(device=...) then load_state_dict), or only plan with autosplit.plan()")
-    _check_microbatched_writes(traced, microbatches)
+    rewritten = split_graph(model, traced, plan, devices, output_device, written_flags, microbatches)
+    split, placed, once = rewritten.graph_module, rewritten.stage_of, rewritten.once
     gm = traced.graph_module
-    declared = {**_spec_batch_dims(model, traced), **dict(batch_dims or {})}
-    join_dims = output_batch_dims(model, traced, declared, microbatches) if microbatches > 1 else {}
-    _refuse_unjoinable(gm, join_dims)
-    stage_of = _stages_of_nodes(gm, plan)
-    homes = _weight_homes(model, traced, plan)
-    moves = _state_moves(model, gm, traced, homes, stage_of, devices)
-    output_device = torch.device(output_device) if output_device is not None else devices[-1]
-    placed: dict[fx.Node, int] = {}
-    once: set[fx.Node] = set()
-    in_modes: dict[str, nn.Module] = {}
-    graph = _rewrite(gm, traced, stage_of, homes, _rebuilt_on(plan), devices, output_device, placed, once, in_modes,
-                     _mode_followers(model, traced, written_flags))
-    split = fx.GraphModule(_targets(gm, graph, in_modes), graph, class_name="SplitGraph")
-    split.graph.lint()
-    if microbatches > 1:
-        split = _pipelined(split, placed, once, devices, microbatches, _placeholder_arguments(model, gm), declared,
+    output_device = rewritten.output_device
+    if microbatches > 1:  # refused here, before anything moves, if an output cannot be joined
+        declared = {**_spec_batch_dims(model, traced), **dict(batch_dims or {})}
+        join_dims = output_batch_dims(model, traced, declared, microbatches)
+        _refuse_unjoinable(gm, join_dims)
+        split = _pipelined(split, placed, once, devices, microbatches, placeholder_arguments(model, gm), declared,
                            _renamed(join_dims, gm, split))
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
             setattr(split, attr, getattr(gm, attr))
-    _move_state(moves)
+    move_state(rewritten.moves)
     result = SplitModule(model, split, plan, devices, output_device, microbatches)
     result.capture_arguments(model, traced)
     if traced.tracer == "export":
         result.fix_shapes({n.name: tuple(n.meta["val"].shape) for n in gm.graph.nodes
                            if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)})
     return result
+
+
+@dataclasses.dataclass
+class SplitGraph:
+    """The captured graph rewritten for a plan: every computing node on its stage, values read on
+    later stages relayed there stage by stage, weights sent from the stage that stores them."""
+
+    graph_module: fx.GraphModule
+    """Computes what the model computes, with the model's inputs and output structure."""
+    stage_of: dict[fx.Node, int]
+    """The stage of every node that computes (the moves too: a move belongs to the stage that
+    receives the value)."""
+    once: set[fx.Node]
+    """The moves of weights to the other stages that read them: they depend on no input, so a
+    microbatched run computes them once per call."""
+    moves: list[tuple[torch.Tensor, torch.device]]
+    """Every parameter and buffer with the device of the stage that stores it."""
+    homes: dict[str, int]
+    """The stage storing each parameter and buffer, by canonical name."""
+    output_device: torch.device
+
+
+def split_graph(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence[torch.device],
+                output_device: torch.device | str | None = None, written_flags: Collection[str] = (),
+                microbatches: int = 1) -> SplitGraph:
+    """Rewrite ``traced`` for ``plan`` on ``devices`` (one per stage) without moving anything: the
+    graph both the one-process split and the per-rank stages of the distributed runtime are cut
+    from. See :func:`split_module` for ``written_flags``.
+
+    Raises:
+        PlanMismatchError: the plan was made for another graph.
+        ValueError: a weight is on meta.
+        MicrobatchError: the graph writes weights in place and runs per microbatch.
+    """
+    check_fingerprint(traced, plan)
+    weightless = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if weightless is not None or any(d.type == "meta" for d in devices):
+        raise ValueError(f"{weightless or 'a device'} is on meta: a split module runs real tensors. Load the weights "
+                         "first (model.to_empty(device=...) then load_state_dict), or only plan with autosplit.plan()")
+    _check_microbatched_writes(traced, microbatches)
+    gm = traced.graph_module
+    stage_of = _stages_of_nodes(gm, plan)
+    homes = _weight_homes(model, traced, plan)
+    moves = _state_moves(model, gm, traced, homes, stage_of, list(devices))
+    output_device = torch.device(output_device) if output_device is not None else devices[-1]
+    placed: dict[fx.Node, int] = {}
+    once: set[fx.Node] = set()
+    in_modes: dict[str, nn.Module] = {}
+    graph = _rewrite(gm, traced, stage_of, homes, _rebuilt_on(plan), list(devices), output_device, placed, once,
+                     in_modes, _mode_followers(model, traced, written_flags))
+    split = fx.GraphModule(_targets(gm, graph, in_modes), graph, class_name="SplitGraph")
+    split.graph.lint()
+    return SplitGraph(split, placed, once, moves, homes, output_device)
 
 
 def _pipelined(split: fx.GraphModule, placed: dict[fx.Node, int], once: set[fx.Node], devices: list[torch.device],
@@ -465,7 +517,7 @@ def _renamed(join_dims: Mapping[str, tuple[int | str, ...]], gm: fx.GraphModule,
             if isinstance(old, fx.Node) and isinstance(new, fx.Node) and old.name in join_dims}
 
 
-def _placeholder_arguments(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+def placeholder_arguments(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     """The forward argument each input placeholder of ``gm`` comes from. An fx graph has one per
     argument, named after it; an exported graph one per tensor of the flattened (args, kwargs),
     in the order of its input tree: positional arguments take their parameter's name."""
@@ -500,7 +552,8 @@ def _spec_batch_dims(model: nn.Module, traced: Traced) -> dict[str, int]:
     return declared
 
 
-def _check_fingerprint(traced: Traced, plan: Plan) -> None:
+def check_fingerprint(traced: Traced, plan: Plan) -> None:
+    """Refuse a plan made for another graph than ``traced``, naming the first node that differs."""
     graph = OpGraph.from_traced(traced)
     if graph.fingerprint() == plan.fingerprint:
         return
@@ -575,7 +628,7 @@ def _state_moves(model: nn.Module, gm: fx.GraphModule, traced: Traced, homes: di
     return list(target.values())
 
 
-def _move_state(moves: list[tuple[torch.Tensor, torch.device]]) -> None:
+def move_state(moves: list[tuple[torch.Tensor, torch.device]]) -> None:
     """Move every tensor in place (``.data``), so parameters stay the same objects; if any move
     fails, every tensor goes back where it was."""
     done: list[tuple[torch.Tensor, torch.Tensor]] = []

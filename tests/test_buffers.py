@@ -9,7 +9,7 @@ import torch
 import autosplit
 import models
 from autosplit import MicrobatchError, OpGraph, SolverOptions, TraceError, capture, solve
-from autosplit.api import _solve
+from autosplit.api import solve_captured
 from autosplit.rewrite import split_module
 from cost_models import Cluster, price_graph
 from numerics import assert_same
@@ -149,7 +149,7 @@ def test_buffer_writes_under_microbatches_are_refused_before_anything_moves(name
 def test_a_plan_that_puts_a_write_off_its_buffers_stage_is_refused():
     model, args, _ = models.ema()
     traced = capture(model, args)
-    plan = _solve(traced, ["cpu", "cpu"], None, "train", 1, {})
+    plan = solve_captured(traced, ["cpu", "cpu"], None, "train", 1, {})
     add = traced.written()["ema"][-1]
     home = next(s.index for s in plan.stages if "ema" in s.weights)
     other = 1 - home  # move the second write to the other stage; its buffer stays where it is

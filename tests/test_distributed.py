@@ -1,0 +1,347 @@
+"""The distributed runtime: a plan's stages on 2 gloo ranks train exactly like the model in one
+process, tied weights stay identical across ranks, and ranks that cannot run a plan together
+are refused on every rank.
+
+Each multi-process test spawns its own 2-rank group on localhost and fails, killing the ranks,
+if they have not finished within ``RANKS_TIMEOUT_S``. Plans are made once, in the test process,
+and passed to the ranks.
+"""
+
+import copy
+import functools
+import multiprocessing
+import os
+import queue
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+import autosplit.distributed
+import models
+from autosplit import OpGraph, SolverOptions, solve
+from autosplit.api import capture_microbatch
+from autosplit.distributed import DistributedError
+from autosplit import AutosplitError, InputSignatureError
+from autosplit.distributed.stages import Wire, stage_chain
+from cost_models import Cluster, price_graph
+from numerics import assert_same
+
+RANKS_TIMEOUT_S = 120.0
+"""How long a 2-rank test may run before its ranks are killed and it fails."""
+
+GROUP_TIMEOUT_S = 60.0
+"""The ranks' process-group timeout: a rank waiting for a dead or stuck peer fails by then."""
+
+MICROBATCHES = 4
+
+
+# --------------------------------------------------------------------------- the models and their plans
+
+
+def lm_loss(output, target):
+    return F.cross_entropy(output["logits"].flatten(0, 1), target.flatten())
+
+
+def class_loss(output, target):
+    return F.cross_entropy(output, target)
+
+
+def tied_lm_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (2 * MICROBATCHES, 6), generator=g)
+    return (ids,), {}, torch.randint(0, 50, (2 * MICROBATCHES, 6), generator=g)
+
+
+def rescnn_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * MICROBATCHES, 3, 12, 12, generator=g)
+    return (x,), {}, torch.randint(0, 10, (2 * MICROBATCHES,), generator=g)
+
+
+def masked_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    batch = 3 * MICROBATCHES  # not 8, the feature size: the batch dimension is then plain
+    x, mask = torch.randn(batch, 8, generator=g), torch.rand(batch, 8, generator=g) > 0.3
+    return (x,), {"mask": mask, "scale": 0.5}, torch.randn(batch, 8, generator=g)
+
+
+CASES = {
+    # model factory, loss, batch of step k (args, kwargs, target), train mode (ResCNN's BatchNorm is frozen:
+    # batch statistics per microbatch would differ from the batch's, which the runtime refuses)
+    "tied_lm": (models.tied_lm, lm_loss, tied_lm_batch, True),  # an embedding tied to the LM head
+    "rescnn": (models.rescnn, class_loss, rescnn_batch, False),  # a concat skip from the stem to the head
+    "masked": (models.masked, F.mse_loss, masked_batch, True),  # a keyword input (mask) read on both stages
+}
+
+
+def make_model(name):
+    factory, _, _, training = CASES[name]
+    model = factory()[0]
+    return model.train(training)
+
+
+@functools.cache
+def make_plan(name, stages=2, microbatches=MICROBATCHES, schedule="1f1b"):
+    model = make_model(name)
+    args, kwargs, _ = CASES[name][2](0)
+    traced = capture_microbatch(model, args, kwargs, microbatches=microbatches).traced
+    return solve(OpGraph.from_traced(traced), Cluster.parse(f"{stages}xh100"),
+                 SolverOptions(microbatches=microbatches, schedule=schedule),
+                 costs=price_graph(traced.graph_module), parameters=traced.parameters, buffers=traced.buffers)
+
+
+# --------------------------------------------------------------------------- running 2 ranks
+
+
+class Ranks:
+    """Two spawned ranks (gloo on localhost) that run the module's tests one after another:
+    starting processes costs seconds of imports each, so the ranks are kept between tests.
+    ``run(fn, *args)`` runs ``fn(rank, *args)`` on every rank and returns each rank's result; it
+    fails with every failing rank's traceback, or after ``RANKS_TIMEOUT_S``, and then replaces
+    the ranks, whose process group may be left waiting."""
+
+    def __init__(self, world=2):
+        self.world = world
+        self.processes = []
+
+    def run(self, fn, *args):
+        if not self.processes:
+            self._start()
+        for tasks in self.tasks:
+            tasks.put((fn, args))
+        deadline = time.monotonic() + RANKS_TIMEOUT_S
+        reports = {}
+        while len(reports) < self.world:
+            try:
+                rank, ok, value = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.close()
+                pytest.fail(f"ranks {sorted(set(range(self.world)) - set(reports))} did not finish "
+                            f"{fn.__name__} within {RANKS_TIMEOUT_S:.0f} s")
+            reports[rank] = (ok, value)
+        failures = [f"rank {rank}:\n{value}" for rank, (ok, value) in sorted(reports.items()) if not ok]
+        if failures:
+            self.close()
+            pytest.fail("\n".join(failures))
+        return [reports[rank][1] for rank in range(self.world)]
+
+    def _start(self):
+        context = multiprocessing.get_context("spawn")
+        self.tasks = [context.Queue() for _ in range(self.world)]
+        self.results = context.Queue()
+        port = _free_port()
+        self.processes = [context.Process(target=_serve, args=(rank, self.world, port, self.tasks[rank], self.results),
+                                          daemon=True) for rank in range(self.world)]
+        for process in self.processes:
+            process.start()
+
+    def close(self):
+        for tasks in self.tasks if self.processes else ():
+            tasks.put(None)
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.processes = []
+
+
+def _serve(rank, world, port, tasks, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        while (task := tasks.get()) is not None:
+            fn, args = task
+            try:
+                results.put((rank, True, fn(rank, *args)))
+            except BaseException:  # reported to the test with its traceback
+                results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    pool = Ranks()
+    yield pool
+    pool.close()
+
+
+# --------------------------------------------------------------------------- what each rank runs
+
+
+def train_like_one_process(rank, name, plans, steps):
+    """For each plan: one step's loss and every gradient of this rank equal the model's in one
+    process (a deepcopy), and after ``steps`` AdamW steps so do the weights. Returns, per plan,
+    the rank's parameter names, shared weights, and each parameter's bytes after the steps."""
+    _, loss_fn, batch, _ = CASES[name]
+    reports = []
+    for plan in plans:
+        model = make_model(name)
+        reference = copy.deepcopy(model)
+        args, kwargs, _ = batch(0)
+        pipe = autosplit.distributed.build(model, plan, loss_fn=loss_fn, example_inputs=args, example_kwargs=kwargs,
+                                           timeout_s=GROUP_TIMEOUT_S)
+        wanted = dict(reference.named_parameters())
+        opt = torch.optim.AdamW(pipe.parameters(), lr=1e-2)
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+        for step in range(steps):
+            args, kwargs, target = batch(step)
+            loss = pipe.step(*args, target=target, **kwargs)
+            ref_loss = loss_fn(reference(*args, **kwargs), target)
+            ref_loss.backward()
+            if pipe.is_last:
+                assert_same(loss, ref_loss.detach(), name=f"{plan.schedule} loss, step {step}")
+            else:
+                assert loss is None
+            if step == 0:
+                for pname, p in pipe.named_parameters():
+                    assert_same(p.grad, wanted[pname].grad, name=f"{plan.schedule} {pname}.grad")
+            opt.step()
+            opt.zero_grad()
+            ref_opt.step()
+            ref_opt.zero_grad()
+        for pname, p in pipe.named_parameters():
+            assert_same(p.detach(), wanted[pname].detach(), name=f"{plan.schedule} {pname} after {steps} steps")
+        reports.append({"names": [n for n, _ in pipe.named_parameters()], "shared": sorted(pipe.shared_weights),
+                        "received": len(pipe._chain.received[pipe.stage]) if not pipe.is_first else 0,
+                        "bytes": {n: p.detach().numpy().tobytes() for n, p in pipe.named_parameters()}})
+    return reports
+
+
+def build_and_report(rank, plans):
+    """Build with this rank's plan; the error message every rank gets."""
+    model = make_model("tied_lm")
+    args, _, _ = tied_lm_batch(0)
+    try:
+        autosplit.distributed.build(model, plans[rank], loss_fn=lm_loss, example_inputs=args, timeout_s=GROUP_TIMEOUT_S)
+    except DistributedError as e:
+        return str(e)
+    return None
+
+
+def refuse_another_shape_then_train(rank, plan):
+    """A batch of another shape is refused on every rank before anything is sent; the pipeline
+    trains on the next, right batch."""
+    model = make_model("tied_lm")
+    args, _, target = tied_lm_batch(0)
+    pipe = autosplit.distributed.build(model, plan, loss_fn=lm_loss, example_inputs=args, timeout_s=GROUP_TIMEOUT_S)
+    with pytest.raises(InputSignatureError) as refused:
+        pipe.step(args[0][:, :5], target=target[:, :5])
+    loss = pipe.step(*args, target=target)
+    return str(refused.value), loss is not None
+
+
+def disagree_then_broadcast(rank, plans):
+    """Ranks with different plans are refused; the group stays usable, and a plan from rank 0
+    (``plan_and_broadcast``) is the same on both ranks and trains."""
+    refused = build_and_report(rank, plans)
+    model = make_model("tied_lm")
+    args, _, target = tied_lm_batch(0)
+    plan = autosplit.distributed.plan_and_broadcast(model, example_inputs=args, microbatches=MICROBATCHES,
+                                                    cluster="2xh100", timeout_s=GROUP_TIMEOUT_S)
+    pipe = autosplit.distributed.build(model, plan, loss_fn=lm_loss, example_inputs=args, timeout_s=GROUP_TIMEOUT_S)
+    loss = pipe.step(*args, target=target)
+    return refused, autosplit.distributed.plan_digest(plan), loss is not None
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_two_ranks_train_exactly_like_one_process_with_gpipe_and_1f1b(ranks, name):
+    plans = [make_plan(name, schedule=schedule) for schedule in ("gpipe", "1f1b")]
+    reports = ranks.run(train_like_one_process, name, plans, 3)
+    reference = make_model(name)
+    for i, plan in enumerate(plans):
+        held = [set(report[i]["names"]) for report in reports]
+        assert held[0] | held[1] == {n for n, _ in reference.named_parameters()}, "every parameter on some rank"
+        assert held[0] - held[1] and held[1] - held[0], "each rank holds its own stage's parameters only"
+        shared = held[0] & held[1]
+        assert shared == set(reports[0][i]["shared"]) == set(reports[1][i]["shared"])
+        for pname in shared:  # the copies of a shared weight are bit-identical after the optimizer steps
+            assert reports[0][i]["bytes"][pname] == reports[1][i]["bytes"][pname], pname
+    if name == "tied_lm":  # the embedding is read again by the LM head on the other stage
+        assert all(report[i]["shared"] == ["embed.weight"] for report in reports for i in range(len(plans)))
+    else:  # the stem's output (or the mask) crosses to stage 1 next to the main path
+        assert all(report[i]["shared"] == [] for report in reports for i in range(len(plans)))
+        assert reports[1][0]["received"] >= 2
+
+
+@pytest.mark.parametrize("name, relayed", [("rescnn", "stem_2"), ("masked", "to")])
+def test_three_stages_relay_what_later_stages_read_stage_by_stage(name, relayed):
+    """Stages chained in one process, as the ranks pass tensors: a value made on stage 0 and read
+    on stage 2 (the stem's output; the gate made from the keyword input ``mask``) goes through
+    stage 1, and outputs and gradients equal the model's."""
+    model = make_model(name)
+    reference = copy.deepcopy(model)
+    plan = make_plan(name, stages=3)
+    args, kwargs, target = CASES[name][2](0)
+    captured = capture_microbatch(model, args, kwargs, microbatches=MICROBATCHES)
+    chain = stage_chain(model, captured, plan, torch.device("cpu"))
+    sends = [[wire.name for wire in module.get_submodule("send").wires] for module in chain.modules[:-1]]
+    assert relayed in sends[0] and relayed in sends[1], sends
+    assert [len(r) for r in chain.received[1:]] == [len(s) for s in chain.sent[:-1]]
+    flat = chain.flat_inputs(*args, **kwargs)
+    microbatches = [pytree.tree_map(lambda t: t.chunk(MICROBATCHES)[i], [flat[k] for k in chain.first_inputs])
+                    for i in range(MICROBATCHES)]
+    for i, inputs in enumerate(microbatches):
+        values = chain.modules[0](*inputs)
+        for module in chain.modules[1:]:
+            values = module(*values)
+        loss_fn = CASES[name][1]
+        (loss_fn(chain.output.decode(values), target.chunk(MICROBATCHES)[i]) / MICROBATCHES).backward()
+    CASES[name][1](reference(*args, **kwargs), target).backward()
+    for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert_same(p.grad, q.grad, name=f"{pname}.grad")
+
+
+def test_a_batch_of_another_shape_is_refused_on_every_rank(ranks):
+    reports = ranks.run(refuse_another_shape_then_train, make_plan("tied_lm"))
+    for message, _ in reports:
+        assert "input 'ids' is shape (8, 5)" in message and "built for shape (8, 6)" in message
+        assert "4 microbatches of (2, 6)" in message
+    assert [last for _, last in reports] == [False, True]
+
+
+def test_values_that_are_not_tensors_cross_as_tensors_or_fixed_at_capture():
+    value = (torch.arange(6.0).view(2, 3).t(), 7, 2.5, True, torch.Size([4, 5]), torch.float16, None)
+    wire = Wire.of("pair", value, needs_grad=False)
+    sent = wire.encode(value, torch.device("cpu"))
+    assert [(t.shape, t.dtype) for t in sent] == [(m.shape, m.dtype) for m in wire.metas]
+    assert len(sent) == 5 and all(t.is_contiguous() for t in sent)  # the dtype and None are not sent
+    back = wire.decode(sent)
+    assert torch.equal(back[0], value[0]) and back[1:] == value[1:] and type(back[4]) is torch.Size
+    with pytest.raises(AutosplitError, match="pair crosses a stage boundary and holds a object"):
+        Wire.of("pair", (torch.ones(1), object()), needs_grad=False)
+
+
+def test_a_world_size_other_than_the_stage_count_is_refused_on_every_rank(ranks):
+    plan = make_plan("tied_lm", stages=3)
+    messages = ranks.run(build_and_report, [plan, plan])
+    for message in messages:
+        assert message is not None and "the plan has 3 stages" in message and "but 2 ranks run" in message
+        assert "--nproc-per-node=3" in message
+
+
+def test_ranks_with_different_plans_are_refused_and_a_broadcast_plan_is_shared(ranks):
+    plans = [make_plan("tied_lm", microbatches=m) for m in (4, 2)]
+    reports = ranks.run(disagree_then_broadcast, plans)
+    for refused, _, _ in reports:
+        assert refused is not None and "hold different plans" in refused and "plan_and_broadcast" in refused
+    assert reports[0][1] == reports[1][1], "both ranks got rank 0's plan"
+    assert [last for _, _, last in reports] == [False, True]
