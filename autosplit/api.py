@@ -119,7 +119,8 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     custom norm) are updated by the split once per call, as by the model, on the stage that
     stores them. ``tracer`` chooses the capture (see :func:`plan`); ``"auto"`` takes torch.export
     where fx would drop such a write, and ``tracer="fx"`` on such a model is refused. With
-    microbatches > 1 such a model is refused: the update would run once per microbatch.
+    microbatches > 1 such a model is refused: the update would run once per microbatch (but for
+    an overwrite with a value computed from weights alone, which repeats the same result).
 
     Example:
         >>> sm = autosplit(model, devices=2, example_inputs=(x,))

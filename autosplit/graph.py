@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import networkx as nx
 
-from autosplit.trace import NodeInfo, Traced, writes_in_place  # noqa: F401 (used by solver, rewrite)
+from autosplit.trace import NodeInfo, Traced, draws_random, writes_in_place  # noqa: F401 (used by solver, rewrite)
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from autosplit.errors import AutosplitError, InputSignatureError, MicrobatchError
-from autosplit.graph import OpGraph
+from autosplit.graph import OpGraph, draws_random
 from autosplit.modes import in_mode
 from autosplit.pipeline import SCALAR_OUTPUT, Pipeline, cut_microbatches, resolve_batch_dims, tensor_leaves
 from autosplit.plan import Plan
@@ -853,8 +853,10 @@ def _check_writes(node: fx.Node, traced: Traced, homes: dict[str, int], stage: i
 def _check_microbatched_writes(traced: Traced, microbatches: int) -> None:
     """Refuse a graph that writes parameters or buffers in place when it runs per microbatch:
     the pipeline runs every op once per microbatch, so a counter would count m times and an
-    EMA or running statistic would take m steps on small batches instead of one on the batch."""
-    written = traced.written()
+    EMA or running statistic would take m steps on small batches instead of one on the batch.
+    Writes that give the same result however often they run are kept (:func:`_repeatable`)."""
+    written = {name: writers for name, writers in traced.written().items()
+               if not all(_repeatable(traced, writer, traced.written()) for writer in writers)}
     if microbatches == 1 or not written:
         return
     name, writers = next(iter(written.items()))
@@ -865,6 +867,32 @@ def _check_microbatched_writes(traced: Traced, microbatches: int) -> None:
         f"microbatches={microbatches} the update would run {microbatches} times per call on parts of the batch "
         "instead of once on the whole batch. Use microbatches=1, or move the update out of forward (e.g. into "
         "the training loop, once per step)")
+
+
+_OVERWRITES = frozenset({"copy_", "fill_", "zero_"})
+
+
+def _repeatable(traced: Traced, writer: str, written: Mapping[str, Any]) -> bool:
+    """Whether an in-place write gives the same result however often it runs in a call, as once
+    per microbatch: it overwrites (``copy_``, ``fill_``, ``zero_``) with a value computed from
+    no input of the call, no written parameter or buffer (itself included) and no random draw,
+    e.g. a cache of a weight-derived table (``self.table.copy_(self.weight.detach() * 2)``)."""
+    node = next(n for n in traced.graph.nodes if n.name == writer)
+    info = traced.nodes[writer]
+    if info.target.split(".")[1 if info.target.startswith("aten.") else -1] not in _OVERWRITES:
+        return False
+    todo, seen = [a for a in node.all_input_nodes if a is not (node.args[0] if node.args else None)], set()
+    while todo:
+        source = todo.pop()
+        if source in seen:
+            continue
+        seen.add(source)
+        reads = traced.nodes[source.name]
+        if source.op == "placeholder" or any(name in written for name in reads.reads) \
+                or draws_random(reads.target):
+            return False
+        todo.extend(source.all_input_nodes)
+    return True
 
 
 def _on_device(value: Any, device: torch.device) -> Any:

@@ -78,7 +78,7 @@ from ortools.graph.python import max_flow
 from ortools.sat.python import cp_model
 
 from autosplit.errors import ConfigError, InfeasibleError
-from autosplit.graph import INPUT, OUTPUT, OpGraph, writes_in_place
+from autosplit.graph import INPUT, OUTPUT, OpGraph, draws_random, writes_in_place
 from autosplit.plan import Plan, SolverReport, Stage
 from cost_models import AnalyticCostModel, Cluster, Link, OpCost
 from cost_models.memory import (
@@ -442,9 +442,6 @@ def _rebuild_groups(chain: Chain, graph: OpGraph, rebuilt: Mapping[str, set[str]
             sum((times[v].total_s if train else times[v].fwd_s) for v in groups[key] if v in times) for key in keys])
 
 
-_RANDOM = ("dropout", "rand", "bernoulli", "normal", "multinomial", "uniform", "exponential")
-
-
 def replicable(graph: OpGraph, exclude: Collection[str] = ()) -> dict[str, tuple[str, ...]]:
     """Values that depend on the model inputs only (no weight, no randomness, no in-place
     write), but those in ``exclude`` and what is built from them: each maps to the inputs it is
@@ -455,7 +452,7 @@ def replicable(graph: OpGraph, exclude: Collection[str] = ()) -> dict[str, tuple
         info = graph.infos[name]
         if info.op == "placeholder" or name in exclude:
             continue
-        if info.op not in ("call_function", "call_method") or any(r in info.target for r in _RANDOM) \
+        if info.op not in ("call_function", "call_method") or draws_random(info.target) \
                 or writes_in_place(info.target):
             continue
         preds = list(graph.dag.predecessors(name))  # none: a constant such as arange(seq)

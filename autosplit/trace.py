@@ -933,6 +933,14 @@ _VIEW_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "select",
                            "__getitem__", "real", "imag"})
 
 
+def draws_random(target: str) -> bool:
+    """Whether an op (its ``NodeInfo.target``) draws random numbers: dropout, ``rand``, ``normal``..."""
+    return any(word in target for word in _RANDOM_WORDS)
+
+
+_RANDOM_WORDS = ("dropout", "rand", "bernoulli", "normal", "multinomial", "uniform", "exponential")
+
+
 def writes_in_place(target: str) -> bool:
     """Whether an op (its ``NodeInfo.target``, e.g. ``aten.add_.Tensor``, ``mul_`` or
     ``_operator.iadd``) writes its first argument in place."""

@@ -146,6 +146,43 @@ def test_buffer_writes_under_microbatches_are_refused_before_anything_moves(name
     assert_unchanged(model, before)
 
 
+class _WeightTable(torch.nn.Module):
+    """Refreshes a table derived from a weight in every call (``copy_`` under no_grad): the same
+    write however often it runs, so it is kept under microbatches; a write from the batch is not."""
+
+    def __init__(self, from_batch: bool = False):
+        super().__init__()
+        self.from_batch = from_batch
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.register_buffer("table", torch.zeros(8))
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.no_grad():
+            self.table.copy_(h.mean(0) if self.from_batch else self.a.weight.sum(0) * 2)
+        return self.b(h + self.table)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_a_write_that_repeats_the_same_value_is_kept_under_microbatches(tracer):
+    model = _WeightTable()
+    reference = copy.deepcopy(model)
+    x = torch.randn(6, 8)
+    split = autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,), microbatches=2, tracer=tracer)
+    out, want = split(x), reference(x)
+    assert_same(out, want)
+    out.square().mean().backward()
+    want.square().mean().backward()
+    assert_same(split.get_buffer("table"), reference.table, name="table")
+    for (name, p1), p2 in zip(split.named_parameters(), reference.parameters(), strict=True):
+        assert_same(p1.grad, p2.grad, name=f"{name}.grad")
+    model = _WeightTable(from_batch=True)
+    before = copy.deepcopy(model)
+    with pytest.raises(MicrobatchError, match="the model updates table .* would run 2 times per call"):
+        autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,), microbatches=2, tracer=tracer)
+    assert_unchanged(model, before)
+
+
 def test_a_plan_that_puts_a_write_off_its_buffers_stage_is_refused():
     model, args, _ = models.ema()
     traced = capture(model, args)
