@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 
+import autosplit
 import models
 from autosplit import OpGraph, SolverOptions, capture, solve
 from autosplit.api import first_microbatch
@@ -115,6 +116,34 @@ def test_checkpoints_load_either_way():
     split.load_state_dict(other.state_dict())  # and the original's into the split model
     assert_same(split(*args)["logits"], other(*args)["logits"])
     assert split.head.weight is split.embed.weight  # still tied
+
+
+class _AliasedRoot(torch.nn.Module):
+    """Names at its root that a deduplicating walk loses: a parameter and a module under two names
+    each (pipelining's ModelWithParamAlias), and a buffer left out of the state_dict."""
+
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.w1 = self.w0 = torch.nn.Parameter(torch.randn(d, d))
+        self.out = self.inp = torch.nn.Linear(d, d)
+        self.mid = torch.nn.Linear(d, d)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, d), persistent=False)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x @ self.w0)) * self.scale
+        return self.out(torch.tanh(self.mid(h)) @ self.w1)
+
+
+def test_aliased_names_and_unsaved_buffers_at_the_root_keep_the_models_state_dict_keys():
+    torch.manual_seed(0)
+    model, x = _AliasedRoot(), torch.randn(4, 6)
+    reference = copy.deepcopy(model)
+    split = autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,))
+    assert list(split.state_dict()) == list(reference.state_dict())  # w0, inp.* saved; scale not
+    assert split.w0 is split.w1 and split.inp is split.out and split.scale is model.scale
+    reference.load_state_dict(split.state_dict())  # strict: no key missing, none unexpected
+    split.load_state_dict(reference.state_dict())
+    assert_trains_like(split, reference, (x,), {})
 
 
 def test_moving_the_split_to_one_device_is_refused_and_dtype_casts_work():
