@@ -65,12 +65,15 @@ class SplitModule(nn.Module):
     def __init__(self, model: nn.Module, graph_module: fx.GraphModule | None, plan: Plan | None,
                  devices: Sequence[torch.device], output_device: torch.device, microbatches: int = 1):
         super().__init__()
-        for name, child in model.named_children():
+        # Every name the model's root holds, aliases included (``self.lin1 = self.lin0``: one module,
+        # two names in the state_dict), and its buffers as persistent or not as they are: the split's
+        # state_dict has the model's keys, so checkpoints load either way.
+        for name, child in model._modules.items():
             self.add_module(name, child)
-        for name, parameter in model.named_parameters(recurse=False):
+        for name, parameter in model._parameters.items():
             self.register_parameter(name, parameter)
-        for name, buffer in model.named_buffers(recurse=False):
-            self.register_buffer(name, buffer)
+        for name, buffer in model._buffers.items():
+            self.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
         self.__dict__["graph_module"] = graph_module  # shares the submodules; not one of them
         self.__dict__["_model"] = model  # owns the ops at the top of the graph (their train/eval flags)
         self.training = model.training

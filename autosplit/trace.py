@@ -449,9 +449,15 @@ def _capture_context(model: nn.Module) -> Iterator[None]:
 
     Hugging Face models return a KV-cache object that is not a pytree unless ``use_cache`` is off;
     the captured graph is the model's cache-free forward, the one used for training.
+
+    A forward that keeps a value on its module (``self.hidden = h``, as pipelining's
+    ``MLPModuleWithDw`` does) would keep the tracer's stand-in there: an fx Proxy or export's
+    FakeTensor, which breaks ``torch.save(model)`` and is no value of the model. Every module's
+    attributes are put back as they were before the capture.
     """
     config = getattr(model, "config", None)
     restore = config is not None and getattr(config, "use_cache", False) is True
+    attributes = [(module, dict(module.__dict__)) for module in model.modules()]
     if restore:
         config.use_cache = False
     try:
@@ -459,6 +465,9 @@ def _capture_context(model: nn.Module) -> Iterator[None]:
     finally:
         if restore:
             config.use_cache = True
+        for module, before in attributes:
+            module.__dict__.clear()
+            module.__dict__.update(before)
 
 
 # --------------------------------------------------------------------------- fx

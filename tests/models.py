@@ -7,6 +7,7 @@ Hugging Face models come from config objects, never from a download.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -407,16 +408,16 @@ def no_meta_kernel(device: str = "cpu") -> Built:
     return _build(NoMetaKernel, device), (torch.randn(4, 8, device=device),), {}
 
 
-def quantized(device: str = "cpu") -> Built:
-    return _build(QuantizedNet, device), (torch.randn(4, 8, device=device),), {}
+def quantized(device: str = "cpu", batch: int = 4) -> Built:
+    return _build(QuantizedNet, device), (torch.randn(batch, 8, device=device),), {}
 
 
-def frozen_projection(device: str = "cpu") -> Built:
-    return _build(FrozenProjectionNet, device), (torch.randn(4, 8, device=device),), {}
+def frozen_projection(device: str = "cpu", batch: int = 4) -> Built:
+    return _build(FrozenProjectionNet, device), (torch.randn(batch, 8, device=device),), {}
 
 
-def checkpointed(device: str = "cpu") -> Built:
-    return _build(CheckpointedNet, device), (torch.randn(4, 8, device=device),), {}
+def checkpointed(device: str = "cpu", batch: int = 4) -> Built:
+    return _build(CheckpointedNet, device), (torch.randn(batch, 8, device=device),), {}
 
 
 def gpt2(device: str = "cpu") -> Built:
@@ -478,3 +479,329 @@ STATEFUL: dict[str, Callable[..., Built]] = {
     "no_grad_stats": no_grad_stats,
 }
 """Models whose forward writes their own buffers; the split must make the same writes."""
+
+
+# --------------------------------------------------------------------------- the zoo
+# Models of each family a user brings: Hugging Face transformers of every shape (tiny configs,
+# dropout off, so training mode is deterministic), PyTorch's own pipelining test models
+# (test/distributed/pipelining/model_registry.py) written again here, recurrent networks, and
+# outputs of every structure. tests/test_zoo.py splits each through the public API.
+
+ZOO_D = 16
+"""Width of the pipelining models."""
+
+
+class PipeExample(nn.Module):
+    """pipelining's ``ExampleCode``: raw matmul weights, and a buffer's clone (a value that needs no
+    gradient) added several layers later, so it crosses cuts as a skip connection."""
+
+    def __init__(self, d: int = ZOO_D, layers: int = 3):
+        super().__init__()
+        self.mm_param0 = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+        self.mm_param1 = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+        self.register_buffer("cval", torch.randn(d))
+        self.lin0 = nn.Linear(d, d)
+        self.lins = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(torch.mm(x, self.mm_param0))
+        a_constant = self.cval.clone()
+        x = self.lin0(x)
+        x = torch.relu(x) + a_constant
+        x = torch.mm(x, self.mm_param1)
+        for lin in self.lins:
+            x = torch.relu(lin(x))
+        return x
+
+
+ZOO_DEFAULT_BATCH = 8
+"""The batch the default ``y`` of :class:`PipeKwargs` is made for."""
+
+
+class PipeKwargs(nn.Module):
+    """pipelining's ``ModelWithKwargs``: a second input ``y`` whose default is a tensor of the
+    batch's size, made once at definition."""
+
+    def __init__(self, d: int = ZOO_D, layers: int = 3):
+        super().__init__()
+        self.mm_param0 = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+        self.mm_param1 = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+        self.lin0 = nn.Linear(d, d)
+        self.lins = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor = torch.zeros(ZOO_DEFAULT_BATCH, ZOO_D)) -> torch.Tensor:
+        x = torch.mm(x, self.mm_param0) + y
+        x = torch.relu(self.lin0(x))
+        x = torch.mm(x, self.mm_param1)
+        for lin in self.lins:
+            x = torch.relu(lin(x))
+        return x
+
+
+class PipeParamAlias(nn.Module):
+    """pipelining's ``ModelWithParamAlias``: one parameter under two names and one module under
+    two names, each used at both ends of the model."""
+
+    def __init__(self, d: int = ZOO_D):
+        super().__init__()
+        self.mm_param1 = self.mm_param0 = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+        self.lin1 = self.lin0 = nn.Linear(d, d)
+        self.mid = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = torch.mm(x, self.mm_param0) + y
+        x = torch.relu(self.lin0(x))
+        x = self.mid(x)
+        x = torch.mm(x, self.mm_param1)
+        return torch.relu(self.lin1(x))
+
+
+class PipeMLPBlock(nn.Module):
+    """pipelining's ``MLPModule``; ``unused`` is its ``MLPKWargModule``'s ignored keyword."""
+
+    def __init__(self, d: int = ZOO_D):
+        super().__init__()
+        self.net1, self.relu, self.net2 = nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, unused: torch.Tensor = torch.zeros(1)) -> torch.Tensor:
+        return self.net2(self.relu(self.net1(x)))
+
+
+class PipeMultiMLP(nn.Module):
+    """pipelining's ``MultiMLP`` and ``MultiMLPKwargs``: MLP blocks in a ModuleList, and a keyword
+    input with a small tensor default that no layer reads."""
+
+    def __init__(self, d: int = ZOO_D, layers: int = 4):
+        super().__init__()
+        self.layers = nn.ModuleList(PipeMLPBlock(d) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, unused: torch.Tensor = torch.zeros(1)) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class LinearDxDw(torch.autograd.Function):
+    """pipelining's ``CustomLinearDxDw``: a linear layer whose backward writes all three gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return x.mm(weight.t()) + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return grad.mm(weight), grad.t().mm(x), grad.sum(0)
+
+
+class PipeMLPWithDw(nn.Module):
+    """pipelining's ``MLPModuleWithDw``: raw weights through :class:`LinearDxDw`, and the hidden
+    activation kept on the module as an attribute, as the original does."""
+
+    def __init__(self, d: int = ZOO_D):
+        super().__init__()
+        self.fc1_weight = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+        self.fc1_bias = nn.Parameter(torch.randn(d) / d)
+        self.fc2_weight = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+        self.fc2_bias = nn.Parameter(torch.randn(d) / d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.hidden = F.relu(LinearDxDw.apply(x, self.fc1_weight, self.fc1_bias))
+        return LinearDxDw.apply(self.hidden, self.fc2_weight, self.fc2_bias)
+
+
+class PipeMultiMLPWithDw(nn.Module):
+    """pipelining's ``MultiMLPWithDw``."""
+
+    def __init__(self, d: int = ZOO_D, layers: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(PipeMLPWithDw(d) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class LSTMTagger(nn.Module):
+    """Embeds tokens, runs a two-layer batch-first LSTM and tags each step; returns the tags and
+    the final state ``(h, c)``, each (layers, batch, hidden) as ``nn.LSTM`` makes them."""
+
+    def __init__(self, vocab: int = 40, d: int = 12, hidden: int = 10, layers: int = 2, tags: int = 7):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.rnn = nn.LSTM(d, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, tags)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        out, (h, c) = self.rnn(self.embed(ids))
+        return self.head(out), (h, c)
+
+
+class GRUEncoder(nn.Module):
+    """A bidirectional batch-first GRU between two linear layers; returns the projected steps and
+    the final state h, (2 directions, batch, hidden)."""
+
+    def __init__(self, d_in: int = 4, hidden: int = 10, d_out: int = 5):
+        super().__init__()
+        self.inp = nn.Linear(d_in, hidden)
+        self.rnn = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(2 * hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, h = self.rnn(torch.tanh(self.inp(x)))
+        return self.out(out), h
+
+
+class NestedOutputs(nn.Module):
+    """Returns a tuple holding a tensor, None, a fixed int and a dict with a tensor, a tuple of
+    two and another None: every container a forward commonly returns."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
+        h = torch.relu(self.a(x))
+        g = torch.tanh(self.b(h))
+        return g, None, 3, {"score": self.c(g), "pair": (h, g * 2), "state": None}
+
+
+def pipe_example(device: str = "cpu") -> Built:
+    return _build(PipeExample, device), (torch.randn(4, ZOO_D, device=device),), {}
+
+
+def pipe_kwargs(device: str = "cpu") -> Built:
+    model = _build(PipeKwargs, device)  # seeds the draws below too
+    return model, (torch.randn(4, ZOO_D, device=device),), {"y": torch.randn(4, ZOO_D, device=device)}
+
+
+def pipe_default_y(device: str = "cpu") -> Built:
+    """PipeKwargs called without ``y``: its default is part of the graph."""
+    return _build(PipeKwargs, device), (torch.randn(ZOO_DEFAULT_BATCH, ZOO_D, device=device),), {}
+
+
+def pipe_param_alias(device: str = "cpu") -> Built:
+    model = _build(PipeParamAlias, device)
+    return model, (torch.randn(4, ZOO_D, device=device), torch.randn(4, ZOO_D, device=device)), {}
+
+
+def pipe_multi_mlp(device: str = "cpu") -> Built:
+    return _build(PipeMultiMLP, device), (torch.randn(4, ZOO_D, device=device),), {}
+
+
+def pipe_multi_mlp_kwargs(device: str = "cpu") -> Built:
+    model = _build(PipeMultiMLP, device)
+    return model, (torch.randn(4, ZOO_D, device=device),), {"unused": torch.randn(3, device=device)}
+
+
+def pipe_multi_mlp_dw(device: str = "cpu") -> Built:
+    return _build(PipeMultiMLPWithDw, device), (torch.randn(4, ZOO_D, device=device),), {}
+
+
+def lstm(device: str = "cpu") -> Built:
+    return _build(LSTMTagger, device), (_ids(3, 5, 40, torch.device(device)),), {}
+
+
+def gru(device: str = "cpu") -> Built:
+    return _build(GRUEncoder, device), (torch.randn(3, 5, 4, device=device),), {}
+
+
+def nested_outputs(device: str = "cpu") -> Built:
+    return _build(NestedOutputs, device), (torch.randn(3, 8, device=device),), {}
+
+
+_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def qwen2(device: str = "cpu") -> Built:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**_TINY, num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return _build(lambda: Qwen2ForCausalLM(config), device), (_ids(2, 12, 96, torch.device(device)),), {}
+
+
+def qwen2_moe(device: str = "cpu") -> Built:
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(**_TINY, num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
+                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return _build(lambda: Qwen2MoeForCausalLM(config), device), (_ids(2, 12, 96, torch.device(device)),), {}
+
+
+def bert(device: str = "cpu") -> Built:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(**_TINY, vocab_size=96, max_position_embeddings=64, num_labels=3, pad_token_id=0,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids = _ids(2, 12, 96, torch.device(device))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # the second sequence is padded
+    return _build(lambda: BertForSequenceClassification(config), device), (ids,), {"attention_mask": mask}
+
+
+def t5(device: str = "cpu") -> Built:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    # one layer each way: the encoder, the decoder's self- and cross-attention and the relative
+    # position bias are all there, and the op-level solve at 3 stages takes half the time of two
+    config = T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                      num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    ids, labels = _ids(2, 10, 96, torch.device(device)), _ids(2, 6, 96, torch.device(device)).flip(1)
+    return (_build(lambda: T5ForConditionalGeneration(config), device), (ids,),
+            {"decoder_input_ids": labels})
+
+
+def vit(device: str = "cpu") -> Built:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(**_TINY, image_size=16, patch_size=8, num_channels=3, num_labels=5,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _build(lambda: ViTForImageClassification(config), device), (torch.randn(2, 3, 16, 16, device=device),), {}
+
+
+def wav2vec2(device: str = "cpu") -> Built:
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    config = Wav2Vec2Config(**_TINY, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                            num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4, num_labels=3,
+                            classifier_proj_size=16, hidden_dropout=0.0, attention_dropout=0.0,
+                            activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0,
+                            mask_time_prob=0.0)
+    return _build(lambda: Wav2Vec2ForSequenceClassification(config), device), (torch.randn(2, 400, device=device),), {}
+
+
+ZOO: dict[str, Callable[..., Built]] = {
+    "gpt2": gpt2,
+    "llama": llama,
+    "qwen2": qwen2,
+    "mixtral": mixtral,
+    "qwen2_moe": qwen2_moe,
+    "bert": bert,
+    "t5": t5,
+    "vit": vit,
+    "wav2vec2": wav2vec2,
+    "pipe_example": pipe_example,
+    "pipe_kwargs": pipe_kwargs,
+    "pipe_default_y": pipe_default_y,
+    "pipe_param_alias": pipe_param_alias,
+    "pipe_multi_mlp": pipe_multi_mlp,
+    "pipe_multi_mlp_kwargs": pipe_multi_mlp_kwargs,
+    "pipe_multi_mlp_dw": pipe_multi_mlp_dw,
+    "rescnn": rescnn,
+    "lstm": lstm,
+    "gru": gru,
+    # a batch of 3: doubled for microbatches it is 6, no feature's size (8), so it is plainly the batch
+    "quantized": functools.partial(quantized, batch=3),
+    "frozen_projection": functools.partial(frozen_projection, batch=3),
+    "checkpointed": functools.partial(checkpointed, batch=3),
+    "tied_lm": tied_lm,
+    "shared_block": shared_block,
+    "dataclass_out": dataclass_out,
+    "nested_outputs": nested_outputs,
+    **STATEFUL,
+}
+"""Every model tests/test_zoo.py splits through ``autosplit.autosplit``, by family."""

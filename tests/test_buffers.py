@@ -11,21 +11,11 @@ import models
 from autosplit import MicrobatchError, OpGraph, SolverOptions, TraceError, capture, solve
 from autosplit.api import solve_captured
 from autosplit.rewrite import split_module
+from checks import assert_unchanged
 from cost_models import Cluster, price_graph
 from numerics import assert_same
 
 HF = {"gpt2", "llama", "mixtral"}
-
-
-def state(model):
-    return [*model.named_parameters(), *model.named_buffers()]
-
-
-def assert_unchanged(model, before):
-    """Every parameter and buffer bit-identical to ``before`` (a deepcopy), on the same device."""
-    for (name, got), (_, want) in zip(state(model), state(before), strict=True):
-        assert got.device == want.device, f"{name} moved to {got.device}"
-        assert torch.equal(got, want), f"{name} changed"
 
 
 @pytest.mark.parametrize("name", sorted(models.STATEFUL))

@@ -1,7 +1,9 @@
 """Capture and annotation: every registry model, with real weights and on meta."""
 
+import contextlib
 import copy
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -120,6 +122,36 @@ def test_batchnorm_buffers_are_read_and_capture_changes_nothing():
     reference(*args).sum().backward()
     for (name, got), want in zip(model.named_buffers(), reference.buffers()):
         assert_same(got, want, name=name)
+
+
+class _KeepsHidden(nn.Module):
+    """Keeps its hidden activation on itself in forward, as pipelining's MLPModuleWithDw does."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.hidden = "not yet run"
+
+    def forward(self, x):
+        self.hidden = torch.relu(self.a(x))
+        self.calls = getattr(self, "calls", 0) + 1
+        return self.b(self.hidden)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_attributes_a_forward_sets_keep_no_tracer_values(tracer):
+    """A traced forward runs on stand-ins (an fx Proxy, a FakeTensor); what it stores on its
+    module must not stay there: the model must still save, and hold what it held."""
+    model = _KeepsHidden()
+    # export tells the user such a tensor should be a buffer; fx says nothing
+    told = pytest.warns(UserWarning, match="self.hidden was assigned during export") if tracer == "export" \
+        else contextlib.nullcontext()
+    with told:
+        traced = capture(model, (torch.randn(3, 4),), tracer=tracer)
+    assert model.hidden == "not yet run" and not hasattr(model, "calls")
+    torch.save(model, io.BytesIO())
+    x = torch.randn(3, 4)
+    assert_same(traced.graph_module(x), model(x))
 
 
 def test_tied_weights_are_one_parameter_with_an_alias():
