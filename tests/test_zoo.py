@@ -42,13 +42,6 @@ REFUSED_MICROBATCHED = {
 what the message must say."""
 
 
-NOT_BATCH_FIRST = pytest.mark.xfail(strict=True, raises=MicrobatchError, reason="h/c joined along dim 0")
-"""nn.LSTM and nn.GRU return their final state as (layers × directions, batch, hidden), here
-(2, 3, 10) per microbatch of 3: it must be joined along dimension 1, and the join takes dimension
-0, so the call is refused ("its dimension 0 is not the batch")."""
-
-XFAIL = {("lstm", 3, 2): NOT_BATCH_FIRST, ("gru", 3, 2): NOT_BATCH_FIRST}
-
 VANISHING = {"bert": ("attention.self.key.bias",), "vit": ("attention.k_proj.bias",),
              "wav2vec2": ("attention.k_proj.bias",)}
 """Key-projection biases: softmax ignores what they add to each query's scores, so their gradient
@@ -62,8 +55,7 @@ def cases():
         for devices, microbatches in HF_SPLITS if name in HF else SPLITS:
             if microbatches > 1 and name in REFUSED_MICROBATCHED:
                 continue
-            marks = XFAIL.get((name, devices, microbatches), ())
-            yield pytest.param(name, devices, microbatches, marks=marks, id=f"{name}-{devices}dev-{microbatches}mb")
+            yield pytest.param(name, devices, microbatches, id=f"{name}-{devices}dev-{microbatches}mb")
 
 
 def two_halves(args, kwargs):
