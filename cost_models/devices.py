@@ -72,6 +72,8 @@ CPU_PCIE_GENERATION = 5
 decides the link). Register a ``"cpu"`` DeviceSpec with a lower generation for an older host."""
 
 _CALIBRATION_MATMUL_SIZE = 1024
+_CALIBRATION_RUN_S = 0.2
+"""The longest one calibration matmul may take: larger sizes are not tried beyond it."""
 _CALIBRATION_COPY_BYTES = 128 * 2**20  # larger than the last-level cache of most hosts
 _CALIBRATION_BUDGET_S = 0.12  # per measurement, after one warm-up run
 
@@ -626,11 +628,20 @@ def _best_rate(run: Callable[[], object], work: float) -> float:
     return best
 
 
-def _matmul_flops(n: int, dtype: torch.dtype) -> float:
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    return _best_rate(lambda: torch.mm(a, b, out=out), 2.0 * n**3)
+def _matmul_flops(n_max: int, dtype: torch.dtype) -> float:
+    """Best matmul FLOP/s at the largest size up to ``n_max`` whose run takes under
+    ``_CALIBRATION_RUN_S``: a dtype the CPU has no fast kernel for (bf16 without AVX512-BF16
+    runs ~1 GFLOP/s, 2 s per 1024-size matmul) is measured on smaller matrices."""
+    n = min(256, n_max)
+    while True:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        out = torch.empty(n, n, dtype=dtype)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        if n >= n_max or time.perf_counter() - start > _CALIBRATION_RUN_S / 8:
+            return _best_rate(lambda: torch.mm(a, b, out=out), 2.0 * n**3)
+        n *= 2
 
 
 def _copy_bandwidth(nbytes: int) -> float:

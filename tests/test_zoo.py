@@ -35,6 +35,7 @@ REFUSED_MICROBATCHED = {
     "step_counter": ("split", r"updates n in forward .* would run 2 times per call"),
     "ema": ("split", r"updates ema in forward \(aten\.mul_\.Tensor in the model\), .* would run 2 times per call"),
     "running_norm": ("split", r"updates norm\.running_mean \(and 1 more\) in forward \(.* in norm\)"),
+    "no_grad_stats": ("split", r"updates running_mean in forward \(.*\), .* would run 2 times per call"),
     # a default tensor of the batch's size would meet microbatches of half that size
     "pipe_default_y": ("split", r"PipeKwargs\.forward's default for 'y' is a tensor of shape \(8, 16\)"),
 }
