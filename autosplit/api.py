@@ -144,6 +144,11 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
         raise ValueError(f"schedule={options['schedule']!r}: in one process the stages run a GPipe wavefront "
                          "(forward of every microbatch, then backward); leave schedule out or pass 'gpipe'")
     if plan is not None:  # refuse a plan for other devices or memory before anything is captured or moved
+        if plan.stages_per_device > 1:
+            raise ValueError(f"the plan runs {plan.stages_per_device} stages on each device with schedule "
+                             f"{plan.schedule!r}, which the distributed runtime runs (autosplit.distributed.build, one "
+                             "process per device); in one process the stages run a GPipe wavefront: plan again with "
+                             "schedule='gpipe' for autosplit()")
         stage_devices(plan, resolved, cluster)
         if (plan.schedule, plan.microbatches) != ("gpipe", microbatches):
             plan = recheck_schedule(plan, "gpipe", microbatches)  # what the one-process runner runs
@@ -209,8 +214,9 @@ def stage_devices(plan: Plan, devices: Sequence[torch.device], cluster: Cluster 
                   ) -> list[torch.device]:
     """The device of each stage: the plan names a rank of its cluster per stage (the solver
     chooses which device runs which stage, e.g. cpu, rtx4090, rtx3090 for
-    ``"rtx4090+rtx3090+cpu"``), and rank r is ``devices[r]``. The devices (or ``cluster``, which
-    describes them) must be of the kinds the plan was made for.
+    ``"rtx4090+rtx3090+cpu"``; with an interleaved schedule several stages name one rank), and
+    rank r is ``devices[r]``. The devices (or ``cluster``, which describes them) must be of the
+    kinds the plan was made for.
 
     Raises:
         ValueError: a stage's rank is not among the devices, or its device is of another kind.

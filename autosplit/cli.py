@@ -31,6 +31,7 @@ from autosplit.errors import AutosplitError
 from autosplit.graph import COMPUTE, OpGraph
 from autosplit.plan import human_count
 from autosplit.trace import TRACERS, TensorSpec, Traced, capture, spec
+from cost_models.memory import SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="bf16", help="dtype the model computes in: fp32, bf16, fp16")
     plan.add_argument("--optimizer", default="adamw", help="sgd, sgd-momentum, adam, adamw (training)")
     plan.add_argument("--precision", default=None, help="training state per parameter (default: from --dtype)")
-    plan.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b")
+    plan.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
+    plan.add_argument("--stages-per-device", type=int, default=1,
+                      help="stages each device runs (interleaved-1f1b): device d runs stages d, d + D, ...")
     plan.add_argument("--microbatches", type=int, default=1)
     plan.add_argument("--json", metavar="FILE", help="write the plan as JSON")
     plan.add_argument("--plot", metavar="FILE.png", help="draw stage times, memory and the schedule")
@@ -233,7 +236,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     seq = next((x.shape[1] for x in inputs if isinstance(x, TensorSpec) and len(x.shape) == 2), None)
     args.step = "reading the options"
     with _user_input(ValueError, TypeError):
-        options = SolverOptions(mode=args.mode, schedule=args.schedule, microbatches=args.microbatches,
+        options = SolverOptions(mode=args.mode, schedule=args.schedule, stages_per_device=args.stages_per_device,
+                                microbatches=args.microbatches,
                                 precision=precision, optimizer=args.optimizer, weight_dtype=args.dtype,
                                 samples_per_microbatch=args.batch, tokens_per_sample=seq)
     with _step(console, args, "capturing and pricing"):

@@ -17,14 +17,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from cost_models.memory import MemoryBreakdown
+from cost_models.memory import MemoryBreakdown, device_peak_terms, in_flight_profile
 
 FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One pipeline stage: a contiguous part of the graph on one device (or a tensor-parallel group)."""
+    """One pipeline stage: a contiguous part of the graph on one device (or a tensor-parallel group).
+    With an interleaved schedule several stages share a device (``Plan.device_stages``)."""
 
     index: int
     devices: tuple[str, ...]
@@ -42,9 +43,11 @@ class Stage:
     comm_out_s: float
     """Time to send to the next stage per microbatch (and receive gradients back)."""
     memory: MemoryBreakdown
-    """Peak memory by kind (weights, gradients, optimizer state, activations, workspace)."""
+    """Peak memory by kind (weights, gradients, optimizer state, activations, workspace). Where
+    several stages share a device, the stage as if alone on it; what the device holds, all its
+    stages together, is ``Plan.device_memory()``."""
     memory_capacity_bytes: float
-    """What the stage may use: device memory minus the headroom."""
+    """What the stage's device may use: device memory minus the headroom."""
     weights: tuple[str, ...] = ()
     """Canonical names of the parameters and buffers stored on this stage: each lives on the
     first stage that reads it and is sent once per call to every later stage that reads it."""
@@ -107,15 +110,21 @@ class Plan:
 
     stages: tuple[Stage, ...]
     bottleneck_s: float
-    """Time per microbatch of the slowest stage: the pipeline's steady-state period."""
+    """Time per microbatch of the slowest device: the pipeline's steady-state period. With one
+    stage per device, the slowest stage's time; with several (interleaved), the sum of the
+    times of the device's stages."""
     lower_bound_s: float
     """max(total work ÷ combined device speed, heaviest indivisible block on the fastest device),
     raised on identical devices by the traffic every split at least as fast as the plan must send
     (``solver.traffic_bound_s``): no split of the graph has a lower bottleneck."""
     step_s: float
-    """Predicted time of one step: (microbatches + stages − 1) × bottleneck."""
+    """Predicted time of one step: (microbatches + stages − 1) × bottleneck; with several stages
+    per device, microbatches × bottleneck + (devices − 1) × the slowest stage's time
+    (``autosplit.schedule.pipeline_times``)."""
     bubble_fraction: float
-    """(stages − 1) ÷ (microbatches + stages − 1): idle share of the pipeline."""
+    """Idle share of the pipeline: (stages − 1) ÷ (microbatches + stages − 1); with v stages on
+    each of D devices, (D − 1) × the slowest stage's time ÷ step, which is (D − 1) ÷
+    (v · microbatches + D − 1) for equal stages."""
     samples_per_s: float
     tokens_per_s: float | None
     mode: str
@@ -139,7 +148,9 @@ class Plan:
         from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=f"{len(self.stages)}-stage {self.mode} plan on {self.cluster}")
+        per_device = self.stages_per_device
+        shared = f" ({per_device} stages per device, {self.schedule})" if per_device > 1 else ""
+        table = Table(title=f"{len(self.stages)}-stage {self.mode} plan on {self.cluster}{shared}")
         for column, justify in [("stage", "right"), ("device", "left"), ("modules", "left"), ("params", "right"),
                                 ("memory", "right"), ("compute", "right"), ("comm in", "right"),
                                 ("comm out", "right")]:
@@ -169,7 +180,23 @@ class Plan:
             f"solver       {self.solver.status} by {self.solver.method}, gap {self.solver.gap:.2%}, "
             f"{self.solver.wall_s:.2f} s",
             *self._order_line(),
+            *self._device_lines(),
         ] + [f"note         {note}" for note in self.solver.notes]
+
+    def _device_lines(self) -> list[str]:
+        """Per device that runs several stages: its stages, time per microbatch and memory."""
+        devices = self.device_stages()
+        if len(devices) == len(self.stages):
+            return []
+        memory = self.device_memory()
+        lines = []
+        for rank, indices in devices.items():
+            first = self.stages[indices[0]]
+            time_s = sum(self.stages[i].time_s for i in indices)
+            share = memory[rank].total_bytes / first.memory_capacity_bytes if first.memory_capacity_bytes else 0.0
+            lines.append(f"device       {first.devices[0]}: stages {', '.join(map(str, indices))}, "
+                         f"{_seconds(time_s)} per microbatch, {memory[rank].total_bytes / 2**30:.1f} GiB ({share:.0%})")
+        return lines
 
     def _order_line(self) -> list[str]:
         """How sure the device order is, for clusters with more than one order."""
@@ -193,8 +220,48 @@ class Plan:
         return console.export_text()
 
     def device_ranks(self) -> list[int]:
-        """The cluster rank of each stage's device (``"h100-sxm:3"`` is rank 3), in stage order."""
+        """The cluster rank of each stage's device (``"h100-sxm:3"`` is rank 3), in stage order.
+        With an interleaved schedule a rank appears once per stage it runs: v stages on each of
+        D devices, stage s on the device of stage s mod D."""
         return [int(stage.devices[0].rpartition(":")[2]) for stage in self.stages]
+
+    def device_stages(self) -> dict[int, tuple[int, ...]]:
+        """Cluster rank → the stages its device runs, in pipeline order; ranks in the order of
+        their first stage. One stage each, but with an interleaved schedule."""
+        stages: dict[int, list[int]] = {}
+        for stage, rank in zip(self.stages, self.device_ranks()):
+            stages.setdefault(rank, []).append(stage.index)
+        return {rank: tuple(indices) for rank, indices in stages.items()}
+
+    @property
+    def stages_per_device(self) -> int:
+        """Stages each device runs: 1, or v with an interleaved schedule."""
+        return len(self.stages) // len(self.device_stages())
+
+    def device_memory(self) -> dict[int, MemoryBreakdown]:
+        """Cluster rank → the peak memory of its device, by kind: its stages' training state
+        together and the activations of the microbatches each stage holds in flight at the
+        worst moment of the schedule (``cost_models.memory.device_peak_terms``, the model the
+        solver checks against ``memory_capacity_bytes``). With one stage per device it is that
+        stage's ``memory``."""
+        rules = {k: self.options[k] for k in ("precision", "optimizer", "weight_dtype") if k in self.options}
+        devices = self.device_stages()
+        found = {}
+        for position, (rank, indices) in enumerate(devices.items()):
+            stages = [self.stages[i] for i in indices]
+            if len(stages) == 1:
+                found[rank] = stages[0].memory
+                continue
+            profile = in_flight_profile(self.schedule, num_stages=len(self.stages),
+                                        stages_per_device=len(stages), device=position,
+                                        microbatches=self.microbatches)
+            quantities = [dict(params=st.param_count, copies=st.weight_copies,
+                               activations=st.saved_bytes_per_microbatch, transient=st.transient_bytes)
+                          for st in stages]
+            terms = device_peak_terms(quantities, profile=profile, gpu=stages[0].device_kind == "gpu", mode=self.mode,
+                                      kv_cache=sum(st.memory.kv_cache_bytes for st in stages), **rules)
+            found[rank] = MemoryBreakdown(**{k: float(v) for k, v in terms.items()})
+        return found
 
     def stage_of(self) -> dict[str, int]:
         """fx node name → stage index."""

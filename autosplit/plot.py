@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from autosplit.plan import Plan
+from cost_models.memory import INTERLEAVED, interleaved_1f1b_order
 
 
 def schedule(plan: Plan) -> list[tuple[int, int, str, float, float]]:
@@ -14,36 +15,43 @@ def schedule(plan: Plan) -> list[tuple[int, int, str, float, float]]:
     backward two thirds of it when training, as their FLOPs go).
 
     GPipe runs every forward, then every backward. 1F1B lets stage s run S − s forwards, then
-    alternates one backward and one forward. Each step waits for its input from the neighbour.
+    alternates one backward and one forward. Interleaved 1F1B runs each device's stages in the
+    order PyTorch does (``cost_models.memory.interleaved_1f1b_order``), one at a time. Each step
+    waits for its input from the neighbouring stage.
     """
     S, m = len(plan.stages), plan.microbatches
     train = plan.mode == "train"
     fwd = [st.time_s / 3 if train else st.time_s for st in plan.stages]
     bwd = [2 * st.time_s / 3 if train else 0.0 for st in plan.stages]
-    orders = []
-    for s in range(S):
+    orders: list[list[tuple[str, int, int]]] = []  # per device: (kind, stage, microbatch)
+    if plan.schedule == INTERLEAVED and train:
+        D = len(plan.device_stages())
+        for d in range(D):
+            orders.append([(kind, local * D + d, i) for kind, local, i in interleaved_1f1b_order(
+                d, devices=D, stages_per_device=plan.stages_per_device, microbatches=m)])
+    for s in range(S if not orders else 0):
         if not train:
-            orders.append([("F", i) for i in range(m)])
+            orders.append([("F", s, i) for i in range(m)])
         elif plan.schedule == "gpipe":
-            orders.append([("F", i) for i in range(m)] + [("B", i) for i in reversed(range(m))])
+            orders.append([("F", s, i) for i in range(m)] + [("B", s, i) for i in reversed(range(m))])
         else:
             warm = min(S - s, m)
-            order = [("F", i) for i in range(warm)]
+            order = [("F", s, i) for i in range(warm)]
             for i in range(m):
-                order.append(("B", i))
+                order.append(("B", s, i))
                 if warm + i < m:
-                    order.append(("F", warm + i))
+                    order.append(("F", s, warm + i))
             orders.append(order)
     done: dict[tuple[int, str, int], float] = {}
-    free = [0.0] * S
+    free = [0.0] * len(orders)
     pending = [list(order) for order in orders]
     events = []
     while any(pending):
         progressed = False
-        for s in range(S):
-            if not pending[s]:
+        for d in range(len(orders)):
+            if not pending[d]:
                 continue
-            kind, i = pending[s][0]
+            kind, s, i = pending[d][0]
             if kind == "F":
                 ready = done.get((s - 1, "F", i), 0.0) if s > 0 else 0.0
                 waiting = s > 0 and (s - 1, "F", i) not in done
@@ -52,11 +60,11 @@ def schedule(plan: Plan) -> list[tuple[int, int, str, float, float]]:
                 waiting = (s < S - 1 and (s + 1, "B", i) not in done) or (s, "F", i) not in done
             if waiting:
                 continue
-            start = max(free[s], ready)
+            start = max(free[d], ready)
             end = start + (fwd[s] if kind == "F" else bwd[s])
-            done[(s, kind, i)] = free[s] = end
+            done[(s, kind, i)] = free[d] = end
             events.append((s, i, kind, start, end))
-            pending[s].pop(0)
+            pending[d].pop(0)
             progressed = True
         if not progressed:
             raise AssertionError("schedule deadlocked")

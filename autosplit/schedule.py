@@ -15,12 +15,39 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Sequence
 
 from autosplit.errors import InfeasibleError
 from autosplit.plan import Plan, Stage
-from cost_models.memory import SCHEDULES, max_fitting, microbatches_in_flight, peak_breakdown
+from cost_models.memory import INTERLEAVED, SCHEDULES, max_fitting, microbatches_in_flight, peak_breakdown
 
 logger = logging.getLogger(__name__)
+
+
+def pipeline_times(stage_times_s: Sequence[float], device_of_stage: Sequence[int],
+                   microbatches: int) -> tuple[float, float, float]:
+    """(bottleneck, step, bubble fraction) of a pipeline whose stage s takes ``stage_times_s[s]``
+    per microbatch on device ``device_of_stage[s]``.
+
+    The bottleneck is the slowest device's time per microbatch: the sum of its stages' times.
+    One stage per device (S stages): the step is (m + S − 1) × bottleneck, the bubble
+    (S − 1) ÷ (m + S − 1). Several stages per device (interleaved, v on each of D devices): in
+    the steady state a device runs all of its stages for every microbatch, m × bottleneck, and
+    filling and draining the pipeline leaves each device idle for D − 1 stage times, counted at
+    the slowest stage: step = m × bottleneck + (D − 1) × max stage time, bubble = (D − 1) × max
+    stage time ÷ step, which is (D − 1) ÷ (v·m + D − 1) when the stages are equal: the plain
+    pipeline's bubble with m·v microbatches (Narayanan et al. 2021, §2.2).
+    """
+    m = microbatches
+    per_device: dict[int, float] = {}
+    for t, device in zip(stage_times_s, device_of_stage, strict=True):
+        per_device[device] = per_device.get(device, 0.0) + t
+    bottleneck = max(per_device.values())
+    S, D = len(stage_times_s), len(per_device)
+    if S == D:
+        return bottleneck, (m + S - 1) * bottleneck, (S - 1) / (m + S - 1)
+    step = m * bottleneck + (D - 1) * max(stage_times_s)
+    return bottleneck, step, ((D - 1) * max(stage_times_s) / step if step > 0 else 0.0)
 
 
 def recheck_schedule(plan: Plan, schedule: str, microbatches: int) -> Plan:
@@ -43,6 +70,13 @@ def recheck_schedule(plan: Plan, schedule: str, microbatches: int) -> Plan:
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, e.g. 'gpipe'; got {schedule!r}")
+    if plan.stages_per_device > 1:
+        raise ValueError(f"the plan runs {plan.stages_per_device} stages on each device under {plan.schedule!r}, "
+                         f"placed and priced for that schedule and {plan.microbatches} microbatches: plan again with "
+                         f"schedule={schedule!r} and microbatches={microbatches}")
+    if schedule == INTERLEAVED:
+        raise ValueError(f"schedule {INTERLEAVED!r} runs several stages on each device, and the plan runs one: plan "
+                         f"again with schedule={INTERLEAVED!r} and stages_per_device=2 or more")
     if not isinstance(microbatches, int) or microbatches < 1:
         raise ValueError(f"microbatches must be a positive int, e.g. 8; got {microbatches!r}")
     S = len(plan.stages)

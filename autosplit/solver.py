@@ -56,6 +56,12 @@ the DAG, a minimum cut there is the least any split better than the plan sends o
 and the mean stage pays every cut twice. Weights stay with their first reader and shape checks
 with what they read (no cut separates them), as the rewriter places them.
 
+Several stages per device (``schedule="interleaved-1f1b"``, ``stages_per_device`` = v): stage s
+runs on the device of stage s mod D, a device's time is the sum of its stages' and its memory
+holds them all; the objective is the slowest device. CP-SAT and the bounds take the sums as
+they are; the chain DP, exact only for one stage per device, is followed by a descent that
+balances the devices (``autosplit.interleaved``).
+
 Deterministic: fixed worker count with interleaved search, deterministic time limits, fixed seed.
 
 Nothing falls back silently: ops priced as free, a search step skipped or stopped at its time
@@ -80,10 +86,12 @@ from ortools.sat.python import cp_model
 from autosplit.errors import ConfigError, InfeasibleError
 from autosplit.graph import INPUT, OUTPUT, OpGraph, draws_random, writes_in_place
 from autosplit.plan import Plan, SolverReport, Stage
+from autosplit.schedule import pipeline_times
 from cost_models import AnalyticCostModel, Cluster, Link, OpCost
 from cost_models.memory import (
     FRAGMENTATION,
     GPU_CONTEXT_BYTES,
+    INTERLEAVED,
     MODES,
     OPTIMIZER_STATES,
     OPTIMIZER_STEP_TEMPORARIES,
@@ -92,6 +100,8 @@ from cost_models.memory import (
     MemoryBreakdown,
     OpsMemory,
     Storage,
+    device_peak_terms,
+    in_flight_profile,
     microbatches_in_flight,
     peak_breakdown,
     training_state_bytes,
@@ -106,11 +116,18 @@ class SolverOptions:
     """How to split: stage count, schedule, memory rules, limits and constraints."""
 
     stages: int | None = None
-    """Number of pipeline stages; default: one per device of the cluster."""
+    """Number of pipeline stages; default: one per device of the cluster (times
+    ``stages_per_device``)."""
     mode: str = "train"
     """``"train"`` (forward + backward, optimizer state) or ``"infer"`` (forward only)."""
     schedule: str = "1f1b"
-    """``"gpipe"`` (all microbatches in flight) or ``"1f1b"`` (stage s holds S − s)."""
+    """``"gpipe"`` (all microbatches in flight), ``"1f1b"`` (stage s holds S − s) or
+    ``"interleaved-1f1b"`` (``stages_per_device`` stages on each device, Megatron's virtual
+    stages: a smaller bubble for more transfers; see ``autosplit.interleaved``)."""
+    stages_per_device: int = 1
+    """Stages each device runs, v (``"interleaved-1f1b"`` only): the pipeline's S stages go to
+    D = S ÷ v devices, stage s to the (s mod D)-th, as PyTorch's ``ScheduleInterleaved1F1B``
+    places them. E.g. 2 on 4 devices: 8 stages, device 0 runs stages 0 and 4."""
     microbatches: int = 1
     """Microbatches per step; the traced graph is one microbatch."""
     memory_headroom: float = 0.1
@@ -143,6 +160,18 @@ class SolverOptions:
             raise ValueError(f"mode must be one of {MODES}, e.g. 'train'; got {self.mode!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, e.g. '1f1b'; got {self.schedule!r}")
+        v = self.stages_per_device
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"stages_per_device must be a positive int, e.g. 2; got {v!r}")
+        if v > 1 and self.schedule != INTERLEAVED:
+            raise ValueError(f"stages_per_device={v} needs schedule={INTERLEAVED!r}, which runs several stages per "
+                             f"device; schedule {self.schedule!r} runs one")
+        if self.schedule == INTERLEAVED and self.mode != "train":
+            raise ValueError(f"schedule {INTERLEAVED!r} interleaves forwards and backwards, so it trains: use "
+                             f"mode='train', or schedule '1f1b' for mode={self.mode!r}")
+        if self.stages is not None and isinstance(self.stages, int) and self.stages % v:
+            raise ValueError(f"stages={self.stages} must be a multiple of stages_per_device={v}: every device runs "
+                             f"{v} stages, e.g. stages={v * max(2, self.stages // v)}")
         if not isinstance(self.microbatches, int) or self.microbatches < 1:
             raise ValueError(f"microbatches must be a positive int, e.g. 8; got {self.microbatches!r}")
         if not 0 <= self.memory_headroom < 1:
@@ -812,7 +841,9 @@ class StageModel:
         train = options.mode == "train"
         self.directions = 2 if train else 1
         S = len(layout)
-        self.in_flight = [microbatches_in_flight(options.schedule, num_stages=S, stage=s, microbatches=options.microbatches)
+        self.in_flight = [microbatches_in_flight(options.schedule, num_stages=S, stage=s,
+                                                 microbatches=options.microbatches,
+                                                 stages_per_device=options.stages_per_device)
                           if train else 1 for s in range(S)]
         self.memory = chain.memory or OpsMemory(
             chain.n, np.diff(chain.param_count),
@@ -829,6 +860,13 @@ class StageModel:
             self.pin_span.append((int(where.min()), int(where.max())) if len(where) else None)
         self._closure: tuple[OpGraph, np.ndarray, np.ndarray] | None = None
         self.weights = chain.weights
+        devices: dict[int, list[int]] = {}
+        for s, rank in enumerate(layout.ranks):
+            devices.setdefault(rank, []).append(s)
+        self.devices = [tuple(stages) for stages in devices.values()]
+        """The stages of each device, devices in the order of their first stage: one stage each,
+        but with an interleaved schedule (stage s on the device of stage s mod D)."""
+        self._profiles: list[np.ndarray] | None = None
 
     def closure_work(self, graph: OpGraph) -> tuple[np.ndarray, np.ndarray]:
         """Work of every op with all its ancestors, and with all its descendants, each op priced
@@ -894,6 +932,33 @@ class StageModel:
         ``memory_bytes`` where the stage is a run of the chain."""
         quantities = self.memory.quantities_of(stage_of_op, s, cpu=not self.layout.gpu[s])
         return peak_breakdown(quantities, in_flight=self.in_flight[s], gpu=self.layout.gpu[s], **self.rules)
+
+    def device_breakdown(self, d: int, quantities: Sequence[Mapping[str, float]]) -> MemoryBreakdown:
+        """Peak memory by kind of device d (``self.devices[d]``) given its stages' quantities
+        (``OpsMemory.quantities``), in stage order: ``device_peak_terms`` with the microbatches
+        each holds in flight through the schedule; a device of one stage is that stage's
+        ``peak_breakdown``."""
+        stages = self.devices[d]
+        first = stages[0]
+        if len(stages) == 1:
+            return peak_breakdown(quantities[0], in_flight=self.in_flight[first], gpu=self.layout.gpu[first],
+                                  **self.rules)
+        if self._profiles is None:  # several stages per device: an interleaved schedule, which trains
+            S, v = len(self.layout), self.options.stages_per_device
+            self._profiles = [in_flight_profile(self.options.schedule, num_stages=S, stages_per_device=v, device=k,
+                                                microbatches=self.options.microbatches)
+                              for k in range(len(self.devices))]
+        terms = device_peak_terms(quantities, profile=self._profiles[d], gpu=self.layout.gpu[first], **self.rules)
+        return MemoryBreakdown(**{k: float(v) for k, v in terms.items()})
+
+    def device_fits(self, stage_of_op: Sequence[int]) -> bool:
+        """Whether every device fits its stages of any op → stage assignment (chain order)."""
+        for d, stages in enumerate(self.devices):
+            cpu = not self.layout.gpu[stages[0]]
+            quantities = [self.memory.quantities_of(stage_of_op, s, cpu=cpu) for s in stages]
+            if self.device_breakdown(d, quantities).total_bytes > self.layout.capacity_bytes[stages[0]]:
+                return False
+        return True
 
     def allowed(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
         ok = self.memory_bytes(s, i, j) <= self.layout.capacity_bytes[s]
@@ -1096,7 +1161,8 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
                   options: SolverOptions, hint_s: float | None = None,
                   ranges: tuple[np.ndarray, np.ndarray] | None = None) -> CpResult | None:
     """Assign a stage to every block (any DAG split, not only chain intervals), minimizing the
-    bottleneck, then the traffic. Returns None when CP-SAT finds no feasible assignment.
+    bottleneck (the slowest device: the sum of its stages' times where it runs several), then
+    the traffic. Returns None when CP-SAT finds no feasible assignment.
 
     ``hint`` (a stage per block) with its bottleneck ``hint_s`` bounds the search from above; the
     lower bound of the problem bounds it from below. When CP-SAT proves the hint optimal, the
@@ -1187,37 +1253,45 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
             comm_terms.append(cost * cross)
 
     # A weight read in several blocks lives with its first reader and goes once per step to each
-    # other stage that reads it (as `evaluate` prices it), over the cheapest link: a lower bound.
-    link_s_per_byte = min(1 / model.cluster_link(a, b).bandwidth_bytes_per_s for a in range(S) for b in range(S) if a != b) \
-        if S > 1 else 0.0
-    link_latency_s = min(model.cluster_link(a, b).latency_s for a in range(S) for b in range(S) if a != b) \
-        if S > 1 else 0.0
+    # other device that reads it (as `evaluate` prices it), over the cheapest link: a lower bound.
+    # With one stage per device a device is a stage; interleaved, a device's stages share it.
+    devices = model.devices
+    D = len(devices)
+    device_of = {s: d for d, stages in enumerate(devices) for s in stages}
+    pairs = [(a[0], b[0]) for a in devices for b in devices if a != b]
+    link_s_per_byte = min((1 / model.cluster_link(a, b).bandwidth_bytes_per_s for a, b in pairs), default=0.0)
+    link_latency_s = min((model.cluster_link(a, b).latency_s for a, b in pairs), default=0.0)
+
+    def on(b: int, stages: Sequence[int]) -> Any:
+        """1 when block b runs on one of ``stages`` (a device's), else 0."""
+        return sum(y[b][s] for s in stages)
+
     for use in weight_readers(graph, chain, chain.weights).values():
         owner = int(block_of_op[use.readers[0]])
         others = sorted({int(block_of_op[r]) for r in use.readers} - {owner})
-        if not others or S == 1:
+        if not others or D == 1:
             continue
         directions = 2 if use.gradient and model.directions == 2 else 1
         cost = cost_ticks(directions * (use.nbytes * link_s_per_byte + link_latency_s) / options.microbatches)
         if cost == 0:
             continue
         away = []
-        for s in range(S):  # stage s reads the weight, and does not own it
+        for stages in devices:  # the device reads the weight, and does not own it
             d = m.new_bool_var("")
             for r in others:
-                m.add(d >= y[r][s] - y[owner][s])
+                m.add(d >= on(r, stages) - on(owner, stages))
             away.append(d)
-            stage_terms[s].append(cost * d)
+            stage_terms[stages[0]].append(cost * d)
             comm_terms.append(cost * d)
-        for s in range(S):  # the owner sends it to each of them
-            e = m.new_int_var(0, S - 1, "")
-            m.add(e >= sum(away) - (S - 1) * (1 - y[owner][s]))
-            stage_terms[s].append(cost * e)
+        for stages in devices:  # the owner sends it to each of them
+            e = m.new_int_var(0, D - 1, "")
+            m.add(e >= sum(away) - (D - 1) * (1 - on(owner, stages)))
+            stage_terms[stages[0]].append(cost * e)
         if hint is not None:
-            readers_at = {hint[r] for r in others} - {hint[owner]}
-            for s in readers_at:
-                hint_ticks[s] += cost
-            hint_ticks[hint[owner]] += cost * len(readers_at)
+            readers_at = {device_of[hint[r]] for r in others} - {device_of[hint[owner]]}
+            for d in readers_at:
+                hint_ticks[devices[d][0]] += cost
+            hint_ticks[devices[device_of[hint[owner]]][0]] += cost * len(readers_at)
 
     # A stage rebuilds each group of replicated values that one of its ops needs.
     for g, needers in enumerate(chain.rebuild_needers):
@@ -1242,10 +1316,12 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
             hint_ticks[s] += sum(block_ticks[s][b] for b in range(B) if hint[b] == s)
     slack = 2 * (B + len(groups) + len(chain.rebuild_needers)) + 10  # rounding of every term to whole ticks
     lowest = max(0, ticks(lower_bound_s(model)) - slack)
-    highest = max(ticks(hint_s), max(hint_ticks)) + slack if hint_s is not None else ticks(total) * 4 + 10**6
+    hint_device_ticks = max(sum(hint_ticks[s] for s in stages) for stages in model.devices)
+    highest = max(ticks(hint_s), hint_device_ticks) + slack if hint_s is not None else ticks(total) * 4 + 10**6
     bottleneck = m.new_int_var(lowest, max(highest, lowest), "bottleneck")
-    for s in range(S):
-        m.add(bottleneck >= sum(block_ticks[s][b] * y[b][s] for b in range(B)) + sum(stage_terms[s]))
+    for stages in model.devices:  # a device's time: its stage's, or the sum of its stages' (interleaved)
+        m.add(bottleneck >= sum(block_ticks[s][b] * y[b][s] for s in stages for b in range(B))
+              + sum(term for s in stages for term in stage_terms[s]))
     _memory_constraints(m, model, y, bounds, block_of_op, first, last)
     if hint is not None:
         for b in range(B):
@@ -1265,7 +1341,7 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
     best, bound, proven = solver.objective_value, solver.best_objective_bound, status == cp_model.OPTIMAL
-    if proven and hint is not None and hint_s is not None and best >= max(hint_ticks):
+    if proven and hint is not None and hint_s is not None and best >= hint_device_ticks:
         return CpResult(list(hint), hint_s, "OPTIMAL", min(bound * tick_s, hint_s), time.perf_counter() - start)
     # Second phase: the same bottleneck, least traffic.
     m.add(bottleneck <= int(round(best)))
@@ -1362,9 +1438,8 @@ def _memory_constraints(m: cp_model.CpModel, model: StageModel, y: list[list[Any
 
 
 def _fits_memory(model: StageModel, stage_of_op: Sequence[int]) -> bool:
-    """Whether every stage of an op → stage assignment fits its device (the exact model)."""
-    return all(model.breakdown(s, stage_of_op).total_bytes <= model.layout.capacity_bytes[s]
-               for s in range(len(model.layout)))
+    """Whether every device fits its stages of an op → stage assignment (the exact model)."""
+    return model.device_fits(stage_of_op)
 
 
 # --------------------------------------------------------------------------- evaluating an assignment
@@ -1509,12 +1584,19 @@ def _crossings(model: StageModel, graph: OpGraph, stage: np.ndarray) -> list[np.
 
 
 def _weight_sends(model: StageModel, graph: OpGraph, stage: np.ndarray) -> list[tuple[WeightUse, int, list[int]]]:
-    """Each weight read on several stages, its home stage and the other stages it is sent to."""
+    """Each weight read on several stages, its home stage and the other stages it is sent to.
+    With several stages per device (interleaved schedules) a device holds the weight once: it
+    goes to the first stage reading it on each other device, none on the home's device."""
     sends = []
+    ranks = model.layout.ranks
     for use in weight_readers(graph, model.chain, model.weights).values():
         on = sorted(set(stage[list(use.readers)].tolist()))
-        if len(on) > 1:
-            sends.append((use, on[0], on[1:]))
+        first_on_device = {}
+        for s in on:
+            first_on_device.setdefault(ranks[s], s)
+        others = [s for s in first_on_device.values() if ranks[s] != ranks[on[0]]]
+        if others:
+            sends.append((use, on[0], others))
     return sends
 
 
@@ -1590,7 +1672,7 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     """
     options = options or SolverOptions()
     start = time.perf_counter()
-    stages = options.stages or len(cluster)
+    stages = options.stages or len(cluster) * options.stages_per_device
     cost_model = cost_model or AnalyticCostModel()
     blocks = graph.coarsen()
     types = {d.name: d for d in cluster.devices}
@@ -1607,11 +1689,21 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
         if not 0 <= stage < stages:
             raise ConfigError(f"pin puts {path!r} on stage {stage}, but there are {stages} stages (0..{stages - 1})")
 
-    # 1. Block-level DP on the best device order (``choose_order``).
+    # 1. Block-level DP on the best device order (``choose_order``). Several stages per device
+    #    (interleaved): the DP over stages, balanced over the devices (``autosplit.interleaved``).
     block_cuts = sorted(set(chain.block_starts + [chain.n]) - chain.forbidden | {0, chain.n})
-    chosen = choose_order(chain, cluster, stages, options, block_cuts)
-    if chosen is None:
-        raise _infeasible(chain, cluster, stages, options)
+    looped = None
+    if options.schedule == INTERLEAVED:
+        from autosplit import interleaved as looped  # it builds on this module
+
+        looped.check(cluster, stages, options)
+        chosen = looped.choose_order(chain, graph, cluster, stages, options, block_cuts)
+        if chosen is None:
+            raise looped.infeasible(chain, graph, cluster, stages, options)
+    else:
+        chosen = choose_order(chain, cluster, stages, options, block_cuts)
+        if chosen is None:
+            raise _infeasible(chain, cluster, stages, options)
     model, dp_cuts = chosen.model, chosen.cuts
 
     # 2. CP-SAT on the block DAG, warm-started with the DP split when it falls on block bounds.
@@ -1642,10 +1734,15 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     if options.refine:
         best_so_far = min(c[0] for c in candidates)
         first, last = stage_ranges(model, graph, best_so_far)
-        positions = set(bounds) | set(_cut_positions(first, last, stages).tolist())
-        refined = chain_dp(model, sorted(positions - chain.forbidden | {0, chain.n}), (first, last), best_so_far)
-        if refined is not None:
-            split = assignment_from_cuts(chain.n, refined[1])
+        positions = sorted(set(bounds) | set(_cut_positions(first, last, stages).tolist()) - chain.forbidden
+                           | {0, chain.n})
+        if looped is not None:
+            cuts = looped.split(model, graph, positions, (first, last), seeds=[dp_cuts])
+        else:
+            found = chain_dp(model, positions, (first, last), best_so_far)
+            cuts = None if found is None else found[1]
+        if cuts is not None:
+            split = assignment_from_cuts(chain.n, cuts)
             candidates.append((_bottleneck(model, graph, split), split, "dp refinement"))
     bottleneck, assignment, method = min(candidates, key=lambda c: (c[0], c[2] != "cp-sat"))
 
@@ -1753,14 +1850,18 @@ def _refine_ops(model: StageModel, graph: OpGraph, assignment: Sequence[int], bo
 
 
 def _bottleneck(model: StageModel, graph: OpGraph, assignment: Sequence[int]) -> float:
+    """The slowest device's time per microbatch: the sum of its stages' (one, but interleaved)."""
     compute, comm_in, comm_out = evaluate(model, graph, assignment)
-    return max(c + i + o for c, i, o in zip(compute, comm_in, comm_out))
+    stage_s = [c + i + o for c, i, o in zip(compute, comm_in, comm_out)]
+    return max(sum(stage_s[s] for s in stages) for stages in model.devices)
 
 
 def lower_bound_s(model: StageModel) -> float:
-    """max(total work ÷ combined speed of the stages' devices, heaviest op on the fastest device)."""
+    """max(total work ÷ combined speed of the stages' devices, heaviest op on the fastest device).
+    A device that runs several stages (interleaved) counts once: the bound is on its time."""
     chain, layout = model.chain, model.layout
-    work = [chain.time_s[t][-1] for t in layout.types]
+    kinds = dict(zip(layout.ranks, layout.types))  # one entry per device
+    work = [chain.time_s[t][-1] for t in kinds.values()]
     combined = 1 / sum(1 / w for w in work) if all(w > 0 for w in work) else 0.0
     per_op = np.min(np.stack([np.diff(chain.time_s[t]) for t in set(layout.types)]), axis=0)
     return max(combined, float(per_op.max()) if len(per_op) else 0.0)
@@ -1770,8 +1871,10 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float, *,
                     notes: list[str] | None = None) -> float:
     """A lower bound on the bottleneck that adds the traffic every split must send, given a split
     of bottleneck ``incumbent_s``: on identical devices, min(incumbent, (work + 2 · Σ_k least
-    traffic over cut k) ÷ S). The stages' times add up to the work plus each cut's traffic twice
-    (sent by one stage, received by the next), and the slowest is at least their mean.
+    traffic over cut k) ÷ D) for D devices. The stages' times add up to the work plus each cut's
+    traffic twice (sent by one stage, received by the next), and the slowest device is at least
+    their mean (with one stage per device, D = S; interleaved, each device sums its stages,
+    each of which is then at most the incumbent, so the ranges below hold too).
 
     The least traffic over cut k is a minimum cut (OR-Tools max flow): among the ideals of the op
     DAG (all of an op's ancestors with it) that put every op on its side of cut k as
@@ -1837,7 +1940,7 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float, *,
             return plain
         least += flow.optimal_flow() * tick_s
     work = chain.time_s[layout.types[0]][-1]
-    return max(plain, min(incumbent_s, (work + 2 * least) / S))
+    return max(plain, min(incumbent_s, (work + 2 * least) / len(set(layout.ranks))))
 
 
 def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, options: SolverOptions,
@@ -1895,9 +1998,8 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
             transient_bytes=quantities["transient"],
             device_kind="gpu" if layout.gpu[s] else "cpu",
         ))
-    bottleneck = max(st.time_s for st in stage_list)
     m = options.microbatches
-    step = (m + S - 1) * bottleneck
+    bottleneck, step, bubble = pipeline_times([st.time_s for st in stage_list], layout.ranks, m)
     samples = m * options.samples_per_microbatch / step if step > 0 else 0.0
     base, _, windows = method.partition(" + ")
     proven_bound = min(max(bound, proven_s), bottleneck)
@@ -1913,6 +2015,8 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
     if status != "OPTIMAL":
         notes.extend(unproven)
     label = {"dp": "block dp", "cp-sat": "cp-sat blocks", "dp refinement": "cp-sat blocks + dp refinement"}[base]
+    if len(model.devices) < S and base != "cp-sat":  # interleaved: the cuts move to balance the devices
+        label += " + device balancing"
     report = SolverReport(status=status, gap=gap, wall_s=wall_s, bound_s=proven_bound,
                           method=f"{label} + {windows}" if windows else label, notes=tuple(notes))
     for note in notes:
@@ -1923,7 +2027,7 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
         bottleneck_s=bottleneck,
         lower_bound_s=bound,
         step_s=step,
-        bubble_fraction=(S - 1) / (m + S - 1),
+        bubble_fraction=bubble,
         samples_per_s=samples,
         tokens_per_s=samples * options.tokens_per_sample if options.tokens_per_sample else None,
         mode=options.mode,

@@ -23,7 +23,10 @@ import torch
 
 from cost_models.ops import OpCost
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+INTERLEAVED = "interleaved-1f1b"
+"""Several stages per device, stage s on device s mod D (Megatron's virtual stages), run by
+torch.distributed.pipelining's ``ScheduleInterleaved1F1B``."""
 MODES = ("train", "infer")
 
 
@@ -167,11 +170,18 @@ def kv_cache_bytes(*, batch: int, seq: int, layers: int, kv_heads: int, head_dim
     return 2 * batch * seq * layers * kv_heads * head_dim * itemsize
 
 
-def microbatches_in_flight(schedule: str, *, num_stages: int, stage: int, microbatches: int) -> int:
+def microbatches_in_flight(schedule: str, *, num_stages: int, stage: int, microbatches: int,
+                           stages_per_device: int = 1) -> int:
     """Microbatches whose activations stage ``stage`` holds at its peak.
 
     GPipe runs every forward before any backward: all ``m``. 1F1B starts backward as soon as the
     last stage can, so stage ``s`` of ``S`` holds at most ``S - s`` (never more than ``m``).
+    Interleaved 1F1B (``stages_per_device`` = v stages on each of D = S ÷ v devices, stage s on
+    device s mod D) holds what its device's order of work leaves in flight
+    (:func:`interleaved_1f1b_order`): the most forwards of the stage not yet undone by their
+    backwards. E.g. D = 2, v = 2, m = 4: stages 0..3 hold 4, 3, 2, 1; D = 4, v = 2, m = 8: 8, 8,
+    7, 5, 4, 4, 3, 1. The device holds, at once, less than the sum of its stages' peaks
+    (:func:`in_flight_profile`).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, e.g. '1f1b'; got {schedule!r}")
@@ -179,7 +189,102 @@ def microbatches_in_flight(schedule: str, *, num_stages: int, stage: int, microb
         raise ValueError(f"num_stages and microbatches must be >= 1; got {num_stages} and {microbatches}")
     if not 0 <= stage < num_stages:
         raise ValueError(f"stage must be in [0, {num_stages}); got {stage}")
+    if schedule == INTERLEAVED:
+        devices = _devices(num_stages, stages_per_device)
+        profile = in_flight_profile(schedule, num_stages=num_stages, stages_per_device=stages_per_device,
+                                    device=stage % devices, microbatches=microbatches)
+        return int(profile[:, stage // devices].max())
+    if stages_per_device != 1:
+        raise ValueError(f"schedule {schedule!r} runs one stage per device; got stages_per_device={stages_per_device}: "
+                         f"use schedule={INTERLEAVED!r}")
     return microbatches if schedule == "gpipe" else min(num_stages - stage, microbatches)
+
+
+def interleaved_rounds(devices: int, microbatches: int) -> int:
+    """Rounds of PyTorch's ``ScheduleInterleaved1F1B``: max(1, m ÷ D) (integer division). Each
+    round runs m ÷ rounds microbatches through a stage before the device turns to its next
+    stage, so m must be a multiple of the rounds: with D = 4, m = 1 to 8, 10 and 12 run, m = 9,
+    11 and 13 do not.
+
+    Raises:
+        ValueError: m is not a multiple of the rounds; says which counts run.
+    """
+    rounds = max(1, microbatches // devices)
+    if microbatches % rounds:
+        near = sorted((k for k in range(max(1, microbatches - devices), microbatches + devices + 1)
+                       if k % max(1, k // devices) == 0), key=lambda k: (abs(k - microbatches), k))
+        raise ValueError(f"interleaved 1F1B on {devices} devices runs {microbatches} microbatches in {rounds} "
+                         f"rounds of equal size, and {microbatches} is not a multiple of {rounds}: use "
+                         f"microbatches={near[0]} or another count m with m % max(1, m // {devices}) == 0 "
+                         f"({', '.join(map(str, sorted(near)))})")
+    return rounds
+
+
+def interleaved_1f1b_order(device: int, *, devices: int, stages_per_device: int,
+                           microbatches: int) -> list[tuple[str, int, int]]:
+    """The work of one device under interleaved 1F1B, in the order PyTorch 2.13's
+    ``ScheduleInterleaved1F1B`` runs it: ``("F" or "B", local stage, microbatch)``, local stage
+    k being pipeline stage k·D + device.
+
+    With g = m ÷ rounds microbatches per round (:func:`interleaved_rounds`), device r first runs
+    W = min((v − 1)·g + 2·(D − 1 − r), v·m) forwards, taking its stages in turn g microbatches
+    at a time (forward op k runs local stage (k ÷ g) mod v); then alternates one forward and one
+    backward, the backwards taking the stages in reverse turn (backward op k: local stage
+    v − 1 − (k ÷ g) mod v); then runs the W backwards left. Running example, D = 2, v = 2, m = 4
+    (g = 2), device 0 (stages 0 and 2): W = 4: F0 F0 F2 F2 (microbatches 0, 1 of each), then
+    F0 B2, F0 B2, F2 B0, F2 B0, then B2 B2 B0 B0.
+    """
+    D, v, m = devices, stages_per_device, microbatches
+    per_round = m // interleaved_rounds(D, m)
+    warmup = min((v - 1) * per_round + 2 * (D - 1 - device), v * m)
+    done = {"F": [0] * v, "B": [0] * v}
+    order: list[tuple[str, int, int]] = []
+
+    def run(kind: str, local: int) -> None:
+        order.append((kind, local, done[kind][local]))
+        done[kind][local] += 1
+
+    for k in range(v * m + warmup):
+        if k < v * m:
+            run("F", (k // per_round) % v)
+        if k >= warmup:
+            run("B", v - 1 - ((k - warmup) // per_round) % v)
+    return order
+
+
+def in_flight_profile(schedule: str, *, num_stages: int, stages_per_device: int, device: int,
+                      microbatches: int) -> np.ndarray:
+    """Microbatches each stage of a device holds after each of the device's forwards (rows), its
+    stages in pipeline order (columns): the device's activations peak at one of these moments,
+    at max over rows of (row · saved bytes per microbatch of each stage).
+
+    One stage per device: one row, its :func:`microbatches_in_flight`. Interleaved 1F1B: from
+    :func:`interleaved_1f1b_order`. In the running example there (device 0 of D = 2, v = 2,
+    m = 4) the rows are (1, 0), (2, 0), (2, 1), (2, 2), (3, 2), (4, 1), (4, 1), (3, 2): each stage
+    peaks (at 4 and 2) but the device holds at most 5 microbatches' worth when they are equal.
+    """
+    if schedule != INTERLEAVED:
+        held = microbatches_in_flight(schedule, num_stages=num_stages, stage=device, microbatches=microbatches,
+                                      stages_per_device=stages_per_device)
+        return np.array([[held]], dtype=np.int64)
+    devices = _devices(num_stages, stages_per_device)
+    if not 0 <= device < devices:
+        raise ValueError(f"device must be in [0, {devices}); got {device}")
+    held = np.zeros(stages_per_device, dtype=np.int64)
+    rows = []
+    for kind, local, _ in interleaved_1f1b_order(device, devices=devices, stages_per_device=stages_per_device,
+                                                 microbatches=microbatches):
+        held[local] += 1 if kind == "F" else -1
+        if kind == "F":
+            rows.append(held.copy())
+    return np.array(rows, dtype=np.int64)
+
+
+def _devices(num_stages: int, stages_per_device: int) -> int:
+    if not isinstance(stages_per_device, int) or stages_per_device < 1 or num_stages % stages_per_device:
+        raise ValueError(f"stages_per_device must be a positive int dividing the {num_stages} stages, e.g. 2; "
+                         f"got {stages_per_device!r}")
+    return num_stages // stages_per_device
 
 
 def activation_bytes(costs: Mapping[str, OpCost], nodes: Iterable[str]) -> int:
@@ -202,6 +307,7 @@ def stage_memory(
     num_stages: int = 1,
     stage: int = 0,
     microbatches: int = 1,
+    stages_per_device: int = 1,
     kv_cache: float = 0,
     device_kind: str = "gpu",
 ) -> MemoryBreakdown:
@@ -215,15 +321,17 @@ def stage_memory(
         mode: ``"train"`` or ``"infer"``.
         precision, optimizer: the training state per parameter (see :data:`TRAINING_PRECISIONS`).
         weight_dtype: inference weights: a dtype or a quantized format of :data:`QUANTIZATIONS`.
-        schedule, num_stages, stage, microbatches: set how many microbatches are in flight.
+        schedule, num_stages, stage, microbatches, stages_per_device: set how many microbatches
+            are in flight (:func:`microbatches_in_flight`); with several stages per device this
+            is the stage alone, and :func:`device_peak_terms` what its device holds.
         kv_cache: bytes of KV cache this stage keeps (inference), see :func:`kv_cache_bytes`.
         device_kind: ``"gpu"`` adds the CUDA context to the workspace.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, e.g. 'train'; got {mode!r}")
     nodes = list(nodes)
-    in_flight = (microbatches_in_flight(schedule, num_stages=num_stages, stage=stage, microbatches=microbatches)
-                 if mode == "train" else 1)
+    in_flight = (microbatches_in_flight(schedule, num_stages=num_stages, stage=stage, microbatches=microbatches,
+                                        stages_per_device=stages_per_device) if mode == "train" else 1)
     if nodes:
         memory = OpsMemory.from_costs(nodes, costs, [num_params] + [0] * (len(nodes) - 1), train=mode == "train")
         quantities = memory.quantities(0, len(nodes))
@@ -661,6 +769,45 @@ def peak_terms(*, params: Any, activations: Any, transient: Any, in_flight: int,
     workspace = np.maximum(transient, 0.0)
     if gpu:
         workspace = workspace + FRAGMENTATION * sum(live.values()) + GPU_CONTEXT_BYTES
+    return dict(live, workspace_bytes=workspace)
+
+
+def device_peak_terms(stages: Sequence[Mapping[str, Any]], *, profile: np.ndarray, gpu: bool, mode: str = "train",
+                      kv_cache: float = 0, **rules: Any) -> dict[str, float]:
+    """Peak bytes by kind of a device that runs several stages (``stages``: each one's
+    :meth:`OpsMemory.quantities`, in pipeline order), the microbatches each holds in flight
+    given by ``profile`` (:func:`in_flight_profile`: one row per moment, one column per stage).
+
+    The training state of every stage is held at once, and the saved activations at the worst
+    moment of the profile: max over rows of Σ_k row[k] · activations[k]. One stage runs at a
+    time, so the workspace is the largest of the stages' (the running microbatch's gradients
+    and temporaries beyond its saved tensors), or the optimizer step over all the device's
+    parameters with the activations freed. The GPU context is counted once. For one stage
+    (a one-row, one-column profile) this is :func:`peak_terms`.
+    """
+    profile = np.asarray(profile, dtype=float)
+    if profile.ndim != 2 or profile.shape[1] != len(stages) or not len(stages):
+        raise ValueError(f"profile must have one column per stage ({len(stages)}); got shape {profile.shape}")
+    held = [peak_terms(params=q["params"], copies=q.get("copies", 0.0), activations=q["activations"],
+                       transient=q["transient"], in_flight=1, gpu=False, mode=mode, **rules) for q in stages]
+    live = {kind: float(sum(h[kind] for h in held))
+            for kind in ("weights_bytes", "grads_bytes", "optimizer_bytes", "kv_cache_bytes")}
+    live["kv_cache_bytes"] += kv_cache
+    if mode == "train":
+        saved = np.array([float(q["activations"]) for q in stages])
+        live["activations_bytes"] = float((profile @ saved).max())
+        # one microbatch's peak beyond its saved tensors, or the optimizer step over all the parameters
+        running = max(float(q["transient"]) - float(q["activations"]) for q in stages)
+        precision, optimizer = rules.get("precision", "bf16-mixed"), rules.get("optimizer", "adamw")
+        states = _optimizer_states(optimizer)
+        per_param = _precision(precision).state_bytes * OPTIMIZER_STEP_TEMPORARIES if states else 0.0
+        step = per_param * sum(float(q["params"]) for q in stages)
+        workspace = max(running, step - live["activations_bytes"], 0.0)
+    else:
+        live["activations_bytes"] = max(float(h["activations_bytes"]) for h in held)
+        workspace = 0.0
+    if gpu:
+        workspace += FRAGMENTATION * sum(live.values()) + GPU_CONTEXT_BYTES
     return dict(live, workspace_bytes=workspace)
 
 

@@ -237,3 +237,39 @@ def test_plan_plot_draws_a_png_and_the_schedule_respects_its_rules(tmp_path, cap
         if kind == "F" and stage > 0:
             before = next(e for e in events if e[:3] == (stage - 1, i, "F"))
             assert start >= before[4] - 1e-12
+
+
+def test_plan_interleaved_shows_each_stage_with_its_device_and_draws_the_schedule(tmp_path, capsys):
+    from autosplit import Plan
+    from autosplit.plot import schedule
+    from cost_models.memory import microbatches_in_flight
+
+    model = _factory(tmp_path, "deep", """
+        import torch
+        from torch import nn
+
+        def build():
+            return nn.Sequential(*[nn.Linear(32, 32) for _ in range(8)]), (torch.randn(4, 32),)
+    """)
+    data, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    assert main(["plan", model, "--cluster", "2xh100", "--schedule", "interleaved-1f1b", "--stages-per-device", "2",
+                 "--microbatches", "4", "--json", str(data), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "4-stage train plan on 2xh100-sxm (2 stages per device, interleaved-1f1b)" in out
+    assert re.search(r"│\s+2 │ h100-sxm:0 ", out) and re.search(r"│\s+3 │ h100-sxm:1 ", out)
+    assert "device       h100-sxm:0: stages 0, 2" in out and "device       h100-sxm:1: stages 1, 3" in out
+    plan = Plan.load(data)
+    events = schedule(plan)
+    assert len(events) == 2 * 4 * 4
+    for device in ((0, 2), (1, 3)):  # a device runs one stage at a time
+        spans = sorted((start, end) for s, _, _, start, end in events if s in device)
+        assert all(a[1] <= b[0] + 1e-12 for a, b in zip(spans, spans[1:]))
+    for s in range(4):  # each stage holds what the schedule's order leaves in flight
+        held, peak = 0, 0
+        for _, _, kind, _, _ in sorted((e for e in events if e[0] == s), key=lambda e: (e[3], e[2] == "F")):
+            held += 1 if kind == "F" else -1
+            peak = max(peak, held)
+        assert peak == microbatches_in_flight("interleaved-1f1b", num_stages=4, stage=s, microbatches=4,
+                                              stages_per_device=2)
+    assert main(["plan", model, "--cluster", "2xh100", "--stages-per-device", "2"]) == 1
+    assert "needs schedule='interleaved-1f1b'" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """Per-op prices, roofline times, profiling and calibration, memory accounting, symbolic costs."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +14,13 @@ from cost_models.analytic import AnalyticCostModel, Efficiency, Sample
 from cost_models.devices import cpu_device, get_device
 from cost_models.memory import (
     activation_bytes,
+    device_peak_terms,
+    in_flight_profile,
+    interleaved_1f1b_order,
     kv_cache_bytes,
     max_fitting,
     microbatches_in_flight,
+    peak_terms,
     stage_memory,
     training_state_bytes,
     weight_bytes,
@@ -314,6 +320,46 @@ def test_microbatches_in_flight_per_schedule():
         microbatches_in_flight("zb", num_stages=2, stage=0, microbatches=2)
     with pytest.raises(ValueError, match=r"stage must be in \[0, 2\)"):
         microbatches_in_flight("1f1b", num_stages=2, stage=2, microbatches=2)
+
+
+def test_interleaved_in_flight_follows_the_order_pytorch_runs():
+    """The order of work priced for interleaved 1F1B is ScheduleInterleaved1F1B's own (built here
+    with stand-ins for its stages: it only reads their ranks and counts), for every device of
+    2-4 devices, 1-3 stages each and 1-12 microbatches; counts it refuses are refused too."""
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining import ScheduleInterleaved1F1B
+    from torch.distributed.pipelining.schedules import _ComputationType
+
+    for D, v, m in itertools.product(range(2, 5), range(1, 4), range(1, 13)):
+        for r in range(D):
+            stages = [SimpleNamespace(group_size=D, group_rank=r, num_stages=D * v, stage_index=r + k * D,
+                                      is_last=False) for k in range(v)]
+            try:
+                actions = ScheduleInterleaved1F1B(stages, m).pipeline_order[r]
+            except ValueError:
+                with pytest.raises(ValueError, match="not a multiple of"):
+                    interleaved_1f1b_order(r, devices=D, stages_per_device=v, microbatches=m)
+                break
+            theirs = [("F" if a.computation_type == _ComputationType.FORWARD else "B", (a.stage_index - r) // D,
+                       a.microbatch_index) for a in actions if a is not None]
+            assert interleaved_1f1b_order(r, devices=D, stages_per_device=v, microbatches=m) == theirs, (D, v, m, r)
+    in_flight = [microbatches_in_flight("interleaved-1f1b", num_stages=8, stage=s, microbatches=8,
+                                        stages_per_device=2) for s in range(8)]
+    assert in_flight == [8, 8, 7, 5, 4, 4, 3, 1]
+    # device 0 of 2, stages 0 and 2, 4 microbatches: F0 F0 F2 F2, then F0 B2, F0 B2, F2 B0, F2 B0, then B2 B2 B0 B0
+    profile = in_flight_profile("interleaved-1f1b", num_stages=4, stages_per_device=2, device=0, microbatches=4)
+    assert profile.tolist() == [[1, 0], [2, 0], [2, 1], [2, 2], [3, 2], [4, 1], [4, 1], [3, 2]]
+    with pytest.raises(ValueError, match="runs one stage per device"):
+        microbatches_in_flight("1f1b", num_stages=4, stage=0, microbatches=4, stages_per_device=2)
+
+
+def test_a_device_of_one_stage_holds_what_the_stage_holds():
+    quantities = dict(params=1e6, copies=2e5, activations=3e7, transient=5e7)
+    for mode, gpu in itertools.product(("train", "infer"), (False, True)):
+        alone = peak_terms(**quantities, in_flight=3, gpu=gpu, mode=mode)
+        device = device_peak_terms([quantities], profile=np.array([[1], [3], [2]]), gpu=gpu, mode=mode)
+        assert device == pytest.approx({k: float(v) for k, v in alone.items()}), (mode, gpu)
 
 
 def test_inference_memory_has_no_gradients_or_optimizer_state():

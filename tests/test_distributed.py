@@ -87,12 +87,13 @@ def make_model(name):
 
 
 @functools.cache
-def make_plan(name, stages=2, microbatches=MICROBATCHES, schedule="1f1b"):
+def make_plan(name, stages=2, microbatches=MICROBATCHES, schedule="1f1b", stages_per_device=1):
     model = make_model(name)
     args, kwargs, _ = CASES[name][2](0)
     traced = capture_microbatch(model, args, kwargs, microbatches=microbatches).traced
-    return solve(OpGraph.from_traced(traced), Cluster.parse(f"{stages}xh100"),
-                 SolverOptions(microbatches=microbatches, schedule=schedule),
+    return solve(OpGraph.from_traced(traced), Cluster.parse(f"{stages // stages_per_device}xh100"),
+                 SolverOptions(microbatches=microbatches, schedule=schedule, stages=stages,
+                               stages_per_device=stages_per_device),
                  costs=price_graph(traced.graph_module), parameters=traced.parameters, buffers=traced.buffers)
 
 
@@ -218,6 +219,7 @@ def train_like_one_process(rank, name, plans, steps):
         for pname, p in pipe.named_parameters():
             assert_same(p.detach(), wanted[pname].detach(), name=f"{plan.schedule} {pname} after {steps} steps")
         reports.append({"names": [n for n, _ in pipe.named_parameters()], "shared": sorted(pipe.shared_weights),
+                        "stages": pipe.stages,
                         "received": len(pipe._chain.received[pipe.stage]) if not pipe.is_first else 0,
                         "bytes": {n: p.detach().numpy().tobytes() for n, p in pipe.named_parameters()}})
     return reports
@@ -280,6 +282,21 @@ def test_two_ranks_train_exactly_like_one_process_with_gpipe_and_1f1b(ranks, nam
     else:  # the stem's output (or the mask) crosses to stage 1 next to the main path
         assert all(report[i]["shared"] == [] for report in reports for i in range(len(plans)))
         assert reports[1][0]["received"] >= 2
+
+
+def test_two_ranks_run_four_interleaved_stages_exactly_like_one_process(ranks):
+    """Interleaved 1F1B: rank r runs stages r and r + 2 (two PipelineStages under
+    ScheduleInterleaved1F1B); the loss and every gradient of a step, and the weights after two
+    AdamW steps, equal the model's in one process. The tied embedding (stage 0, rank 0) and LM
+    head (stage 3, rank 1) stay identical."""
+    plan = make_plan("tied_lm", stages=4, schedule="interleaved-1f1b", stages_per_device=2)
+    assert plan.device_stages() == {0: (0, 2), 1: (1, 3)}
+    [first], [second] = ranks.run(train_like_one_process, "tied_lm", [plan], 2)
+    assert first["stages"] == (0, 2) and second["stages"] == (1, 3)
+    reference = make_model("tied_lm")
+    assert set(first["names"]) | set(second["names"]) == {n for n, _ in reference.named_parameters()}
+    assert first["shared"] == second["shared"] == ["embed.weight"]
+    assert first["bytes"]["embed.weight"] == second["bytes"]["embed.weight"]
 
 
 @pytest.mark.parametrize("name, relayed", [("rescnn", "stem_2"), ("masked", "to")])

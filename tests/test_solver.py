@@ -771,3 +771,136 @@ def test_recheck_schedule_reprices_memory_and_refuses_what_no_longer_fits():
     message = str(error.value)
     assert f"stage {last.index} on {last.devices[0]}" in message and "GiB" in message
     assert "'1f1b'" in message and "microbatches=" in message and "more devices" in message
+
+
+# --------------------------------------------------------------------------- interleaved 1F1B
+
+
+def test_interleaved_pricing_of_a_tiny_chain_matches_the_hand_figures():
+    """Four ops, one per stage, stages 0 and 2 on device 0 and stages 1 and 3 on device 1 (v = 2,
+    D = 2), 4 microbatches, no traffic."""
+    from autosplit.interleaved import DevicePricing, looped_layout
+    from autosplit.schedule import pipeline_times
+
+    prefix = lambda v: np.concatenate([[0.0], np.cumsum(v)])  # noqa: E731
+    chain = dataclasses.replace(synthetic_chain([3e-3, 1e-3, 1e-3, 3e-3], [0.0] * 3, params=[1000, 2000, 3000, 4000]),
+                                activation_bytes=prefix([1e5, 2e5, 3e5, 4e5]), cross_count=np.zeros(5))
+    cluster = Cluster.parse("2xh100")
+    options = SolverOptions(schedule="interleaved-1f1b", stages_per_device=2, microbatches=4)
+    model = StageModel(chain, looped_layout(cluster, [0, 1], 2, 0.1), options, cluster)
+    assert model.layout.ranks == (0, 1, 0, 1) and model.devices == [(0, 2), (1, 3)]
+    # Each stage's peak in flight under ScheduleInterleaved1F1B's order (device 0 runs F0 F0 F2 F2,
+    # F0 B2, F0 B2, F2 B0, F2 B0, B2 B2 B0 B0; device 1: F1 F1 F3 B3 F3 B3 F1 B1 F1 B1 F3 B3 F3 B3 B1 B1).
+    assert model.in_flight == [4, 3, 2, 1]
+    # Time: a device sums its stages; the step is m × bottleneck + (D − 1) × the slowest stage.
+    pricing = DevicePricing(model, None)
+    stage_s = pricing.stage_times([0, 1, 2, 3, 4])
+    assert stage_s == pytest.approx([3e-3, 1e-3, 1e-3, 3e-3])
+    assert pricing.device_times(stage_s) == pytest.approx([4e-3, 4e-3])
+    bottleneck, step, bubble = pipeline_times(stage_s, model.layout.ranks, 4)
+    assert (bottleneck, step, bubble) == pytest.approx((4e-3, 4 * 4e-3 + 1 * 3e-3, 3e-3 / 19e-3))
+    assert pipeline_times([1.0] * 8, [0, 1, 2, 3] * 2, 8)[2] == pytest.approx(3 / (2 * 8 + 3))  # (D−1)/(vm+D−1)
+    # Memory: every stage's state, and the activations at the device's worst moment. Device 0 holds
+    # (stage 0, stage 2) = (3, 2) microbatches after its fifth forward: 3 × 100 kB + 2 × 300 kB,
+    # more than (4, 1) = 700 kB; device 1 (2, 1) = 2 × 200 kB + 400 kB. The sum of the stages'
+    # own peaks (4 × 100 + 2 × 300 = 1000 kB, 3 × 200 + 400 = 1000 kB) would overstate both.
+    gib_context = 512 * 2**20
+    for device, params, activations in [(0, 1000 + 3000, 9e5), (1, 2000 + 4000, 8e5)]:
+        live = 2 * params + 2 * params + (4 + 2 * 4) * params + activations  # bf16-mixed AdamW: 16 B per parameter
+        assert pricing.memory_bytes([0, 1, 2, 3, 4], device) == pytest.approx(1.05 * live + gib_context, rel=1e-12)
+
+
+def interleaved_plan(name, microbatches=4, devices=2, v=2, **options):
+    model, args, _ = getattr(models, name)()
+    traced, graph, costs = priced(model, *args)
+    opts = SolverOptions(schedule="interleaved-1f1b", stages_per_device=v, microbatches=microbatches, **options)
+    return traced, graph, costs, solve(graph, Cluster.parse(f"{devices}xh100"), opts, costs=costs,
+                                       parameters=traced.parameters, buffers=traced.buffers)
+
+
+@pytest.mark.parametrize("name", ["mlp", "tied_lm"])
+def test_an_interleaved_plan_lists_each_stage_with_its_device_and_prices_the_devices(name):
+    traced, graph, costs, plan = interleaved_plan(name)
+    assert len(plan.stages) == 4 and plan.stages_per_device == 2 and plan.schedule == "interleaved-1f1b"
+    assert plan.device_ranks() == [0, 1, 0, 1] and plan.device_stages() == {0: (0, 2), 1: (1, 3)}
+    assert [s.devices for s in plan.stages] == [("h100-sxm:0",), ("h100-sxm:1",)] * 2
+    device_s = [plan.stages[0].time_s + plan.stages[2].time_s, plan.stages[1].time_s + plan.stages[3].time_s]
+    slowest_stage = max(s.time_s for s in plan.stages)
+    assert plan.bottleneck_s == pytest.approx(max(device_s), rel=1e-12)
+    assert plan.step_s == pytest.approx(4 * plan.bottleneck_s + slowest_stage, rel=1e-12)
+    assert plan.bubble_fraction == pytest.approx(slowest_stage / plan.step_s, rel=1e-12)
+    assert plan.lower_bound_s <= plan.bottleneck_s
+    memory = plan.device_memory()
+    for rank, stages in plan.device_stages().items():
+        assert memory[rank].total_bytes <= plan.stages[stages[0]].memory_capacity_bytes
+        assert memory[rank].total_bytes < sum(plan.stages[s].memory_bytes for s in stages)  # one CUDA context
+        assert memory[rank].weights_bytes == pytest.approx(sum(plan.stages[s].memory.weights_bytes for s in stages))
+    nodes = [n for s in plan.stages for n in s.nodes if graph.infos[n].op not in ("placeholder", "output")]
+    assert set(nodes) == {n for n in graph.order if graph.infos[n].op not in ("placeholder", "output")}
+    # The best contiguous split by the slowest device, found by trying every one
+    from autosplit.interleaved import DevicePricing, looped_layout
+    from autosplit.solver import _bottleneck
+
+    cluster = Cluster.parse("2xh100")
+    options = SolverOptions(schedule="interleaved-1f1b", stages_per_device=2, microbatches=4)
+    full = build_chain(graph, graph.coarsen(), costs, traced.parameters,
+                       {d.name: AnalyticCostModel().times(costs, d) for d in cluster.devices}, options,
+                       fastest_link(cluster), traced.buffers)
+    looped = StageModel(full, looped_layout(cluster, [0, 1], 2, 0.1), options, cluster)
+    pricing = DevicePricing(looped, graph)
+    best = math.inf
+    for cuts in itertools.combinations(sorted(set(range(1, full.n)) - full.forbidden), 3):
+        slowest = _bottleneck(looped, graph, assignment_from_cuts(full.n, cuts))
+        # the descent prices a split as the plan does (tied weights sent between devices included)
+        assert pricing.split_times([0, *cuts, full.n]).max() == pytest.approx(slowest, rel=1e-9)
+        best = min(best, slowest)
+    assert plan.bottleneck_s <= best * (1 + 1e-9)
+    assert "interleaved-1f1b" in str(plan) and "device       h100-sxm:0: stages 0, 2" in str(plan)
+
+
+def test_interleaved_plans_are_deterministic_and_round_trip_through_json(tmp_path):
+    plans = [interleaved_plan("tied_lm")[3] for _ in range(2)]
+    assert plans[0].stages == plans[1].stages and plans[0].bottleneck_s == plans[1].bottleneck_s
+    loaded = Plan.load(plans[0].save(tmp_path / "plan.json"))
+    assert loaded == plans[0] and loaded.device_memory() == plans[0].device_memory()
+
+
+def test_interleaved_options_and_microbatch_counts_are_checked():
+    with pytest.raises(ValueError, match="stages_per_device=2 needs schedule='interleaved-1f1b'"):
+        SolverOptions(stages_per_device=2)
+    with pytest.raises(ValueError, match="so it trains"):
+        SolverOptions(schedule="interleaved-1f1b", stages_per_device=2, mode="infer")
+    with pytest.raises(ValueError, match="stages=6 must be a multiple of stages_per_device=4"):
+        SolverOptions(schedule="interleaved-1f1b", stages_per_device=4, stages=6)
+    with pytest.raises(ConfigError, match="not a multiple of 2: use microbatches=4"):
+        interleaved_plan("mlp", microbatches=5)  # PyTorch runs 5 on 2 devices in 2 rounds: refused
+    with pytest.raises(ConfigError, match="need 3 devices; the cluster 2xh100-sxm has 2"):
+        interleaved_plan("mlp", stages=6)
+    with pytest.raises(ConfigError, match="use stages=4 or more"):
+        interleaved_plan("mlp", stages=2)
+
+
+def test_an_interleaved_plan_that_overflows_a_device_says_by_how_much():
+    # Small weights, large activations: a device holds its two stages' in-flight microbatches.
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])
+    traced, graph, costs = priced(model, torch.randn(4096, 256))
+    opts = SolverOptions(schedule="interleaved-1f1b", stages_per_device=2, microbatches=8)
+    plan = solve(graph, Cluster.parse("2xh100"), opts, costs=costs, parameters=traced.parameters)
+    need_gib = (max(m.total_bytes for m in plan.device_memory().values()) - 0.5 * 2**30) / 2**30
+    tight = Cluster.from_specs([small_gpu("gpu-small", (need_gib * 0.7 + 0.5) / 0.9)] * 2)
+    with pytest.raises(InfeasibleError) as error:
+        solve(graph, tight, opts, costs=costs, parameters=traced.parameters)
+    message = str(error.value)
+    assert "interleaved-1f1b" in message and "GiB on gpu-small:" in message and "in flight" in message
+
+
+def test_interleaved_plans_are_refused_where_one_stage_per_device_runs():
+    from autosplit.api import autosplit
+    from autosplit.schedule import recheck_schedule
+
+    *_, plan = interleaved_plan("mlp")
+    with pytest.raises(ValueError, match="plan again with schedule='gpipe' and microbatches=4"):
+        recheck_schedule(plan, "gpipe", 4)
+    model, args, _ = models.mlp()
+    with pytest.raises(ValueError, match="autosplit.distributed.build"):
+        autosplit(model, devices=2, plan=plan, example_inputs=args)

@@ -1,4 +1,5 @@
-"""A Plan run over ranks by torch.distributed.pipelining: one stage per rank.
+"""A Plan run over ranks by torch.distributed.pipelining: one stage per rank, or several with
+interleaved 1F1B (rank r runs stages r, r + W, r + 2W... of a plan for W devices).
 
     pipe = build(model, plan, loss_fn=loss_fn, example_inputs=(x,))   # the same line on every rank
     opt = torch.optim.AdamW(pipe.parameters())   # this rank's parameters, named as in the model
@@ -47,7 +48,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
 
 from autosplit.api import capture_microbatch, solve_captured
@@ -56,11 +57,13 @@ from autosplit.errors import DistributedError, InputSignatureError, MicrobatchEr
 from autosplit.plan import Plan
 from autosplit.rewrite import move_state, refuse_batch_statistics, transfer
 from autosplit.trace import TensorSpec, require_module
+from cost_models.memory import INTERLEAVED, interleaved_rounds
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-"""The pipelining schedule of each ``Plan.schedule``."""
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, INTERLEAVED: ScheduleInterleaved1F1B}
+"""The pipelining schedule of each ``Plan.schedule``; the interleaved one takes all of a rank's
+stages, the others its one stage."""
 
 DEFAULT_TIMEOUT_S = 600.0
 """How long a collective or a send may wait for the other ranks before it fails (a process group
@@ -70,25 +73,29 @@ this module starts, and the groups it makes for shared weights)."""
 class DistributedPipeline:
     """This rank's part of a model pipelined over ranks (:func:`build` makes it).
 
-    Holds the rank's stage (a graph module over the model's own submodules and parameters) and
-    the schedule that runs it. :meth:`parameters` and :meth:`named_parameters` give the
-    parameters the stage reads or the plan stores on it, under the model's names, for the
-    optimizer; a weight that other stages read too is this rank's copy, kept equal to theirs by
-    summing the copies' gradients in every :meth:`step`.
+    Holds the rank's stage (a graph module over the model's own submodules and parameters), or
+    its stages under interleaved 1F1B, and the schedule that runs them. :meth:`parameters` and
+    :meth:`named_parameters` give the parameters its stages read or the plan stores on them,
+    under the model's names, for the optimizer; a weight that other ranks read too is this
+    rank's copy, kept equal to theirs by summing the copies' gradients in every :meth:`step`.
     """
 
-    def __init__(self, model: nn.Module, plan: Plan, chain: StageChain, stage: int, device: torch.device,
+    def __init__(self, model: nn.Module, plan: Plan, chain: StageChain, stages: Sequence[int], device: torch.device,
                  schedule: Any, shared: Sequence[tuple[str, nn.Parameter, Any]], held: set[int],
                  batch_dims: Sequence[int | None], fixed_kwargs: Mapping[str, Any]):
         self.plan = plan
-        self.stage = stage
-        """The index of this rank's stage."""
+        self.stages = tuple(stages)
+        """The indices of this rank's stages: one, or several under interleaved 1F1B."""
+        self.stage = self.stages[0]
+        """The index of this rank's (first) stage."""
         self.device = device
-        self.module = chain.modules[stage]
-        """The stage's graph module: takes what the previous stage sends, returns what it sends."""
+        self.modules = [chain.modules[s] for s in self.stages]
+        """The stages' graph modules: each takes what the previous stage sends, returns what it sends."""
+        self.module = self.modules[0]
+        """The (first) stage's graph module."""
         self.microbatches = plan.microbatches
-        self.is_first = stage == 0
-        self.is_last = stage == len(plan.stages) - 1
+        self.is_first = 0 in self.stages
+        self.is_last = len(plan.stages) - 1 in self.stages
         self.shared_weights = {name for name, _, _ in shared}
         """The parameters this rank holds a copy of that other ranks hold too (canonical names)."""
         self._model = model
@@ -119,8 +126,9 @@ class DistributedPipeline:
     def train(self, mode: bool = True) -> "DistributedPipeline":
         """Switch dropout and batch norm as ``model.train(mode)`` does."""
         self._model.train(mode)
-        for module in self.module.modules():  # the stage's own containers and mode-following ops too
-            module.training = mode
+        for stage in self.modules:  # the stages' own containers and mode-following ops too
+            for module in stage.modules():
+                module.training = mode
         return self
 
     def eval(self) -> "DistributedPipeline":
@@ -235,8 +243,9 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
     Args:
         model: the model, with real weights, the same on every rank (same seed or checkpoint).
         plan: the plan every rank applies (``Plan.load(path)`` on every rank, or
-            :func:`plan_and_broadcast`); one stage per rank, its schedule (``"gpipe"`` or
-            ``"1f1b"``) and microbatches are the ones run.
+            :func:`plan_and_broadcast`); its schedule (``"gpipe"``, ``"1f1b"``: one stage per
+            rank; ``"interleaved-1f1b"``: v per rank, see :func:`stages_of_ranks`) and
+            microbatches are the ones run.
         loss_fn: ``loss_fn(output, target)`` on one microbatch, a mean over its samples (e.g.
             ``F.cross_entropy``); ``output`` has the model's output structure.
         example_inputs, example_kwargs: a batch (all microbatches) of the model's inputs, as
@@ -273,10 +282,12 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
         raise ValueError(f"1F1B needs at least as many microbatches as stages, and the plan has {plan.microbatches} "
                          f"for {len(plan.stages)} stages: plan again with microbatches >= {len(plan.stages)}, or "
                          "schedule='gpipe'")
+    if plan.schedule == INTERLEAVED:
+        interleaved_rounds(len(plan.device_stages()), plan.microbatches)  # a count the schedule runs
     args, kwargs = _example_batch(example_inputs, example_kwargs)
     device = init_process_group(timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
-    (stage,) = stages_of_ranks(plan, world)[rank]
+    stages = stages_of_ranks(plan, world)[rank]
     check_same_plan(plan)
 
     error = None
@@ -284,7 +295,7 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
         captured = capture_microbatch(model, args, kwargs, microbatches=plan.microbatches, batch_dims=batch_dims,
                                       training=plan.mode == "train", tracer=tracer, leaf_modules=leaf_modules)
         chain = stage_chain(model, captured, plan, device)
-        held = _held_tensors(model, chain, stage)
+        held = _held_tensors(model, chain, stages)
         move_state([(t, device) for t in held.values()])
     except Exception as e:  # every rank must learn of it, or the others would wait for this one
         error = e
@@ -293,16 +304,18 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
     shared = _shared_weight_groups(model, chain, plan, timeout_s)
     dims = [captured.batch_dims.get(name) if plan.microbatches > 1 else None for name in chain.input_arguments]
     first_dims = [dims[i] for i in chain.first_inputs]
-    pipeline_stage = PipelineStage(chain.modules[stage], stage, len(plan.stages), device,
-                                   input_args=chain.received[stage], output_args=chain.sent[stage])
+    pipeline_stages = [PipelineStage(chain.modules[s], s, len(plan.stages), device, input_args=chain.received[s],
+                                     output_args=chain.sent[s]) for s in stages]
     schedule = SCHEDULES[plan.schedule](
-        pipeline_stage, plan.microbatches, loss_fn=MicrobatchLoss(loss_fn, chain.output, plan.microbatches),
+        pipeline_stages if plan.schedule == INTERLEAVED else pipeline_stages[0], plan.microbatches,
+        loss_fn=MicrobatchLoss(loss_fn, chain.output, plan.microbatches),
         args_chunk_spec=tuple(TensorChunkSpec(d) if d is not None else _Replicate() for d in first_dims),
         scale_grads=False)
     fixed_kwargs = {k: v for k, v in captured.traced.example_kwargs.items() if not _holds_tensor(v)}
-    logger.info("rank %d runs stage %d of %d on %s: %d parameters, %d shared with other ranks", rank, stage,
-                len(plan.stages), device, sum(isinstance(t, nn.Parameter) for t in held.values()), len(shared))
-    return DistributedPipeline(model, plan, chain, stage, device, schedule, shared, set(held), dims, fixed_kwargs)
+    logger.info("rank %d runs stage(s) %s of %d on %s: %d parameters, %d shared with other ranks", rank,
+                ", ".join(map(str, stages)), len(plan.stages), device,
+                sum(isinstance(t, nn.Parameter) for t in held.values()), len(shared))
+    return DistributedPipeline(model, plan, chain, stages, device, schedule, shared, set(held), dims, fixed_kwargs)
 
 
 class MicrobatchLoss:
@@ -329,7 +342,8 @@ def plan_and_broadcast(model: nn.Module, *, example_inputs: Any = None, example_
 
     Called on every rank with the same arguments, like :func:`build` (whose ``example_inputs``
     it takes: a batch of all microbatches, of which the first is captured). Rank 0 plans one
-    stage per rank; the others wait for its plan (``broadcast_object_list``).
+    stage per rank (``stages_per_device`` per rank with ``schedule="interleaved-1f1b"``); the
+    others wait for its plan (``broadcast_object_list``).
 
     Args:
         devices: what to plan for, as in ``autosplit.plan``; default: as many local devices as
@@ -352,7 +366,7 @@ def plan_and_broadcast(model: nn.Module, *, example_inputs: Any = None, example_
         try:
             captured = capture_microbatch(model, args, kwargs, microbatches=microbatches, batch_dims=batch_dims,
                                           training=mode == "train", tracer=tracer, leaf_modules=leaf_modules)
-            options.setdefault("stages", world)
+            options.setdefault("stages", world * options.get("stages_per_device", 1))
             plan = solve_captured(captured.traced, devices if devices is not None else world, cluster, mode,
                                   microbatches, options)
         except Exception as e:
@@ -398,20 +412,31 @@ def init_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
 
 
 def stages_of_ranks(plan: Plan, world_size: int) -> list[tuple[int, ...]]:
-    """The stages each rank runs: stage r on rank r. (A schedule that gives a rank several
-    stages, such as interleaved 1F1B, would map rank r to stages r, r + W, r + 2W...)
+    """The stages each rank runs: the stages of the plan's r-th device on rank r. One stage per
+    device: stage r on rank r. Interleaved 1F1B (v stages on each of W devices, stage s on the
+    device of stage s mod W, as ``ScheduleInterleaved1F1B`` places them): stages r, r + W,
+    r + 2W... on rank r.
 
     Raises:
-        DistributedError: the world size differs from the plan's stage count.
+        DistributedError: the world size differs from the plan's device count, or the plan
+            places its stages otherwise.
     """
     count = len(plan.stages)
-    if world_size != count:
+    devices = list(plan.device_stages().values())
+    if world_size != len(devices):
+        per = (f"{count} stages, one per rank" if len(devices) == count else
+               f"{count} stages on {len(devices)} devices ({count // len(devices)} per device), one device per rank")
+        need = len(devices)
         raise DistributedError(
-            f"the plan has {count} stages, one per rank, but {world_size} rank{'s' if world_size != 1 else ''} "
-            f"run: launch {count} processes (torchrun --nproc-per-node={count} ...), or plan {world_size} stages "
-            f"for this world (plan_and_broadcast(model, ...) plans one per rank; autosplit.plan(model, "
+            f"the plan has {per}, but {world_size} rank{'s' if world_size != 1 else ''} "
+            f"run: launch {need} processes (torchrun --nproc-per-node={need} ...), or plan for {world_size} devices "
+            f"(plan_and_broadcast(model, ...) plans for one device per rank; autosplit.plan(model, "
             f"devices={world_size}, ...))")
-    return [(rank,) for rank in range(world_size)]
+    looped = [tuple(range(rank, count, world_size)) for rank in range(world_size)]
+    if devices != looped:
+        raise DistributedError(f"the plan puts stages {devices} on its devices, and the runtime runs stages r, r + "
+                               f"{world_size}, ... on rank r: plan again with this autosplit")
+    return looped
 
 
 def plan_digest(plan: Plan) -> str:
@@ -451,12 +476,12 @@ def raise_on_every_rank(error: BaseException | None, doing: str) -> None:
         raise DistributedError("; ".join(f"rank {rank} could not {doing}: {message}" for rank, message in failed))
 
 
-def _held_tensors(model: nn.Module, chain: StageChain, stage: int) -> dict[int, torch.Tensor]:
-    """The tensors this rank holds, by id: what its stage reads, and the parameters and buffers
-    the plan stores on it (read by no op, they still belong to one rank)."""
-    held = {id(t): t for t in stage_tensors(chain.modules[stage])}
+def _held_tensors(model: nn.Module, chain: StageChain, stages: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The tensors this rank holds, by id: what its stages read, and the parameters and buffers
+    the plan stores on them (read by no op, they still belong to one rank)."""
+    held = {id(t): t for stage in stages for t in stage_tensors(chain.modules[stage])}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if chain.homes.get(name) == stage:
+        if chain.homes.get(name) in stages:
             held.setdefault(id(t), t)
     return held
 
