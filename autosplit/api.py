@@ -134,6 +134,12 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     resolved = resolve_devices(devices)
     _check_options(options)
     _check_tracer(tracer)
+    replicas = plan.data_parallel if plan is not None else options.get("data_parallel", 1)
+    if replicas != 1:
+        raise ValueError(f"data_parallel={replicas} runs replicas of the pipeline in separate processes, each on "
+                         "its own slice of the batch: launch them with torchrun and call "
+                         "autosplit.distributed.build(model, plan, ...) on every rank; in one process, split one "
+                         "replica (a plan made without data_parallel)")
     if batch_dims is not None:
         if not isinstance(batch_dims, Mapping):
             raise TypeError(f"batch_dims must map forward-argument names to the batch dimension or None, "

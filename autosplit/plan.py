@@ -67,6 +67,11 @@ class Stage:
     part beyond its saved tensors); inference, its live activations."""
     device_kind: str = "gpu"
     """``"gpu"`` or ``"cpu"``: a GPU adds allocator fragmentation and the CUDA context."""
+    data_parallel_s: float = 0.0
+    """Communication per step among the stage's data-parallel replicas (``Plan.data_parallel`` >
+    1): FSDP2's all-gather of its weights and reduce-scatter of its gradients over the ranks that
+    run this stage (``cost_models.sharded_data_parallel_s``). Once per step, so it is in
+    ``Plan.step_s`` and not in the per-microbatch ``time_s``."""
 
     @property
     def time_s(self) -> float:
@@ -120,12 +125,14 @@ class Plan:
     step_s: float
     """Predicted time of one step: (microbatches + stages − 1) × bottleneck; with several stages
     per device, microbatches × bottleneck + (devices − 1) × the slowest stage's time
-    (``autosplit.schedule.pipeline_times``)."""
+    (``autosplit.schedule.pipeline_times``); plus the largest ``Stage.data_parallel_s`` (the last
+    stage to finish its backward reduces after it)."""
     bubble_fraction: float
     """Idle share of the pipeline: (stages − 1) ÷ (microbatches + stages − 1); with v stages on
     each of D devices, (D − 1) × the slowest stage's time ÷ step, which is (D − 1) ÷
     (v · microbatches + D − 1) for equal stages."""
     samples_per_s: float
+    """Samples per second over all data-parallel replicas."""
     tokens_per_s: float | None
     mode: str
     schedule: str
@@ -139,6 +146,12 @@ class Plan:
     node_digests: dict[str, str] = field(default_factory=dict)
     """Each node's part of the fingerprint (``OpGraph.node_digests``): names the first node
     where a model differs from the one planned."""
+    data_parallel: int = 1
+    """Replicas of the pipeline, each training on its own slice of every batch; each stage is
+    replicated over its replicas' ranks with FSDP2, and its memory and ``data_parallel_s``
+    count what that keeps and sends. The stages are replica 0's: the cluster holds
+    ``data_parallel`` × the devices of one replica, replica k on the k-th run of them. 1 in
+    plans saved before replicas could be planned."""
     format_version: int = FORMAT_VERSION
 
     # ------------------------------------------------------------------ reading it
@@ -150,7 +163,8 @@ class Plan:
 
         per_device = self.stages_per_device
         shared = f" ({per_device} stages per device, {self.schedule})" if per_device > 1 else ""
-        table = Table(title=f"{len(self.stages)}-stage {self.mode} plan on {self.cluster}{shared}")
+        replicas = f" × {self.data_parallel} data-parallel replicas" if self.data_parallel > 1 else ""
+        table = Table(title=f"{len(self.stages)}-stage {self.mode} plan{replicas} on {self.cluster}{shared}")
         for column, justify in [("stage", "right"), ("device", "left"), ("modules", "left"), ("params", "right"),
                                 ("memory", "right"), ("compute", "right"), ("comm in", "right"),
                                 ("comm out", "right")]:
@@ -181,6 +195,7 @@ class Plan:
             f"{self.solver.wall_s:.2f} s",
             *self._order_line(),
             *self._device_lines(),
+            *self._replica_line(),
         ] + [f"note         {note}" for note in self.solver.notes]
 
     def _device_lines(self) -> list[str]:
@@ -197,6 +212,19 @@ class Plan:
             lines.append(f"device       {first.devices[0]}: stages {', '.join(map(str, indices))}, "
                          f"{_seconds(time_s)} per microbatch, {memory[rank].total_bytes / 2**30:.1f} GiB ({share:.0%})")
         return lines
+
+    def _replica_line(self) -> list[str]:
+        """What the data-parallel replicas add to a step, for plans with several."""
+        if self.data_parallel == 1:
+            return []
+        slowest = max(self.stages, key=lambda stage: stage.data_parallel_s)
+        return [f"replicas     {self.data_parallel} (FSDP2 over each stage's replicas): all-gather and reduce-scatter "
+                f"{_seconds(slowest.data_parallel_s)} per step on stage {slowest.index}, in the step time"]
+
+    @property
+    def data_parallel_step_s(self) -> float:
+        """What the replicas' communication adds to a step: the largest ``Stage.data_parallel_s``."""
+        return max((stage.data_parallel_s for stage in self.stages), default=0.0)
 
     def _order_line(self) -> list[str]:
         """How sure the device order is, for clusters with more than one order."""

@@ -82,6 +82,7 @@ def recheck_schedule(plan: Plan, schedule: str, microbatches: int) -> Plan:
     S = len(plan.stages)
     rules = {k: plan.options[k] for k in ("precision", "optimizer", "weight_dtype") if k in plan.options}
     rules["mode"] = plan.mode
+    rules["data_parallel"] = plan.data_parallel
     stages = []
     for stage in plan.stages:
         memory = _memory(plan, stage, rules, schedule, microbatches)
@@ -89,7 +90,7 @@ def recheck_schedule(plan: Plan, schedule: str, microbatches: int) -> Plan:
             raise _does_not_fit(plan, stage, rules, schedule, microbatches, memory.total_bytes)
         stages.append(dataclasses.replace(stage, memory=memory))
     m = microbatches
-    step = (m + S - 1) * plan.bottleneck_s
+    step = (m + S - 1) * plan.bottleneck_s + plan.data_parallel_step_s
     per_microbatch = plan.samples_per_s * plan.step_s / plan.microbatches if plan.step_s else 0.0
     samples = m * per_microbatch / step if step > 0 else 0.0
     tokens = plan.tokens_per_s / plan.samples_per_s * samples if plan.tokens_per_s and plan.samples_per_s else None

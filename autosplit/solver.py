@@ -62,6 +62,13 @@ holds them all; the objective is the slowest device. CP-SAT and the bounds take 
 they are; the chain DP, exact only for one stage per device, is followed by a descent that
 balances the devices (``autosplit.interleaved``).
 
+Data parallel (``SolverOptions.data_parallel`` = k): the cluster holds k equal runs of devices, one
+pipeline on each. The stages are placed on the first run (``replica_cluster``) exactly as for one
+replica, with each stage's memory counting what FSDP2 keeps on a rank (1/k of the state, the
+stage's weights and gradients whole through the step: ``cost_models.memory.data_parallel_factors``);
+its all-gather and reduce-scatter over the same device of every run happen once per step, so
+they add to the step (``data_parallel_s``), not to the per-microbatch bottleneck that is minimized.
+
 Deterministic: fixed worker count with interleaved search, deterministic time limits, fixed seed.
 
 Nothing falls back silently: ops priced as free, a search step skipped or stopped at its time
@@ -87,7 +94,7 @@ from autosplit.errors import ConfigError, InfeasibleError
 from autosplit.graph import INPUT, OUTPUT, OpGraph, draws_random, writes_in_place
 from autosplit.plan import Plan, SolverReport, Stage
 from autosplit.schedule import pipeline_times
-from cost_models import AnalyticCostModel, Cluster, Link, OpCost
+from cost_models import AnalyticCostModel, Cluster, Link, OpCost, sharded_data_parallel_s
 from cost_models.memory import (
     FRAGMENTATION,
     GPU_CONTEXT_BYTES,
@@ -100,6 +107,7 @@ from cost_models.memory import (
     MemoryBreakdown,
     OpsMemory,
     Storage,
+    data_parallel_factors,
     device_peak_terms,
     in_flight_profile,
     microbatches_in_flight,
@@ -116,8 +124,8 @@ class SolverOptions:
     """How to split: stage count, schedule, memory rules, limits and constraints."""
 
     stages: int | None = None
-    """Number of pipeline stages; default: one per device of the cluster (times
-    ``stages_per_device``)."""
+    """Number of pipeline stages; default: one per device of a replica (the cluster's devices ÷
+    ``data_parallel``), times ``stages_per_device``."""
     mode: str = "train"
     """``"train"`` (forward + backward, optimizer state) or ``"infer"`` (forward only)."""
     schedule: str = "1f1b"
@@ -152,6 +160,13 @@ class SolverOptions:
     """Batch size of the traced graph, for the predicted throughput."""
     tokens_per_sample: int | None = None
     """Sequence length, for tokens per second."""
+    data_parallel: int = 1
+    """Replicas of the pipeline, each on its own devices and its own slice of every batch, with
+    each stage replicated over its replicas by FSDP2 (``autosplit.distributed``). The cluster
+    holds all replicas' devices, ``data_parallel`` equal runs of them: the stages are planned on
+    the first run (replica 0), and each stage's memory and per-step communication count what
+    FSDP2 keeps and sends (``cost_models.memory.data_parallel_factors``,
+    ``cost_models.sharded_data_parallel_s``). 1: no replicas."""
 
     def __post_init__(self) -> None:
         if self.stages is not None and (not isinstance(self.stages, int) or self.stages < 1):
@@ -166,6 +181,9 @@ class SolverOptions:
         if v > 1 and self.schedule != INTERLEAVED:
             raise ValueError(f"stages_per_device={v} needs schedule={INTERLEAVED!r}, which runs several stages per "
                              f"device; schedule {self.schedule!r} runs one")
+        if v > 1 and isinstance(self.data_parallel, int) and self.data_parallel > 1:
+            raise ValueError(f"stages_per_device={v} with data_parallel={self.data_parallel}: interleaved plans run one "
+                             "replica of the pipeline; use stages_per_device=1 with replicas, or data_parallel=1")
         if self.schedule == INTERLEAVED and self.mode != "train":
             raise ValueError(f"schedule {INTERLEAVED!r} interleaves forwards and backwards, so it trains: use "
                              f"mode='train', or schedule '1f1b' for mode={self.mode!r}")
@@ -181,6 +199,9 @@ class SolverOptions:
         if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZER_STATES:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_STATES)}, e.g. 'adamw'; "
                              f"got {self.optimizer!r}")
+        if not isinstance(self.data_parallel, int) or isinstance(self.data_parallel, bool) or self.data_parallel < 1:
+            raise ValueError(f"data_parallel must be a positive int (replicas of the pipeline), e.g. 2; "
+                             f"got {self.data_parallel!r}")
         if not self.time_limit_s > 0 or self.workers < 1:
             raise ValueError(f"time_limit_s and workers must be positive, e.g. 10.0 and 2; "
                              f"got {self.time_limit_s!r}, {self.workers!r}")
@@ -516,10 +537,10 @@ def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
 
 
-def memory_rules(options: SolverOptions) -> dict[str, str]:
+def memory_rules(options: SolverOptions) -> dict[str, Any]:
     """The options that set what a parameter and an activation cost (``cost_models.memory.peak_terms``)."""
     return dict(mode=options.mode, precision=options.precision, optimizer=options.optimizer,
-                weight_dtype=options.weight_dtype)
+                weight_dtype=options.weight_dtype, data_parallel=options.data_parallel)
 
 
 def _state_bytes_per_param(options: SolverOptions) -> float:
@@ -1423,8 +1444,10 @@ def _memory_constraints(m: cp_model.CpModel, model: StageModel, y: list[list[Any
         if train:
             p = TRAINING_PRECISIONS[rules["precision"]]
             states = OPTIMIZER_STATES[rules["optimizer"].lower()]
-            state_per_param = p.weight_bytes + p.grad_bytes + p.master_bytes + states * p.state_bytes
-            step_per_param = p.state_bytes * OPTIMIZER_STEP_TEMPORARIES if states else 0.0
+            held, sharded = data_parallel_factors(rules["data_parallel"])
+            state_per_param = ((p.weight_bytes + p.grad_bytes) * held
+                               + (p.master_bytes + states * p.state_bytes) * sharded)
+            step_per_param = p.state_bytes * OPTIMIZER_STEP_TEMPORARIES * sharded if states else 0.0
             # a microbatch: state and in-flight activations live (with fragmentation)
             m.add(sum(math.ceil(params[b] * scale * state_per_param * unit) * y[b][s] for b in here)
                   + round(scale * f * unit) * sum(saved) + unit * run <= capacity)
@@ -1664,7 +1687,8 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
 
     Raises:
         InfeasibleError: no split fits the devices' memory; says what would.
-        ConfigError: more stages than separable ops, or pins this model cannot honour.
+        ConfigError: more stages than separable ops, pins this model cannot honour, or a cluster
+            that does not hold ``data_parallel`` equal replicas.
 
     Example:
         >>> plan = solve(OpGraph.from_traced(traced), Cluster.parse("4xh100"),
@@ -1672,6 +1696,7 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
     """
     options = options or SolverOptions()
     start = time.perf_counter()
+    everything, cluster = cluster, replica_cluster(cluster, options.data_parallel)
     stages = options.stages or len(cluster) * options.stages_per_device
     cost_model = cost_model or AnalyticCostModel()
     blocks = graph.coarsen()
@@ -1787,11 +1812,51 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
             elif cp.status != "OPTIMAL":
                 unproven.append(f"block-level CP-SAT stopped at its time limit ({options.time_limit_s:g} s) "
                                 "without a proof")
-    plan = _plan(graph, chain, model, cluster, options, assignment, costs, status, max(bound_s, lower), lower,
+    plan = _plan(graph, chain, model, everything, options, assignment, costs, status, max(bound_s, lower), lower,
                  method, time.perf_counter() - start, notes=unpriced_notes(costs),
                  unproven=unproven + bound_notes)
     return dataclasses.replace(plan, solver=dataclasses.replace(
         plan.solver, orders_tried=chosen.tried, orders_total=chosen.total, order_gap=chosen.gap))
+
+
+def replica_cluster(cluster: Cluster, data_parallel: int) -> Cluster:
+    """The devices of replica 0, where the plan's stages are placed: the first of
+    ``data_parallel`` equal runs of the cluster's devices (replica k runs on the k-th; the
+    distributed runtime's rank k × stages + s runs stage s of replica k). The whole cluster for
+    one replica.
+
+    Raises:
+        ConfigError: the devices do not split into ``data_parallel`` runs of the same kinds.
+    """
+    if data_parallel == 1:
+        return cluster
+    count = len(cluster)
+    if count % data_parallel:
+        each = max(1, count // data_parallel)
+        raise ConfigError(f"data_parallel={data_parallel} replicas each need their own devices, and the cluster "
+                          f"{cluster} has {count}, not a multiple of {data_parallel}: describe every replica's "
+                          f"devices (e.g. {data_parallel * each} for {each} stage{'s' if each != 1 else ''} per "
+                          f"replica), or use data_parallel dividing {count}")
+    n = count // data_parallel
+    kinds = [[d.name for d in cluster.devices[k * n:(k + 1) * n]] for k in range(data_parallel)]
+    odd = next((k for k in range(1, data_parallel) if kinds[k] != kinds[0]), None)
+    if odd is not None:
+        raise ConfigError(f"data-parallel replicas run the same stages, so they need the same devices in the same "
+                          f"order, but replica 0 has {'+'.join(kinds[0])} and replica {odd} has {'+'.join(kinds[odd])} "
+                          f"(devices {odd * n}..{(odd + 1) * n - 1} of {cluster}): list the cluster as "
+                          f"{data_parallel} equal runs of devices")
+    return dataclasses.replace(cluster, devices=cluster.devices[:n], hosts=cluster.hosts[:n])
+
+
+def data_parallel_s(cluster: Cluster, options: SolverOptions, rank: int, replica_size: int, params: float) -> float:
+    """FSDP2's communication per step for the stage on device ``rank`` of replica 0, whose
+    module holds ``params`` parameters (its own and its copies of weights stored elsewhere):
+    over the same device of every replica (``rank + k × replica_size``)."""
+    if options.data_parallel == 1 or options.mode != "train":
+        return 0.0
+    p = TRAINING_PRECISIONS[options.precision]
+    group = [rank + k * replica_size for k in range(options.data_parallel)]
+    return float(sharded_data_parallel_s(cluster, group, params * p.weight_bytes, params * p.grad_bytes))
 
 
 def unpriced_notes(costs: Mapping[str, OpCost], shown: int = 3) -> list[str]:
@@ -1946,10 +2011,12 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float, *,
 def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, options: SolverOptions,
           assignment: list[int], costs: Mapping[str, OpCost], status: str, proven_s: float, bound: float,
           method: str, wall_s: float, notes: Sequence[str] = (), unproven: Sequence[str] = ()) -> Plan:
-    """The Plan of ``assignment``. ``notes`` are shown always, ``unproven`` (why the search may
-    have missed a better split) only when the plan does not meet its bound."""
+    """The Plan of ``assignment`` on ``cluster`` (every replica's devices). ``notes`` are shown
+    always, ``unproven`` (why the search may have missed a better split) only when the plan does
+    not meet its bound."""
     layout = model.layout
     S = len(layout)
+    replica_size = len(cluster) // options.data_parallel
     compute, comm_in, comm_out = evaluate(model, graph, assignment)
     received = transfers_per_call(model, graph, assignment)
     homes = weight_homes(weight_readers(graph, chain, chain.weights), assignment)
@@ -1997,10 +2064,13 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
             weight_copies=int(quantities["copies"]),
             transient_bytes=quantities["transient"],
             device_kind="gpu" if layout.gpu[s] else "cpu",
+            data_parallel_s=data_parallel_s(cluster, options, layout.ranks[s], replica_size,
+                                            quantities["params"] + quantities["copies"]),
         ))
     m = options.microbatches
     bottleneck, step, bubble = pipeline_times([st.time_s for st in stage_list], layout.ranks, m)
-    samples = m * options.samples_per_microbatch / step if step > 0 else 0.0
+    step += max(st.data_parallel_s for st in stage_list)
+    samples = options.data_parallel * m * options.samples_per_microbatch / step if step > 0 else 0.0
     base, _, windows = method.partition(" + ")
     proven_bound = min(max(bound, proven_s), bottleneck)
     gap = max(0.0, (bottleneck - proven_bound) / bottleneck) if bottleneck > 0 else 0.0
@@ -2038,6 +2108,7 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
         node_digests=graph.node_digests(),
         cluster=str(cluster),
         options=_jsonable(dataclasses.asdict(options)),
+        data_parallel=options.data_parallel,
     )
 
 

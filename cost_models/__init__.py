@@ -18,6 +18,7 @@ from cost_models.collectives import (
     broadcast_s,
     reduce_scatter_s,
     send_recv_s,
+    sharded_data_parallel_s,
 )
 from cost_models.devices import (
     PRECISIONS,
@@ -71,6 +72,7 @@ __all__ = [
     "reduce_scatter_s",
     "register_device",
     "send_recv_s",
+    "sharded_data_parallel_s",
     "stage_memory",
     "symbolic_costs",
     "training_state_bytes",

@@ -13,6 +13,7 @@ Collective Communication Operations in MPICH" (2005), and of NCCL's performance 
     reduce-scatter          (p-1)/p * n/B + (p-1) * a       ring
     all-to-all              (p-1)/p * n/B + (p-1) * a       each rank sends n/p to every other
     broadcast               n/B + (p-1) * a                 pipelined ring (approx.)
+    FSDP2 step              all-gather(weights) + reduce-scatter(gradients), once per step
     send/recv               a + n/B                         over link(src, dst)
 
 Running example: all-reduce of 1 GiB of gradients over 8 H100 SXM on NVSwitch (B = 450e9 B/s
@@ -114,6 +115,19 @@ def broadcast_s(cluster: Cluster, ranks: Sequence[int], nbytes: Any) -> Any:
     if p == 1 or _is_zero(n):
         return 0.0
     return n / bandwidth + (p - 1) * latency
+
+
+def sharded_data_parallel_s(cluster: Cluster, ranks: Sequence[int], weight_bytes: Any, grad_bytes: Any) -> Any:
+    """Communication of one training step of a model part replicated over ``ranks`` by FSDP2 and
+    run in a pipeline: one all-gather of its ``weight_bytes`` of weights (before the first
+    microbatch's forward; they stay gathered through the step) and one reduce-scatter of its
+    ``grad_bytes`` of gradients (after the last microbatch's backward).
+
+    Example:
+        >>> sharded_data_parallel_s(Cluster.parse("4xh100"), [0, 2], 2**30, 2**30)   # 2 * (1/2 * 2**30/450e9 + 2e-6)
+        0.002390...
+    """
+    return all_gather_s(cluster, ranks, weight_bytes) + reduce_scatter_s(cluster, ranks, grad_bytes)
 
 
 def send_recv_s(cluster: Cluster, src: int, dst: int, nbytes: Any) -> Any:

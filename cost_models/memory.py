@@ -10,6 +10,12 @@ optimizer's states; bf16 mixed precision with AdamW is the usual 2 + 2 + 4 + 4 +
 (ZeRO, Rajbhandari et al. 2020, §3.1). Activations are what autograd saved for backward
 (measured per node by :func:`cost_models.ops.price_graph`), times the microbatches a stage holds
 at once under the pipeline schedule. On top comes an allowance for workspace and fragmentation.
+
+Data parallel: a stage replicated over k ranks with FSDP2 (``fully_shard``, one unit per stage)
+keeps on each rank 1/k of the weights, gradients, master weights and optimizer states, and for
+the step the whole stage's weights (all-gathered before its first forward) and gradients
+(accumulated unsharded over the microbatches, reduce-scattered after the last backward):
+:func:`data_parallel_factors`.
 """
 
 from __future__ import annotations
@@ -735,10 +741,34 @@ COLUMN_CACHE = 1 << 24
 _NOTHING = OpCost()
 
 
+def data_parallel_factors(data_parallel: int) -> tuple[float, float]:
+    """What one rank keeps of a training stage replicated over ``data_parallel`` = k ranks, as
+    multiples of the stage's own bytes: ``(held, sharded)``.
+
+    ``held`` multiplies weights and gradients: 1 for one replica; 1 + 1/k under FSDP2, whose
+    rank keeps a 1/k shard of each and, through the pipelined step, the whole stage unsharded:
+    the all-gathered weights, kept from the first forward to the last backward, and the
+    gradients, accumulated over the microbatches for one reduce-scatter after the last backward.
+    (The flat copy of the gradients that the reduce-scatter sends is made after the unsharded
+    weights are freed, and fits in their place for gradients no larger than the weights.)
+    ``sharded`` multiplies master weights, optimizer states and the optimizer step's
+    temporaries: 1/k.
+
+    Example:
+        >>> data_parallel_factors(1), data_parallel_factors(4)
+        ((1.0, 1.0), (1.25, 0.25))
+    """
+    if not isinstance(data_parallel, int) or isinstance(data_parallel, bool) or data_parallel < 1:
+        raise ValueError(f"data_parallel must be a positive int, e.g. 2; got {data_parallel!r}")
+    if data_parallel == 1:
+        return 1.0, 1.0
+    return 1.0 + 1.0 / data_parallel, 1.0 / data_parallel
+
+
 def peak_terms(*, params: Any, activations: Any, transient: Any, in_flight: int, gpu: bool, copies: Any = 0.0,
                mode: str = "train",
                precision: str = "bf16-mixed", optimizer: str = "adamw", weight_dtype: torch.dtype | str = torch.bfloat16,
-               kv_cache: float = 0) -> dict[str, Any]:
+               kv_cache: float = 0, data_parallel: int = 1) -> dict[str, Any]:
     """Peak bytes of a stage by kind (the fields of :class:`MemoryBreakdown`), from its quantities
     (scalars or arrays alike; see :class:`OpsMemory`).
 
@@ -747,17 +777,22 @@ def peak_terms(*, params: Any, activations: Any, transient: Any, in_flight: int,
     ``activations`` of ``in_flight`` microbatches; and as workspace whichever is higher of the
     microbatch being run (its ``transient`` peak beyond its own saved tensors: gradients and
     temporaries) and the optimizer step (activations freed, the step's temporaries live).
+    With ``data_parallel`` = k > 1 replicas of the stage (FSDP2), weights and gradients are
+    (1 + 1/k) times as large and master weights, optimizer states and the step's temporaries 1/k
+    (:func:`data_parallel_factors`).
     Inference: weights (copies included), the ``transient`` peak of the live activations, the KV
-    cache. A GPU adds
+    cache; replicas change nothing. A GPU adds
     the allocator's fragmentation on the live bytes and the CUDA context.
     """
     if mode == "train":
         p = _precision(precision)
         states = _optimizer_states(optimizer)
-        live = dict(weights_bytes=(params + copies) * p.weight_bytes, grads_bytes=(params + copies) * p.grad_bytes,
-                    optimizer_bytes=params * (p.master_bytes + states * p.state_bytes),
+        held, sharded = data_parallel_factors(data_parallel)
+        live = dict(weights_bytes=(params + copies) * p.weight_bytes * held,
+                    grads_bytes=(params + copies) * p.grad_bytes * held,
+                    optimizer_bytes=params * (p.master_bytes + states * p.state_bytes) * sharded,
                     activations_bytes=activations * in_flight, kv_cache_bytes=0.0 * params)
-        step = params * p.state_bytes * OPTIMIZER_STEP_TEMPORARIES if states else 0.0 * params
+        step = params * p.state_bytes * OPTIMIZER_STEP_TEMPORARIES * sharded if states else 0.0 * params
         transient = np.maximum(transient - activations, step - live["activations_bytes"])
     elif mode == "infer":
         live = dict(weights_bytes=weight_bytes(1, weight_dtype) * (params + copies), grads_bytes=0.0 * params,

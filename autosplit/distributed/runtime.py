@@ -1,28 +1,33 @@
 """A Plan run over ranks by torch.distributed.pipelining: one stage per rank, or several with
-interleaved 1F1B (rank r runs stages r, r + W, r + 2W... of a plan for W devices).
+interleaved 1F1B (rank r runs stages r, r + W, r + 2W... of a plan for W devices), and as many
+data-parallel replicas of the pipeline as the world holds.
 
     pipe = build(model, plan, loss_fn=loss_fn, example_inputs=(x,))   # the same line on every rank
     opt = torch.optim.AdamW(pipe.parameters())   # this rank's parameters, named as in the model
     for x, y in data:
-        loss = pipe.step(x, target=y)            # the batch's mean loss on the last rank, None elsewhere
+        loss = pipe.step(x, target=y)            # the batch's mean loss on the last stage, None elsewhere
         opt.step(); opt.zero_grad()
 
 :func:`build` runs these steps on every rank, in this order:
 
 1. The process group: the caller's, or one it starts from torchrun's environment (nccl on
    ``cuda:<LOCAL_RANK>`` where CUDA is available, gloo on the CPU otherwise), with a timeout.
-2. Agreement: a world size other than the plan's stage count is refused (every rank knows both,
-   so every rank refuses); then the ranks compare sha256 digests of their plans and all refuse
-   if any differs. Planning is not deterministic across processes (CPU calibration drifts), so
-   one rank plans (:func:`plan_and_broadcast`) or every rank loads one plan file.
+2. Agreement: the ranks compare sha256 digests of their plans and all refuse if any differs.
+   Planning is not deterministic across processes (CPU calibration drifts), so one rank plans
+   (:func:`plan_and_broadcast`) or every rank loads one plan file. Then a world that is not the
+   plan's ``data_parallel`` replicas of its stages is refused (every rank knows both, so every
+   rank refuses). With several replicas, the ranks form a ``DeviceMesh`` with dims
+   ``("dp", "pp")`` (see "Data parallel" below).
 3. Its own stage: the model is captured on one microbatch exactly as ``autosplit()`` captures it
    (:func:`autosplit.api.capture_microbatch`), the plan's fingerprint is checked, the stages are
    built (:func:`autosplit.distributed.stages.stage_chain`), and the tensors this rank's stage
    reads, with those the plan stores on it, move to the rank's device; the rest of the model is
    left where it is. A failure on any rank is raised on every rank, with that rank's message.
-4. Shared weights: a weight read on several stages (a tied embedding and LM head) is held by
-   each of them; one process group per set of such ranks, made in the same order on every rank.
-5. ``PipelineStage`` with the chain's fixed shapes (no shape inference runs, so later stages
+4. Replicas: with several, the stage is sharded over its replicas with FSDP2 (below).
+5. Shared weights: a weight read on several stages (a tied embedding and LM head) is held by
+   each of them; one process group per set of such ranks within one replica, made in the same
+   order on every rank.
+6. ``PipelineStage`` with the chain's fixed shapes (no shape inference runs, so later stages
    never compute on uninitialized inputs), and the schedule the plan names with its microbatches.
 
 Loss and gradients. PyTorch 2.13's schedules compute ``loss_fn(output, target)`` on every
@@ -33,6 +38,39 @@ mean over its microbatch, the m terms sum to the mean over the batch (the microb
 equal), so loss and gradients equal the unsplit model's ``loss_fn(model(x), y)``, and gradients
 accumulated over several steps without ``zero_grad`` stay as they were. :meth:`DistributedPipeline.step`
 returns that sum. A loss that sums over its samples would need no division; it is not supported.
+
+Data parallel. A world of k × S ranks runs k replicas of the plan's S stages (the plan must be
+made for them: ``Plan.data_parallel`` = k, which prices what FSDP2 keeps per rank). Rank layout,
+row-major over the mesh ``(dp, pp)`` = (k, S):
+
+    rank = replica × S + stage        e.g. k = 2, S = 2: ranks 0, 1 are replica 0's stages 0, 1;
+                                                         ranks 2, 3 are replica 1's stages 0, 1
+
+so a replica's stages are consecutive ranks (one host's devices, where hosts hold S each) and a
+stage's replicas are S ranks apart. ``step(x, target=y)`` takes the global batch on every rank;
+replica r runs rows [r·B/k, (r+1)·B/k) of it (along each input's batch dimension, and dimension
+0 of the target) as its m microbatches. Each stage is wrapped with FSDP2's ``fully_shard`` over
+its ``dp`` sub-mesh, one unit per stage with ``reshard_after_forward=False``: the schedule's
+``PipelineStage`` turns gradient sync off for every microbatch's backward and reduce-scatters
+once after the last (``perform_reduce_grad``), averaging over the replicas; the weights are
+gathered once per step. Each replica's loss is the mean over its rows, so the average over
+replicas (an all-reduce of the loss over ``dp``, returned on every last-stage rank) and the
+averaged gradients equal the unsplit model's on the global batch. A shared weight's copies are
+summed as before, over the ranks of one replica that read it; each copy is sharded alike (the
+same shape over the same ``dp`` size), so each rank sums its own shard.
+
+Why FSDP2. With PyTorch 2.13 on gloo (checked on 2 × 2 ranks with a tied-embedding LM), FSDP2's
+``fully_shard``, ``replicate`` (FSDP2's all-reduce variant) and ``DistributedDataParallel`` all
+train these stage graph modules to the unsplit model's loss and gradients under GPipe and 1F1B.
+FSDP2 is the one that divides the state: each rank keeps 1/k of the weights, gradients and
+optimizer state (plus, through the step, the stage's weights and gradients whole), while DDP
+keeps whole weights, gradients and optimizer state plus gradient buckets, and ``replicate``
+whole weights and optimizer state; and pipelining drives FSDP2 through its public switches
+(``set_requires_gradient_sync``...), where for DDP it reaches into the reducer. Each rank sends
+one all-gather and one reduce-scatter per step, which the plan prices
+(``Stage.data_parallel_s``). The parameters become sharded ``DTensor`` parameters:
+:meth:`DistributedPipeline.parameters` gives those, under the model's names, for any
+optimizer; ``p.full_tensor()`` gathers one whole.
 """
 
 from __future__ import annotations
@@ -48,15 +86,18 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
+from torch.distributed.tensor import DTensor
 
 from autosplit.api import capture_microbatch, solve_captured
 from autosplit.distributed.stages import StageChain, Wire, shared_weights, stage_chain, stage_tensors
 from autosplit.errors import DistributedError, InputSignatureError, MicrobatchError
 from autosplit.plan import Plan
 from autosplit.rewrite import move_state, refuse_batch_statistics, transfer
-from autosplit.trace import TensorSpec, require_module
+from autosplit.trace import TensorSpec, Traced, require_module
 from cost_models.memory import INTERLEAVED, interleaved_rounds
 
 logger = logging.getLogger(__name__)
@@ -78,16 +119,25 @@ class DistributedPipeline:
     :meth:`named_parameters` give the parameters its stages read or the plan stores on them,
     under the model's names, for the optimizer; a weight that other ranks read too is this
     rank's copy, kept equal to theirs by summing the copies' gradients in every :meth:`step`.
+    With several data-parallel replicas the stage's parameters are FSDP2's sharded ``DTensor``
+    parameters.
     """
 
     def __init__(self, model: nn.Module, plan: Plan, chain: StageChain, stages: Sequence[int], device: torch.device,
                  schedule: Any, shared: Sequence[tuple[str, nn.Parameter, Any]], held: set[int],
-                 batch_dims: Sequence[int | None], fixed_kwargs: Mapping[str, Any]):
+                 batch_dims: Sequence[int | None], fixed_kwargs: Mapping[str, Any], *, replica: int = 0,
+                 mesh: DeviceMesh | None = None):
         self.plan = plan
         self.stages = tuple(stages)
         """The indices of this rank's stages: one, or several under interleaved 1F1B."""
         self.stage = self.stages[0]
         """The index of this rank's (first) stage."""
+        self.replica = replica
+        """The index of this rank's data-parallel replica (rank = replica × stages + stage)."""
+        self.data_parallel = mesh.size(0) if mesh is not None else 1
+        """How many replicas of the pipeline run, each on its share of every batch."""
+        self.mesh = mesh
+        """The ranks as a DeviceMesh with dims ``("dp", "pp")``; None for one replica."""
         self.device = device
         self.modules = [chain.modules[s] for s in self.stages]
         """The stages' graph modules: each takes what the previous stage sends, returns what it sends."""
@@ -139,13 +189,16 @@ class DistributedPipeline:
 
         Call it on every rank with the same arguments as the model's forward (``pipe.step(x,
         target=y)``): the first stage reads the batch, the last computes ``loss_fn`` on each
-        microbatch's output and its slice of ``target`` (cut along dimension 0). Afterwards each
-        rank's parameters hold their gradients, shared weights the sum over the ranks that read
-        them, added to any gradient already there.
+        microbatch's output and its slice of ``target`` (cut along dimension 0). With several
+        data-parallel replicas, every rank gets the global batch and each replica runs its share
+        (see the module docstring). Afterwards each rank's parameters hold their gradients
+        (averaged over the replicas), shared weights the sum over the ranks that read them, added
+        to any gradient already there.
 
         Returns:
-            On the last rank, the loss of the batch: the mean of the microbatches' losses, as
-            ``loss_fn(model(x), y)`` for a loss that is a mean over samples; None elsewhere.
+            On the last stage's ranks, the loss of the batch: the mean of the microbatches'
+            losses (averaged over the replicas), as ``loss_fn(model(x), y)`` for a loss that is a
+            mean over samples; None elsewhere.
 
         Raises:
             InputSignatureError: the inputs differ from the ones the pipeline was built with in
@@ -161,7 +214,8 @@ class DistributedPipeline:
             raise ValueError(f"rank {dist.get_rank()} runs the first stage and needs the batch: call pipe.step(x, "
                              "target=y) with the same inputs on every rank")
         self._check_target(target)
-        refuse_batch_statistics(self._batch_norms, self.microbatches)
+        target = self._share(target, 0)
+        refuse_batch_statistics(self._batch_norms, self.microbatches * self.data_parallel)
         set_aside = [p.grad for _, p, _ in self._shared]
         for _, p, _ in self._shared:
             p.grad = None
@@ -172,7 +226,19 @@ class DistributedPipeline:
         self._sum_shared_gradients(set_aside)
         if not self.is_last:
             return None
-        return torch.stack([loss.detach() for loss in losses]).sum()
+        loss = torch.stack([loss.detach() for loss in losses]).sum()
+        if self.mesh is not None:  # each replica's loss is the mean over its share: average them
+            dist.all_reduce(loss, group=self.mesh.get_group("dp"))
+            loss = loss / self.data_parallel
+        return loss
+
+    def _share(self, value: torch.Tensor, dim: int | None) -> torch.Tensor:
+        """This replica's rows of a global-batch tensor along ``dim`` (all of it for one replica,
+        or for an input without a batch dimension)."""
+        if self.data_parallel == 1 or dim is None:
+            return value
+        size = value.shape[dim] // self.data_parallel
+        return value.narrow(dim, self.replica * size, size)
 
     def _first_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
         """The first stage's inputs of a call, after checking the call against the capture."""
@@ -185,17 +251,19 @@ class DistributedPipeline:
             flat = self._chain.flat_inputs(*args, **kwargs)
         except TypeError as e:
             raise InputSignatureError(f"step() takes the arguments of the model's forward and target=: {e}") from None
-        m = self.microbatches
+        m, k = self.microbatches, self.data_parallel
         for value, was, name, dim in zip(flat, self._chain.input_values, self._chain.input_arguments,
                                          self._batch_dims, strict=True):
             if isinstance(was, torch.Tensor):
                 expected = list(was.shape)
                 if dim is not None:
-                    expected[dim] *= m
+                    expected[dim] *= m * k
                 got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None
                 if got != (tuple(expected), was.dtype):
                     what = f"shape {got[0]} ({got[1]})" if got else f"a {type(value).__name__}"
-                    per = f": {m} microbatches of {tuple(was.shape)}" if dim is not None and m > 1 else ""
+                    replicas = f"{k} replicas × " if k > 1 else ""
+                    per = (f": {replicas}{m} microbatches of {tuple(was.shape)}"
+                           if dim is not None and m * k > 1 else "")
                     raise InputSignatureError(
                         f"input {name!r} is {what}, but the pipeline was built for shape {tuple(expected)} "
                         f"({was.dtype}){per}, and its stages exchange tensors of fixed shapes. Pass batches of that "
@@ -204,28 +272,32 @@ class DistributedPipeline:
                 raise InputSignatureError(
                     f"argument {name!r} was {was!r} when the pipeline was built, and its stages compute with that "
                     f"value, not {value!r}: pass {was!r}, or build the pipeline again with {name}={value!r}")
-        return tuple(flat[i] for i in self._chain.first_inputs)
+        return tuple(self._share(flat[i], self._batch_dims[i]) for i in self._chain.first_inputs)
 
     def _check_target(self, target: Any) -> None:
         if not isinstance(target, torch.Tensor) or target.dim() == 0:
             got = "a scalar tensor" if isinstance(target, torch.Tensor) else type(target).__name__
             raise TypeError(f"target must be a tensor whose dimension 0 is the batch, cut into {self.microbatches} "
                             f"microbatches; got {got}")
-        if target.shape[0] % self.microbatches:
+        pieces = self.microbatches * self.data_parallel
+        if target.shape[0] % pieces:
+            replicas = f" for each of {self.data_parallel} replicas" if self.data_parallel > 1 else ""
             raise MicrobatchError(f"a target of {target.shape[0]} samples cannot be cut into {self.microbatches} "
-                                  f"equal microbatches: pass a batch that is a multiple of {self.microbatches}")
+                                  f"equal microbatches{replicas}: pass a batch that is a multiple of {pieces}")
 
     def _sum_shared_gradients(self, set_aside: list[torch.Tensor | None]) -> None:
-        """Sum this step's gradients of each shared weight over the ranks that read it, then add
-        back what was accumulated before the step. A weight that got no gradient on any of those
-        ranks keeps None, as in the unsplit model."""
+        """Sum this step's gradients of each shared weight over the ranks of this replica that
+        read it, then add back what was accumulated before the step. A weight that got no
+        gradient on any of those ranks keeps None, as in the unsplit model. Under FSDP2 each rank
+        sums its shard: the copies are sharded alike over the same replicas."""
         for (_, p, group), before in zip(self._shared, set_aside):
             got = torch.tensor([int(p.grad is not None)], device=self.device)
             dist.all_reduce(got, op=dist.ReduceOp.MAX, group=group)
             if got.item():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, group=group)
+                with torch.no_grad():
+                    dist.all_reduce(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad, group=group)
             if before is not None:
                 p.grad = before if p.grad is None else before.add_(p.grad)
 
@@ -233,12 +305,12 @@ class DistributedPipeline:
 def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
           example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None,
           batch_dims: Mapping[str, int | None] | None = None, tracer: str = "auto",
-          leaf_modules: Sequence[type[nn.Module] | str] = (), timeout_s: float = DEFAULT_TIMEOUT_S
-          ) -> DistributedPipeline:
+          leaf_modules: Sequence[type[nn.Module] | str] = (), data_parallel: int | None = None,
+          timeout_s: float = DEFAULT_TIMEOUT_S) -> DistributedPipeline:
     """Build this rank's stage of ``plan`` and the schedule that runs it (see the module docstring).
 
     Every rank calls it with the same arguments. The process group is the caller's, or one this
-    call starts (launch with ``torchrun --nproc-per-node=<stages>``).
+    call starts (launch with ``torchrun --nproc-per-node=<stages × replicas>``).
 
     Args:
         model: the model, with real weights, the same on every rank (same seed or checkpoint).
@@ -248,15 +320,18 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
             microbatches are the ones run.
         loss_fn: ``loss_fn(output, target)`` on one microbatch, a mean over its samples (e.g.
             ``F.cross_entropy``); ``output`` has the model's output structure.
-        example_inputs, example_kwargs: a batch (all microbatches) of the model's inputs, as
-            :meth:`DistributedPipeline.step` will get them; the first microbatch is captured.
+        example_inputs, example_kwargs: a batch (all microbatches of every replica) of the
+            model's inputs, as :meth:`DistributedPipeline.step` will get them; the first
+            microbatch is captured.
         batch_dims: the batch dimension of inputs that are not batch-first (see ``autosplit()``).
         tracer, leaf_modules: how the model is captured; as when the plan was made.
+        data_parallel: how many replicas of the pipeline to run; default: world size ÷ stage
+            count. Either way it must be the plan's ``data_parallel``.
         timeout_s: how long a rank waits for the others before failing.
 
     Raises:
-        DistributedError: the world size differs from the stage count, the ranks hold different
-            plans, or a rank failed to build its stage (raised on every rank).
+        DistributedError: the world size is not the plan's replicas × stages, the ranks hold
+            different plans, or a rank failed to build its stage (raised on every rank).
         PlanMismatchError: the plan was made for another graph.
 
     Example:
@@ -287,35 +362,45 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
     args, kwargs = _example_batch(example_inputs, example_kwargs)
     device = init_process_group(timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
-    stages = stages_of_ranks(plan, world)[rank]
     check_same_plan(plan)
+    replicas = replica_count(plan, world, data_parallel)
+    stages = stages_of_ranks(plan, world, data_parallel)[rank]
+    stage, replica = stages[0], rank // len(plan.device_stages())
+    mesh = pipeline_mesh(device, replicas, len(plan.stages), timeout_s) if replicas > 1 else None
 
     error = None
-    try:
-        captured = capture_microbatch(model, args, kwargs, microbatches=plan.microbatches, batch_dims=batch_dims,
-                                      training=plan.mode == "train", tracer=tracer, leaf_modules=leaf_modules)
+    try:  # the first of every replica's microbatches is captured: one microbatch, as planned
+        captured = capture_microbatch(model, args, kwargs, microbatches=plan.microbatches * replicas,
+                                      batch_dims=batch_dims, training=plan.mode == "train", tracer=tracer,
+                                      leaf_modules=leaf_modules)
+        refuse_replicated_writes(captured.traced, replicas)
         chain = stage_chain(model, captured, plan, device)
         held = _held_tensors(model, chain, stages)
         move_state([(t, device) for t in held.values()])
+        if mesh is not None:
+            held = shard_stage(model, chain.modules[stage], mesh, held)
     except Exception as e:  # every rank must learn of it, or the others would wait for this one
         error = e
     raise_on_every_rank(error, "build its stage")
 
-    shared = _shared_weight_groups(model, chain, plan, timeout_s)
-    dims = [captured.batch_dims.get(name) if plan.microbatches > 1 else None for name in chain.input_arguments]
+    shared = _shared_weight_groups(model, chain, plan, replicas, timeout_s)
+    dims = [captured.batch_dims.get(name) if plan.microbatches * replicas > 1 else None
+            for name in chain.input_arguments]
     first_dims = [dims[i] for i in chain.first_inputs]
+    pp_group = mesh.get_group("pp") if mesh is not None else None
     pipeline_stages = [PipelineStage(chain.modules[s], s, len(plan.stages), device, input_args=chain.received[s],
-                                     output_args=chain.sent[s]) for s in stages]
+                                     output_args=chain.sent[s], group=pp_group) for s in stages]
     schedule = SCHEDULES[plan.schedule](
         pipeline_stages if plan.schedule == INTERLEAVED else pipeline_stages[0], plan.microbatches,
         loss_fn=MicrobatchLoss(loss_fn, chain.output, plan.microbatches),
         args_chunk_spec=tuple(TensorChunkSpec(d) if d is not None else _Replicate() for d in first_dims),
         scale_grads=False)
     fixed_kwargs = {k: v for k, v in captured.traced.example_kwargs.items() if not _holds_tensor(v)}
-    logger.info("rank %d runs stage(s) %s of %d on %s: %d parameters, %d shared with other ranks", rank,
-                ", ".join(map(str, stages)), len(plan.stages), device,
+    logger.info("rank %d runs stage(s) %s of %d (replica %d of %d) on %s: %d parameters, %d shared with other "
+                "ranks", rank, ", ".join(map(str, stages)), len(plan.stages), replica, replicas, device,
                 sum(isinstance(t, nn.Parameter) for t in held.values()), len(shared))
-    return DistributedPipeline(model, plan, chain, stages, device, schedule, shared, set(held), dims, fixed_kwargs)
+    return DistributedPipeline(model, plan, chain, stages, device, schedule, shared, set(held), dims, fixed_kwargs,
+                               replica=replica, mesh=mesh)
 
 
 class MicrobatchLoss:
@@ -336,22 +421,24 @@ def plan_and_broadcast(model: nn.Module, *, example_inputs: Any = None, example_
                        microbatches: int = 1, devices: int | Sequence[str | torch.device] | None = None,
                        cluster: Any = None, mode: str = "train", batch_dims: Mapping[str, int | None] | None = None,
                        tracer: str = "auto", leaf_modules: Sequence[type[nn.Module] | str] = (),
-                       timeout_s: float = DEFAULT_TIMEOUT_S, **options: Any) -> Plan:
+                       data_parallel: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S, **options: Any) -> Plan:
     """Plan on rank 0 and give every rank that plan: the ranks must apply one plan, and plans
     made in separate processes can differ (CPU calibration drifts between them).
 
     Called on every rank with the same arguments, like :func:`build` (whose ``example_inputs``
-    it takes: a batch of all microbatches, of which the first is captured). Rank 0 plans one
-    stage per rank (``stages_per_device`` per rank with ``schedule="interleaved-1f1b"``); the
-    others wait for its plan (``broadcast_object_list``).
+    it takes: a batch of all microbatches of every replica, of which the first microbatch is
+    captured). Rank 0 plans one stage per rank of a replica (``stages_per_device`` per rank with
+    ``schedule="interleaved-1f1b"``); the others wait for its plan (``broadcast_object_list``).
 
     Args:
         devices: what to plan for, as in ``autosplit.plan``; default: as many local devices as
             ranks. ``cluster`` describes other hardware, e.g. ``"2x8xh100"`` for two hosts.
         microbatches, mode, options: the solver's (``schedule``, ``memory_headroom``, ``pin``...).
+        data_parallel: replicas of the pipeline; each runs world size ÷ ``data_parallel`` stages.
 
     Raises:
-        DistributedError: rank 0 could not plan (its message is raised on every rank).
+        DistributedError: rank 0 could not plan (its message is raised on every rank), or the
+            world size is not a multiple of ``data_parallel``.
 
     Example:
         >>> plan = autosplit.distributed.plan_and_broadcast(model, example_inputs=(x,), microbatches=8)
@@ -361,12 +448,19 @@ def plan_and_broadcast(model: nn.Module, *, example_inputs: Any = None, example_
     args, kwargs = _example_batch(example_inputs, example_kwargs)
     init_process_group(timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if not isinstance(data_parallel, int) or isinstance(data_parallel, bool) or not 1 <= data_parallel <= world \
+            or world % data_parallel:
+        raise DistributedError(f"data_parallel={data_parallel!r} replicas must split the {world} ranks evenly, each "
+                               f"running its own pipeline: use one of "
+                               f"{', '.join(str(d) for d in range(1, world + 1) if world % d == 0)}")
     plan, error = None, None
     if rank == 0:
         try:
-            captured = capture_microbatch(model, args, kwargs, microbatches=microbatches, batch_dims=batch_dims,
-                                          training=mode == "train", tracer=tracer, leaf_modules=leaf_modules)
-            options.setdefault("stages", world * options.get("stages_per_device", 1))
+            captured = capture_microbatch(model, args, kwargs, microbatches=microbatches * data_parallel,
+                                          batch_dims=batch_dims, training=mode == "train", tracer=tracer,
+                                          leaf_modules=leaf_modules)
+            options.setdefault("stages", world // data_parallel * options.get("stages_per_device", 1))
+            options["data_parallel"] = data_parallel
             plan = solve_captured(captured.traced, devices if devices is not None else world, cluster, mode,
                                   microbatches, options)
         except Exception as e:
@@ -411,32 +505,126 @@ def init_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
     return device
 
 
-def stages_of_ranks(plan: Plan, world_size: int) -> list[tuple[int, ...]]:
-    """The stages each rank runs: the stages of the plan's r-th device on rank r. One stage per
-    device: stage r on rank r. Interleaved 1F1B (v stages on each of W devices, stage s on the
-    device of stage s mod W, as ``ScheduleInterleaved1F1B`` places them): stages r, r + W,
-    r + 2W... on rank r.
+def stages_of_ranks(plan: Plan, world_size: int, data_parallel: int | None = None) -> list[tuple[int, ...]]:
+    """The stages each rank runs. Within a replica, rank r runs the stages of the plan's r-th
+    device: stage r with one stage per device; stages r, r + W, r + 2W... under interleaved 1F1B
+    (v stages on each of W devices, stage s on the device of stage s mod W, as
+    ``ScheduleInterleaved1F1B`` places them). Replica k's rank r is world rank k × W + r.
 
     Raises:
-        DistributedError: the world size differs from the plan's device count, or the plan
-            places its stages otherwise.
+        DistributedError: the world is not the plan's replicas × devices (:func:`replica_count`),
+            or the plan places its stages otherwise.
     """
+    replica_count(plan, world_size, data_parallel)
     count = len(plan.stages)
     devices = list(plan.device_stages().values())
-    if world_size != len(devices):
-        per = (f"{count} stages, one per rank" if len(devices) == count else
-               f"{count} stages on {len(devices)} devices ({count // len(devices)} per device), one device per rank")
-        need = len(devices)
-        raise DistributedError(
-            f"the plan has {per}, but {world_size} rank{'s' if world_size != 1 else ''} "
-            f"run: launch {need} processes (torchrun --nproc-per-node={need} ...), or plan for {world_size} devices "
-            f"(plan_and_broadcast(model, ...) plans for one device per rank; autosplit.plan(model, "
-            f"devices={world_size}, ...))")
-    looped = [tuple(range(rank, count, world_size)) for rank in range(world_size)]
+    width = len(devices)
+    looped = [tuple(range(rank, count, width)) for rank in range(width)]
     if devices != looped:
         raise DistributedError(f"the plan puts stages {devices} on its devices, and the runtime runs stages r, r + "
-                               f"{world_size}, ... on rank r: plan again with this autosplit")
-    return looped
+                               f"{width}, ... on rank r: plan again with this autosplit")
+    return [looped[rank % width] for rank in range(world_size)]
+
+
+def replica_count(plan: Plan, world_size: int, data_parallel: int | None = None) -> int:
+    """How many data-parallel replicas of the pipeline the world runs: ``data_parallel``, by
+    default world size ÷ stage count, which must be the plan's ``data_parallel``.
+
+    Raises:
+        DistributedError: the world size is not a multiple of the stage count, or not
+            ``data_parallel`` × stages, or the plan was made for another number of replicas;
+            says what would fit.
+    """
+    count = len(plan.device_stages())  # ranks per replica: one per device the plan uses
+    ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+    if plan.stages_per_device > 1 and world_size != count:
+        raise DistributedError(
+            f"the plan has {len(plan.stages)} stages on {count} devices ({plan.stages_per_device} per device, "
+            f"{plan.schedule}), one device per rank, but {ranks} run: launch {count} processes (torchrun "
+            f"--nproc-per-node={count} ...), or plan for {world_size} devices (interleaved plans run one replica)")
+    if world_size % count:
+        fits = [k * count for k in (world_size // count, world_size // count + 1) if k >= 1]
+        launch = " or ".join(f"{n} ({n // count} replica{'s' if n != count else ''})" for n in fits)
+        divisors = [d for d in range(world_size, 0, -1) if world_size % d == 0 and d != count][:3]
+        plans = ", ".join(f"{d} stage{'s' if d != 1 else ''} × {world_size // d} "
+                          f"replica{'s' if d != world_size else ''}" for d in divisors)
+        raise DistributedError(
+            f"the plan has {count} stages, one per rank of each data-parallel replica, but {ranks} run, not a "
+            f"multiple of {count}: launch {launch} processes (torchrun --nproc-per-node={fits[0]} ...), or plan for "
+            f"this world ({plans}: plan_and_broadcast(model, ..., data_parallel=replicas) plans world ÷ replicas "
+            f"stages)")
+    replicas = world_size // count
+    if data_parallel is not None and data_parallel != replicas:
+        raise DistributedError(
+            f"data_parallel={data_parallel} replicas of the plan's {count} stages need {data_parallel * count} ranks, "
+            f"but {ranks} run: launch {data_parallel * count} processes (torchrun "
+            f"--nproc-per-node={data_parallel * count} ...), or pass data_parallel={replicas} (or leave it out)")
+    if plan.data_parallel != replicas:
+        planned = plan.data_parallel * count
+        raise DistributedError(
+            f"the plan was made for {plan.data_parallel} data-parallel replica{'s' if plan.data_parallel != 1 else ''} "
+            f"of {count} stages ({planned} ranks), and its memory counts what each rank keeps for that many, but "
+            f"{ranks} run ({replicas} replica{'s' if replicas != 1 else ''}): launch {planned} processes (torchrun "
+            f"--nproc-per-node={planned} ...), or plan for {replicas} replicas (plan_and_broadcast(model, ..., "
+            f"data_parallel={replicas}), or SolverOptions(data_parallel={replicas}) on a cluster of all "
+            f"{world_size} devices)")
+    return replicas
+
+
+def pipeline_mesh(device: torch.device, replicas: int, stages: int, timeout_s: float = DEFAULT_TIMEOUT_S
+                  ) -> DeviceMesh:
+    """The world as a DeviceMesh of shape (replicas, stages) with dims ``("dp", "pp")``: rank =
+    replica × stages + stage. Its process groups (``mesh.get_group("dp")``: a stage's replicas;
+    ``"pp"``: a replica's stages) wait ``timeout_s`` for their peers, like the world's."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+    else:
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = timeout
+    return init_device_mesh(device.type, (replicas, stages), mesh_dim_names=("dp", "pp"),
+                            backend_override={"dp": (backend, options), "pp": (backend, options)})
+
+
+def refuse_replicated_writes(traced: Traced, replicas: int) -> None:
+    """Refuse a model that writes its own parameters or buffers in forward (a step counter, an
+    EMA) when it runs as several data-parallel replicas: each replica would update its copy from
+    its share of the batch, and the copies would part from each other and from the model's.
+
+    Raises:
+        MicrobatchError: the model writes a parameter or buffer, and ``replicas`` > 1.
+    """
+    written = traced.written()
+    if replicas == 1 or not written:
+        return
+    name = next(iter(written))
+    more = f" (and {len(written) - 1} more)" if len(written) > 1 else ""
+    raise MicrobatchError(
+        f"the model updates {name}{more} in forward, and with {replicas} data-parallel replicas each would update "
+        "its own copy from its share of the batch, instead of the model's once from the whole batch: run one "
+        "replica, or move the update out of forward (e.g. into the training loop, once per step)")
+
+
+def shard_stage(model: nn.Module, module: nn.Module, mesh: DeviceMesh, held: dict[int, torch.Tensor]
+                ) -> dict[int, torch.Tensor]:
+    """Shard a stage over its replicas with FSDP2 (``fully_shard`` on the ``dp`` sub-mesh, the
+    stage one unit, gathered once per step: ``reshard_after_forward=False``), and put FSDP2's
+    sharded parameters in the model wherever it held the originals (a tied weight stays tied,
+    and no whole copy is left behind). Returns the rank's tensors by id, as ``held``, with the
+    sharded parameters in place of the originals."""
+    slots = [(owner, name, p) for owner in module.modules()
+             for name, p in owner.named_parameters(recurse=False, remove_duplicate=False)]
+    if not slots:  # nothing to shard or reduce
+        return held
+    fully_shard(module, mesh=mesh["dp"], reshard_after_forward=False)
+    sharded = {id(p): getattr(owner, name) for owner, name, p in slots}
+    for owner in model.modules():
+        for name, p in list(owner.named_parameters(recurse=False, remove_duplicate=False)):
+            if id(p) in sharded and sharded[id(p)] is not p:
+                setattr(owner, name, sharded[id(p)])
+    return {id(sharded.get(key, t)): sharded.get(key, t) for key, t in held.items()}
 
 
 def plan_digest(plan: Plan) -> str:
@@ -486,20 +674,25 @@ def _held_tensors(model: nn.Module, chain: StageChain, stages: Sequence[int]) ->
     return held
 
 
-def _shared_weight_groups(model: nn.Module, chain: StageChain, plan: Plan, timeout_s: float
+def _shared_weight_groups(model: nn.Module, chain: StageChain, plan: Plan, replicas: int, timeout_s: float
                           ) -> list[tuple[str, nn.Parameter, Any]]:
-    """A process group for every set of ranks that read a common weight, made in the same order
-    on every rank (``new_group`` is collective); this rank's shared weights with their groups."""
-    rank_of = {stage: rank for rank, stages in enumerate(stages_of_ranks(plan, dist.get_world_size()))
-               for stage in stages}
-    ranks_of = {name: tuple(sorted({rank_of[s] for s in stages}))
-                for name, stages in shared_weights(chain, model).items()}
-    ranks_of = {name: ranks for name, ranks in ranks_of.items() if len(ranks) > 1}
-    groups = {ranks: dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
-              for ranks in sorted(set(ranks_of.values()))}
-    parameters = dict(model.named_parameters())
+    """A process group for every set of ranks of one replica that read a common weight, made
+    in the same order on every rank (``new_group`` is collective); this rank's shared weights
+    with their groups."""
+    count = len(plan.device_stages())  # ranks per replica
+    stages_of = stages_of_ranks(plan, count * replicas, replicas)
+    shared = shared_weights(chain, model)
     rank = dist.get_rank()
-    return [(name, parameters[name], groups[ranks]) for name, ranks in ranks_of.items() if rank in ranks]
+    groups: dict[tuple[int, ...], Any] = {}
+    mine = []
+    for replica in range(replicas):
+        rank_of = {stage: r for r in range(replica * count, (replica + 1) * count) for stage in stages_of[r]}
+        ranks_of = {name: tuple(sorted({rank_of[s] for s in stages})) for name, stages in shared.items()}
+        for ranks in sorted({ranks for ranks in ranks_of.values() if len(ranks) > 1}):
+            groups[ranks] = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
+        mine += [(name, ranks) for name, ranks in ranks_of.items() if len(ranks) > 1 and rank in ranks]
+    parameters = dict(model.named_parameters())
+    return [(name, parameters[name], groups[ranks]) for name, ranks in mine]
 
 
 def _example_batch(example_inputs: Any, example_kwargs: dict[str, Any] | None) -> tuple[tuple, dict]:
