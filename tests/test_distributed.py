@@ -3,22 +3,15 @@ process, tied weights stay identical across ranks, and ranks that cannot run a p
 are refused on every rank.
 
 Each multi-process test spawns its own 2-rank group on localhost and fails, killing the ranks,
-if they have not finished within ``RANKS_TIMEOUT_S``. Plans are made once, in the test process,
+if they have not finished within ``ranks.RANKS_TIMEOUT_S``. Plans are made once, in the test process,
 and passed to the ranks.
 """
 
 import copy
 import functools
-import multiprocessing
-import os
-import queue
-import socket
-import time
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
@@ -31,9 +24,7 @@ from autosplit import AutosplitError, InputSignatureError
 from autosplit.distributed.stages import Wire, stage_chain
 from cost_models import Cluster, price_graph
 from numerics import assert_same
-
-RANKS_TIMEOUT_S = 120.0
-"""How long a 2-rank test may run before its ranks are killed and it fails."""
+from ranks import Ranks
 
 GROUP_TIMEOUT_S = 60.0
 """The ranks' process-group timeout: a rank waiting for a dead or stuck peer fails by then."""
@@ -97,81 +88,6 @@ def make_plan(name, stages=2, microbatches=MICROBATCHES, schedule="1f1b"):
 
 
 # --------------------------------------------------------------------------- running 2 ranks
-
-
-class Ranks:
-    """Two spawned ranks (gloo on localhost) that run the module's tests one after another:
-    starting processes costs seconds of imports each, so the ranks are kept between tests.
-    ``run(fn, *args)`` runs ``fn(rank, *args)`` on every rank and returns each rank's result; it
-    fails with every failing rank's traceback, or after ``RANKS_TIMEOUT_S``, and then replaces
-    the ranks, whose process group may be left waiting."""
-
-    def __init__(self, world=2):
-        self.world = world
-        self.processes = []
-
-    def run(self, fn, *args):
-        if not self.processes:
-            self._start()
-        for tasks in self.tasks:
-            tasks.put((fn, args))
-        deadline = time.monotonic() + RANKS_TIMEOUT_S
-        reports = {}
-        while len(reports) < self.world:
-            try:
-                rank, ok, value = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                self.close()
-                pytest.fail(f"ranks {sorted(set(range(self.world)) - set(reports))} did not finish "
-                            f"{fn.__name__} within {RANKS_TIMEOUT_S:.0f} s")
-            reports[rank] = (ok, value)
-        failures = [f"rank {rank}:\n{value}" for rank, (ok, value) in sorted(reports.items()) if not ok]
-        if failures:
-            self.close()
-            pytest.fail("\n".join(failures))
-        return [reports[rank][1] for rank in range(self.world)]
-
-    def _start(self):
-        context = multiprocessing.get_context("spawn")
-        self.tasks = [context.Queue() for _ in range(self.world)]
-        self.results = context.Queue()
-        port = _free_port()
-        self.processes = [context.Process(target=_serve, args=(rank, self.world, port, self.tasks[rank], self.results),
-                                          daemon=True) for rank in range(self.world)]
-        for process in self.processes:
-            process.start()
-
-    def close(self):
-        for tasks in self.tasks if self.processes else ():
-            tasks.put(None)
-        for process in self.processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        self.processes = []
-
-
-def _serve(rank, world, port, tasks, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        while (task := tasks.get()) is not None:
-            fn, args = task
-            try:
-                results.put((rank, True, fn(rank, *args)))
-            except BaseException:  # reported to the test with its traceback
-                results.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

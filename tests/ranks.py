@@ -1,0 +1,99 @@
+"""Spawned gloo ranks on localhost for the multi-process tests, bounded in time.
+
+    pool = Ranks(world=3)
+    results = pool.run(fn, *args)      # fn(rank, *args) on every rank; a result per rank
+    pool.close()
+
+A test fails, with every failing rank's traceback, when a rank raises, and fails after
+``timeout_s`` when the ranks have not all finished (a hang), killing them.
+"""
+
+import multiprocessing
+import os
+import queue
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+RANKS_TIMEOUT_S = 120.0
+"""How long one ``Ranks.run`` may take before its ranks are killed and the test fails."""
+
+
+class Ranks:
+    """Spawned ranks (gloo on localhost) that run tests one after another: starting processes
+    costs seconds of imports each, so the ranks are kept between tests. ``run(fn, *args)`` runs
+    ``fn(rank, *args)`` on every rank and returns each rank's result; it fails with every failing
+    rank's traceback, or after ``timeout_s``, and then replaces the ranks, whose process group
+    may be left waiting."""
+
+    def __init__(self, world=2, timeout_s=RANKS_TIMEOUT_S):
+        self.world = world
+        self.timeout_s = timeout_s
+        self.processes = []
+
+    def run(self, fn, *args):
+        if not self.processes:
+            self._start()
+        for tasks in self.tasks:
+            tasks.put((fn, args))
+        deadline = time.monotonic() + self.timeout_s
+        reports = {}
+        while len(reports) < self.world:
+            try:
+                rank, ok, value = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.close()
+                pytest.fail(f"ranks {sorted(set(range(self.world)) - set(reports))} did not finish "
+                            f"{fn.__name__} within {self.timeout_s:.0f} s")
+            reports[rank] = (ok, value)
+        failures = [f"rank {rank}:\n{value}" for rank, (ok, value) in sorted(reports.items()) if not ok]
+        if failures:
+            self.close()
+            pytest.fail("\n".join(failures))
+        return [reports[rank][1] for rank in range(self.world)]
+
+    def _start(self):
+        context = multiprocessing.get_context("spawn")
+        self.tasks = [context.Queue() for _ in range(self.world)]
+        self.results = context.Queue()
+        port = _free_port()
+        self.processes = [context.Process(target=_serve, args=(rank, self.world, port, self.tasks[rank], self.results),
+                                          daemon=True) for rank in range(self.world)]
+        for process in self.processes:
+            process.start()
+
+    def close(self):
+        for tasks in self.tasks if self.processes else ():
+            tasks.put(None)
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.processes = []
+
+
+def _serve(rank, world, port, tasks, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        while (task := tasks.get()) is not None:
+            fn, args = task
+            try:
+                results.put((rank, True, fn(rank, *args)))
+            except BaseException:  # reported to the test with its traceback
+                results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
