@@ -324,7 +324,7 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
 
     Raises:
         PlanMismatchError: the plan was made for another graph.
-        ValueError: the number of devices differs from the number of stages.
+        ValueError: the number of devices differs from the number of stages, or a weight is on meta.
     """
     if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
         raise ValueError(f"microbatches must be a positive int, e.g. microbatches=4; got {microbatches!r}")
@@ -332,6 +332,7 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
     if len(devices) != len(plan.stages):
         raise ValueError(f"the plan has {len(plan.stages)} stages but {len(devices)} devices were given: "
                          f"pass one device per stage, e.g. {[f'cuda:{i}' for i in range(len(plan.stages))]}")
+    refuse_meta(model, devices)
     rewritten = split_graph(model, traced, plan, devices, output_device, written_flags, microbatches)
     split, placed, once = rewritten.graph_module, rewritten.stage_of, rewritten.once
     gm = traced.graph_module
@@ -379,18 +380,14 @@ def split_graph(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence[
                 microbatches: int = 1) -> SplitGraph:
     """Rewrite ``traced`` for ``plan`` on ``devices`` (one per stage) without moving anything: the
     graph both the one-process split and the per-rank stages of the distributed runtime are cut
-    from. See :func:`split_module` for ``written_flags``.
+    from. See :func:`split_module` for ``written_flags``. Weights may still be on ``meta``: the
+    distributed runtime materializes only those of its rank's stage, after this rewrite.
 
     Raises:
         PlanMismatchError: the plan was made for another graph.
-        ValueError: a weight is on meta.
         MicrobatchError: the graph writes weights in place and runs per microbatch.
     """
     check_fingerprint(traced, plan)
-    weightless = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
-    if weightless is not None or any(d.type == "meta" for d in devices):
-        raise ValueError(f"{weightless or 'a device'} is on meta: a split module runs real tensors. Load the weights "
-                         "first (model.to_empty(device=...) then load_state_dict), or only plan with autosplit.plan()")
     _check_microbatched_writes(traced, microbatches)
     gm = traced.graph_module
     stage_of = _stages_of_nodes(gm, plan)
@@ -405,6 +402,18 @@ def split_graph(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence[
     split = fx.GraphModule(_targets(gm, graph, in_modes), graph, class_name="SplitGraph")
     split.graph.lint()
     return SplitGraph(split, placed, once, moves, homes, output_device)
+
+
+def refuse_meta(model: nn.Module, devices: Sequence[torch.device]) -> None:
+    """Refuse a one-process split of a model whose weights are on ``meta``, or onto ``meta``.
+
+    Raises:
+        ValueError: names the first weight on meta.
+    """
+    weightless = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if weightless is not None or any(d.type == "meta" for d in devices):
+        raise ValueError(f"{weightless or 'a device'} is on meta: a split module runs real tensors. Load the weights "
+                         "first (model.to_empty(device=...) then load_state_dict), or only plan with autosplit.plan()")
 
 
 def _pipelined(split: fx.GraphModule, placed: dict[fx.Node, int], once: set[fx.Node], devices: list[torch.device],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any, Callable
 
@@ -338,6 +339,61 @@ class CheckpointedNet(nn.Module):
         return self.out(h + self.block(h))
 
 
+class SinusoidalPositions(nn.Module):
+    """Adds sine/cosine position codes from a table computed from the sizes alone and kept in a
+    non-persistent buffer, as rotary ``inv_freq`` tables are: no checkpoint holds it, and
+    ``reset_parameters`` (which the constructor runs) computes it."""
+
+    def __init__(self, d: int, max_len: int):
+        super().__init__()
+        self.register_buffer("table", torch.empty(max_len, d), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        max_len, d = self.table.shape
+        position = torch.arange(max_len, dtype=torch.float32, device=self.table.device)[:, None]
+        rate = torch.exp(torch.arange(0, d, 2, dtype=torch.float32, device=self.table.device) * (-math.log(1e4) / d))
+        with torch.no_grad():
+            self.table[:, 0::2] = torch.sin(position * rate)
+            self.table[:, 1::2] = torch.cos(position * rate)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.table[: h.shape[1]]
+
+
+class FeatureGain(nn.Module):
+    """Multiplies by a fixed per-feature gain kept in a persistent buffer: trained by nothing, set
+    by ``reset_parameters`` (ones) or by a checkpoint."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.register_buffer("gain", torch.empty(d))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.gain.fill_(1.0)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.gain
+
+
+class PositionalLM(TiedLM):
+    """TiedLM with position codes in a non-persistent buffer and a persistent buffer before the
+    final norm: a tied weight and both kinds of buffers, for materialization and checkpoints."""
+
+    def __init__(self, vocab: int = 50, d: int = 16, depth: int = 2, max_len: int = 16):
+        super().__init__(vocab, d, depth)
+        self.positions = SinusoidalPositions(d, max_len)
+        self.gain = FeatureGain(d)
+
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.positions(self.embed(ids))
+        for block in self.blocks:
+            h = h + block(h)
+        return {"logits": self.head(self.norm(self.gain(h))), "hidden": h}
+
+
 def tiny_gpt2_config(**overrides: Any):
     from transformers import GPT2Config
 
@@ -388,6 +444,10 @@ def rescnn(device: str = "cpu") -> Built:
 
 def tied_lm(device: str = "cpu") -> Built:
     return _build(TiedLM, device), (_ids(2, 6, 50, torch.device(device)),), {}
+
+
+def positional_lm(device: str = "cpu") -> Built:
+    return _build(PositionalLM, device), (_ids(2, 6, 50, torch.device(device)),), {}
 
 
 def shared_block(device: str = "cpu") -> Built:

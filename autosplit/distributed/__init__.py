@@ -10,12 +10,18 @@ must apply the same plan: rank 0 plans and broadcasts it (:func:`plan_and_broadc
 rank loads one plan file; :func:`build` refuses ranks that disagree.
 
 ``stages.py`` builds the stages of a plan as graph modules that pass tensors along a chain;
-``runtime.py`` sets up the process groups, checks that the ranks agree, and runs the schedule.
+``runtime.py`` sets up the process groups, checks that the ranks agree, and runs the schedule;
+``materialize.py`` gives a model built on ``meta`` memory for one rank's stage and initializes it;
+``checkpoint.py`` saves and loads per rank under the model's own names (any plan, or unsplit);
+``memory.py`` reports a rank's memory beside the plan's figure for its stage.
 """
 
+from autosplit.distributed.checkpoint import load, save
+from autosplit.distributed.materialize import materialize
+from autosplit.distributed.memory import MemoryReport
 from autosplit.distributed.runtime import (DistributedPipeline, build, init_process_group, plan_and_broadcast,
                                            plan_digest)
 from autosplit.errors import DistributedError
 
-__all__ = ["DistributedError", "DistributedPipeline", "build", "init_process_group", "plan_and_broadcast",
-           "plan_digest"]
+__all__ = ["DistributedError", "DistributedPipeline", "MemoryReport", "build", "init_process_group", "load",
+           "materialize", "plan_and_broadcast", "plan_digest", "save"]

@@ -22,7 +22,10 @@ data-parallel replicas of the pipeline as the world holds.
    (:func:`autosplit.api.capture_microbatch`), the plan's fingerprint is checked, the stages are
    built (:func:`autosplit.distributed.stages.stage_chain`), and the tensors this rank's stage
    reads, with those the plan stores on it, move to the rank's device; the rest of the model is
-   left where it is. A failure on any rank is raised on every rank, with that rank's message.
+   left where it is. A model built on ``meta`` gets memory for those tensors' modules only,
+   initialized by its own code (:mod:`autosplit.distributed.materialize`) or read from a
+   checkpoint (:mod:`autosplit.distributed.checkpoint`). A failure on any rank is raised on
+   every rank, with that rank's message.
 4. Replicas: with several, the stage is sharded over its replicas with FSDP2 (below).
 5. Shared weights: a weight read on several stages (a tied embedding and LM head) is held by
    each of them; one process group per set of such ranks within one replica, made in the same
@@ -93,6 +96,7 @@ from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
 from torch.distributed.tensor import DTensor
 
 from autosplit.api import capture_microbatch, solve_captured
+from autosplit.distributed.materialize import materialize_tensors
 from autosplit.distributed.stages import StageChain, Wire, shared_weights, stage_chain, stage_tensors
 from autosplit.errors import DistributedError, InputSignatureError, MicrobatchError
 from autosplit.plan import Plan
@@ -122,6 +126,10 @@ class DistributedPipeline:
     With several data-parallel replicas the stage's parameters are FSDP2's sharded ``DTensor``
     parameters.
     """
+
+    last_step_memory: Any = None
+    """What the last step measured with :meth:`measure_memory` used (a
+    :class:`autosplit.distributed.memory.StepMemory`); None before one."""
 
     def __init__(self, model: nn.Module, plan: Plan, chain: StageChain, stages: Sequence[int], device: torch.device,
                  schedule: Any, shared: Sequence[tuple[str, nn.Parameter, Any]], held: set[int],
@@ -240,6 +248,32 @@ class DistributedPipeline:
         size = value.shape[dim] // self.data_parallel
         return value.narrow(dim, self.replica * size, size)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters and persistent buffers under the model's names (a tied weight
+        under its first name), sharing memory with them: what a checkpoint of this rank holds."""
+        from autosplit.distributed.checkpoint import pipeline_state_dict
+        return pipeline_state_dict(self)
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy this rank's tensors from ``state_dict``: the unsplit model's, or any rank's of any
+        plan (entries of tensors other ranks hold are skipped). With ``strict``, every tensor of
+        this rank must have an entry and every entry must name a tensor of the model."""
+        from autosplit.distributed.checkpoint import load_pipeline_state_dict
+        load_pipeline_state_dict(self, state_dict, strict)
+
+    def measure_memory(self, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """A context that measures the memory of the steps run inside it, for :meth:`memory_report`
+        (``with pipe.measure_memory(optimizer=opt): pipe.step(x, target=y); opt.step()``)."""
+        from autosplit.distributed.memory import MemoryProbe
+        return MemoryProbe(self, optimizer)
+
+    def memory_report(self, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """This rank's memory next to the plan's figure for its stage, by kind, with the peak
+        (an :class:`autosplit.distributed.memory.MemoryReport`; see that module for what is
+        measured and how)."""
+        from autosplit.distributed.memory import memory_report
+        return memory_report(self, optimizer)
+
     def _first_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
         """The first stage's inputs of a call, after checking the call against the capture."""
         try:
@@ -306,14 +340,18 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
           example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None,
           batch_dims: Mapping[str, int | None] | None = None, tracer: str = "auto",
           leaf_modules: Sequence[type[nn.Module] | str] = (), data_parallel: int | None = None,
-          timeout_s: float = DEFAULT_TIMEOUT_S) -> DistributedPipeline:
+          timeout_s: float = DEFAULT_TIMEOUT_S, init_fn: Callable[[nn.Module], None] | None = None,
+          checkpoint: str | os.PathLike | None = None) -> DistributedPipeline:
     """Build this rank's stage of ``plan`` and the schedule that runs it (see the module docstring).
 
     Every rank calls it with the same arguments. The process group is the caller's, or one this
     call starts (launch with ``torchrun --nproc-per-node=<stages × replicas>``).
 
     Args:
-        model: the model, with real weights, the same on every rank (same seed or checkpoint).
+        model: the model, the same on every rank: with real weights (same seed or checkpoint),
+            or built on ``meta``, in which case each rank gives memory to its own stage only
+            and initializes it (seeded with rank 0's ``torch.initial_seed()``, so that ranks
+            holding a copy of a tied weight agree) or reads it from ``checkpoint``.
         plan: the plan every rank applies (``Plan.load(path)`` on every rank, or
             :func:`plan_and_broadcast`); its schedule (``"gpipe"``, ``"1f1b"``: one stage per
             rank; ``"interleaved-1f1b"``: v per rank, see :func:`stages_of_ranks`) and
@@ -328,6 +366,10 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
         data_parallel: how many replicas of the pipeline to run; default: world size ÷ stage
             count. Either way it must be the plan's ``data_parallel``.
         timeout_s: how long a rank waits for the others before failing.
+        init_fn: for a model on ``meta``: ``init_fn(module)`` sets the tensors of modules that
+            have neither ``reset_parameters()`` nor a Hugging Face ``_init_weights``.
+        checkpoint: a checkpoint directory (:func:`autosplit.distributed.save`, under any plan
+            or from the unsplit model) to read this rank's tensors from after building.
 
     Raises:
         DistributedError: the world size is not the plan's replicas × stages, the ranks hold
@@ -336,6 +378,8 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
 
     Example:
         >>> plan = Plan.load("plan.json")
+        >>> with torch.device("meta"):
+        ...     model = GPT(config)                # no rank holds the whole model
         >>> pipe = autosplit.distributed.build(model, plan, loss_fn=F.cross_entropy, example_inputs=(x,))
         >>> loss = pipe.step(x, target=y)
     """
@@ -367,6 +411,7 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
     stages = stages_of_ranks(plan, world, data_parallel)[rank]
     stage, replica = stages[0], rank // len(plan.device_stages())
     mesh = pipeline_mesh(device, replicas, len(plan.stages), timeout_s) if replicas > 1 else None
+    seed = _seed_of_rank_0()
 
     error = None
     try:  # the first of every replica's microbatches is captured: one microbatch, as planned
@@ -376,6 +421,8 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
         refuse_replicated_writes(captured.traced, replicas)
         chain = stage_chain(model, captured, plan, device)
         held = _held_tensors(model, chain, stages)
+        materialize_tensors(model, [t for t in held.values() if t.is_meta], device, seed=seed, init_fn=init_fn,
+                            checkpoint_follows=checkpoint is not None)
         move_state([(t, device) for t in held.values()])
         if mesh is not None:
             held = shard_stage(model, chain.modules[stage], mesh, held)
@@ -399,8 +446,12 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
     logger.info("rank %d runs stage(s) %s of %d (replica %d of %d) on %s: %d parameters, %d shared with other "
                 "ranks", rank, ", ".join(map(str, stages)), len(plan.stages), replica, replicas, device,
                 sum(isinstance(t, nn.Parameter) for t in held.values()), len(shared))
-    return DistributedPipeline(model, plan, chain, stages, device, schedule, shared, set(held), dims, fixed_kwargs,
+    pipe = DistributedPipeline(model, plan, chain, stages, device, schedule, shared, set(held), dims, fixed_kwargs,
                                replica=replica, mesh=mesh)
+    if checkpoint is not None:
+        from autosplit.distributed.checkpoint import load
+        load(pipe, checkpoint)
+    return pipe
 
 
 class MicrobatchLoss:
@@ -662,6 +713,14 @@ def raise_on_every_rank(error: BaseException | None, doing: str) -> None:
         raise error
     if failed:
         raise DistributedError("; ".join(f"rank {rank} could not {doing}: {message}" for rank, message in failed))
+
+
+def _seed_of_rank_0() -> int:
+    """Rank 0's ``torch.initial_seed()``, on every rank: the seed a model on ``meta`` is
+    initialized from, the same on every rank whether or not the ranks seeded alike."""
+    seed = [torch.initial_seed()]
+    dist.broadcast_object_list(seed, src=0)
+    return seed[0]
 
 
 def _held_tensors(model: nn.Module, chain: StageChain, stages: Sequence[int]) -> dict[int, torch.Tensor]:
