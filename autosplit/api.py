@@ -149,6 +149,11 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
     if options.setdefault("schedule", "gpipe") != "gpipe":
         raise ValueError(f"schedule={options['schedule']!r}: in one process the stages run a GPipe wavefront "
                          "(forward of every microbatch, then backward); leave schedule out or pass 'gpipe'")
+    if plan is not None and plan.reads_weights_across_stages and plan.shared_weights != "sent":
+        raise ValueError("the plan prices each weight read on several stages (a tied embedding and head) as a copy "
+                         "trained on every stage that reads it, as autosplit.distributed runs it; in one process the "
+                         "stage storing it sends it to the others once per call: plan with shared_weights='sent' (the "
+                         "default of autosplit.plan), or run the plan with autosplit.distributed.build")
     if plan is not None:  # refuse a plan for other devices or memory before anything is captured or moved
         if plan.stages_per_device > 1:
             raise ValueError(f"the plan runs {plan.stages_per_device} stages on each device with schedule "

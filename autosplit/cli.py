@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--stages-per-device", type=int, default=1,
                       help="stages each device runs (interleaved-1f1b): device d runs stages d, d + D, ...")
     plan.add_argument("--microbatches", type=int, default=1)
+    plan.add_argument("--shared-weights", choices=("sent", "copies"), default="sent",
+                      help="weights read on several stages (tied embedding and head): sent from one stage "
+                           "(autosplit() in one process) or a trained copy on each (autosplit.distributed)")
     plan.add_argument("--json", metavar="FILE", help="write the plan as JSON")
     plan.add_argument("--plot", metavar="FILE.png", help="draw stage times, memory and the schedule")
     plan.set_defaults(run=_run_plan)
@@ -237,7 +240,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     args.step = "reading the options"
     with _user_input(ValueError, TypeError):
         options = SolverOptions(mode=args.mode, schedule=args.schedule, stages_per_device=args.stages_per_device,
-                                microbatches=args.microbatches,
+                                microbatches=args.microbatches, shared_weights=args.shared_weights,
                                 precision=precision, optimizer=args.optimizer, weight_dtype=args.dtype,
                                 samples_per_microbatch=args.batch, tokens_per_sample=seq)
     with _step(console, args, "capturing and pricing"):

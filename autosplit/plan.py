@@ -226,6 +226,17 @@ class Plan:
         """What the replicas' communication adds to a step: the largest ``Stage.data_parallel_s``."""
         return max((stage.data_parallel_s for stage in self.stages), default=0.0)
 
+    @property
+    def shared_weights(self) -> str:
+        """How the plan holds weights read on several stages (``SolverOptions.shared_weights``):
+        ``"sent"`` (``autosplit()`` in one process) or ``"copies"`` (``autosplit.distributed``)."""
+        return self.options.get("shared_weights", "sent")
+
+    @property
+    def reads_weights_across_stages(self) -> bool:
+        """Whether some stage reads a weight another stage stores (``Stage.weight_copies``)."""
+        return any(stage.weight_copies for stage in self.stages)
+
     def _order_line(self) -> list[str]:
         """How sure the device order is, for clusters with more than one order."""
         report = self.solver
@@ -272,7 +283,7 @@ class Plan:
         worst moment of the schedule (``cost_models.memory.device_peak_terms``, the model the
         solver checks against ``memory_capacity_bytes``). With one stage per device it is that
         stage's ``memory``."""
-        rules = {k: self.options[k] for k in ("precision", "optimizer", "weight_dtype") if k in self.options}
+        rules = {k: self.options[k] for k in ("precision", "optimizer", "weight_dtype", "shared_weights") if k in self.options}
         devices = self.device_stages()
         found = {}
         for position, (rank, indices) in enumerate(devices.items()):

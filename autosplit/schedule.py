@@ -80,7 +80,7 @@ def recheck_schedule(plan: Plan, schedule: str, microbatches: int) -> Plan:
     if not isinstance(microbatches, int) or microbatches < 1:
         raise ValueError(f"microbatches must be a positive int, e.g. 8; got {microbatches!r}")
     S = len(plan.stages)
-    rules = {k: plan.options[k] for k in ("precision", "optimizer", "weight_dtype") if k in plan.options}
+    rules = {k: plan.options[k] for k in ("precision", "optimizer", "weight_dtype", "shared_weights") if k in plan.options}
     rules["mode"] = plan.mode
     rules["data_parallel"] = plan.data_parallel
     stages = []

@@ -94,7 +94,7 @@ from autosplit.errors import ConfigError, InfeasibleError
 from autosplit.graph import INPUT, OUTPUT, OpGraph, draws_random, writes_in_place
 from autosplit.plan import Plan, SolverReport, Stage
 from autosplit.schedule import pipeline_times
-from cost_models import AnalyticCostModel, Cluster, Link, OpCost, sharded_data_parallel_s
+from cost_models import AnalyticCostModel, Cluster, Link, OpCost, all_reduce_s, sharded_data_parallel_s
 from cost_models.memory import (
     FRAGMENTATION,
     GPU_CONTEXT_BYTES,
@@ -117,6 +117,10 @@ from cost_models.memory import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+SHARED_WEIGHTS = ("sent", "copies")
+"""How weights read on several stages are held (``SolverOptions.shared_weights``)."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,13 @@ class SolverOptions:
     """Batch size of the traced graph, for the predicted throughput."""
     tokens_per_sample: int | None = None
     """Sequence length, for tokens per second."""
+    shared_weights: str = "sent"
+    """How a weight read on several stages (a tied embedding and LM head) is held, as the runtime
+    that runs the plan holds it. ``"sent"`` (``autosplit()`` in one process): stored on its first
+    reader and sent once per call to the others, its gradient sent back; the others keep a copy
+    and its gradient for the call. ``"copies"`` (``autosplit.distributed``): every stage that
+    reads it keeps its own copy with gradient, master weight and optimizer state, and the copies'
+    gradients are all-reduced once per step."""
     data_parallel: int = 1
     """Replicas of the pipeline, each on its own devices and its own slice of every batch, with
     each stage replicated over its replicas by FSDP2 (``autosplit.distributed``). The cluster
@@ -199,6 +210,9 @@ class SolverOptions:
         if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZER_STATES:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_STATES)}, e.g. 'adamw'; "
                              f"got {self.optimizer!r}")
+        if self.shared_weights not in SHARED_WEIGHTS:
+            raise ValueError(f"shared_weights must be one of {SHARED_WEIGHTS}: 'sent' for autosplit() in one process, "
+                             f"'copies' for autosplit.distributed; got {self.shared_weights!r}")
         if not isinstance(self.data_parallel, int) or isinstance(self.data_parallel, bool) or self.data_parallel < 1:
             raise ValueError(f"data_parallel must be a positive int (replicas of the pipeline), e.g. 2; "
                              f"got {self.data_parallel!r}")
@@ -540,7 +554,8 @@ def _under(path: str, prefix: str) -> bool:
 def memory_rules(options: SolverOptions) -> dict[str, Any]:
     """The options that set what a parameter and an activation cost (``cost_models.memory.peak_terms``)."""
     return dict(mode=options.mode, precision=options.precision, optimizer=options.optimizer,
-                weight_dtype=options.weight_dtype, data_parallel=options.data_parallel)
+                weight_dtype=options.weight_dtype, data_parallel=options.data_parallel,
+                shared_weights=options.shared_weights)
 
 
 def _state_bytes_per_param(options: SolverOptions) -> float:
@@ -1581,9 +1596,17 @@ def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> t
         comm_out[hop] += seconds
         comm_in[hop + 1] += seconds
     # A weight read on several stages lives on the first and goes straight to each other reader
-    # once per call, reused by every microbatch (its gradient comes back once): amortized.
+    # once per call, reused by every microbatch (its gradient comes back once): amortized. Held as
+    # copies, the readers all-reduce its gradient once per step instead, each paying the collective.
     m = model.options.microbatches
     for use, owner, others in _weight_sends(model, graph, stage):
+        if model.options.shared_weights == "copies":
+            if use.gradient and model.directions == 2:
+                group = [model.layout.ranks[s] for s in [owner, *others]]
+                seconds = float(all_reduce_s(model.cluster, group, use.nbytes)) / m
+                for s in [owner, *others]:
+                    comm_out[s] += seconds
+            continue
         directions = 2 if use.gradient and model.directions == 2 else 1
         for other in others:
             link = model.cluster_link(owner, other)
@@ -1626,12 +1649,13 @@ def _weight_sends(model: StageModel, graph: OpGraph, stage: np.ndarray) -> list[
 def transfers_per_call(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> list[int]:
     """Values each stage receives per call in the forward pass, as the runtime moves them: every
     travelling value once per microbatch over each hop it crosses (relayed stage by stage), and
-    every weight once per call from its home to each other stage that reads it."""
+    every weight once per call from its home to each other stage that reads it (none when the
+    stages hold copies: ``SolverOptions.shared_weights``)."""
     stage = np.asarray(stage_of_op, dtype=np.int64)
     received = [0] * len(model.layout)
     for hop, crossing in enumerate(_crossings(model, graph, stage)):
         received[hop + 1] += int(crossing.sum()) * model.options.microbatches
-    for _, _, others in _weight_sends(model, graph, stage):
+    for _, _, others in _weight_sends(model, graph, stage) if model.options.shared_weights == "sent" else ():
         for other in others:
             received[other] += 1
     return received

@@ -768,7 +768,7 @@ def data_parallel_factors(data_parallel: int) -> tuple[float, float]:
 def peak_terms(*, params: Any, activations: Any, transient: Any, in_flight: int, gpu: bool, copies: Any = 0.0,
                mode: str = "train",
                precision: str = "bf16-mixed", optimizer: str = "adamw", weight_dtype: torch.dtype | str = torch.bfloat16,
-               kv_cache: float = 0, data_parallel: int = 1) -> dict[str, Any]:
+               kv_cache: float = 0, data_parallel: int = 1, shared_weights: str = "sent") -> dict[str, Any]:
     """Peak bytes of a stage by kind (the fields of :class:`MemoryBreakdown`), from its quantities
     (scalars or arrays alike; see :class:`OpsMemory`).
 
@@ -777,6 +777,8 @@ def peak_terms(*, params: Any, activations: Any, transient: Any, in_flight: int,
     ``activations`` of ``in_flight`` microbatches; and as workspace whichever is higher of the
     microbatch being run (its ``transient`` peak beyond its own saved tensors: gradients and
     temporaries) and the optimizer step (activations freed, the step's temporaries live).
+    With ``shared_weights="copies"`` the copies are trained where they are (each holder steps
+    its own optimizer on its copy), so they also hold master weights and optimizer states.
     With ``data_parallel`` = k > 1 replicas of the stage (FSDP2), weights and gradients are
     (1 + 1/k) times as large and master weights, optimizer states and the step's temporaries 1/k
     (:func:`data_parallel_factors`).
@@ -788,11 +790,12 @@ def peak_terms(*, params: Any, activations: Any, transient: Any, in_flight: int,
         p = _precision(precision)
         states = _optimizer_states(optimizer)
         held, sharded = data_parallel_factors(data_parallel)
+        trained = params + copies if shared_weights == "copies" else params  # what this stage's optimizer steps
         live = dict(weights_bytes=(params + copies) * p.weight_bytes * held,
                     grads_bytes=(params + copies) * p.grad_bytes * held,
-                    optimizer_bytes=params * (p.master_bytes + states * p.state_bytes) * sharded,
+                    optimizer_bytes=trained * (p.master_bytes + states * p.state_bytes) * sharded,
                     activations_bytes=activations * in_flight, kv_cache_bytes=0.0 * params)
-        step = params * p.state_bytes * OPTIMIZER_STEP_TEMPORARIES * sharded if states else 0.0 * params
+        step = trained * p.state_bytes * OPTIMIZER_STEP_TEMPORARIES * sharded if states else 0.0 * params
         transient = np.maximum(transient - activations, step - live["activations_bytes"])
     elif mode == "infer":
         live = dict(weights_bytes=weight_bytes(1, weight_dtype) * (params + copies), grads_bytes=0.0 * params,

@@ -60,7 +60,8 @@ def make_plan(replicas=REPLICAS, stages=STAGES, schedule="1f1b"):
     ids, _ = global_batch(0)
     traced = capture_microbatch(make_model(), (ids,), {}, microbatches=REPLICAS * MICROBATCHES).traced
     return solve(OpGraph.from_traced(traced), Cluster.parse(f"{replicas * stages}xh100"),
-                 SolverOptions(microbatches=MICROBATCHES, schedule=schedule, data_parallel=replicas),
+                 SolverOptions(microbatches=MICROBATCHES, schedule=schedule, data_parallel=replicas,
+                               shared_weights="copies"),
                  costs=price_graph(traced.graph_module), parameters=traced.parameters, buffers=traced.buffers)
 
 

@@ -8,6 +8,7 @@ once, in the test process, and passed to the ranks.
 """
 
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -86,7 +87,7 @@ def make_plan(name, stages=2, microbatches=MICROBATCHES, schedule="1f1b", stages
     args, kwargs, _ = CASES[name][2](0)
     traced = capture_microbatch(model, args, kwargs, microbatches=microbatches).traced
     return solve(OpGraph.from_traced(traced), Cluster.parse(f"{stages // stages_per_device}xh100"),
-                 SolverOptions(microbatches=microbatches, schedule=schedule, stages=stages,
+                 SolverOptions(microbatches=microbatches, schedule=schedule, stages=stages, shared_weights="copies",
                                stages_per_device=stages_per_device),
                  costs=price_graph(traced.graph_module), parameters=traced.parameters, buffers=traced.buffers)
 
@@ -281,3 +282,15 @@ def test_ranks_with_different_plans_are_refused_and_a_broadcast_plan_is_shared(r
         assert refused is not None and "hold different plans" in refused and "plan_and_broadcast" in refused
     assert reports[0][1] == reports[1][1], "both ranks got rank 0's plan"
     assert [last for _, _, last in reports] == [False, True]
+
+
+def test_a_plan_that_sends_shared_weights_is_refused_before_any_process_group_starts():
+    """A plan priced for one process (a tied weight sent from the stage storing it) would misprice
+    the copies every reading rank trains here: build() says how to plan for this runtime."""
+    model = make_model("tied_lm")
+    args, kwargs, _ = CASES["tied_lm"][2](0)
+    plan = make_plan("tied_lm")
+    sent = dataclasses.replace(plan, options={**plan.options, "shared_weights": "sent"})
+    with pytest.raises(ValueError, match=r"shared_weights='copies' \(plan_and_broadcast does"):
+        autosplit.distributed.build(model, sent, loss_fn=lm_loss, example_inputs=args, example_kwargs=kwargs)
+    assert not torch.distributed.is_initialized()

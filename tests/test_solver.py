@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import models
+import autosplit
 import autosplit.solver as solver_module
 from autosplit import ConfigError, OpGraph, capture, presets, spec
 from autosplit.plan import Plan
@@ -43,6 +44,7 @@ from autosplit.solver import (
     unpriced_notes,
 )
 from cost_models import AnalyticCostModel, Cluster, OpCost, get_device, price_graph
+from cost_models.memory import TRAINING_PRECISIONS
 
 
 def synthetic_chain(times, cross, params=None):
@@ -904,3 +906,28 @@ def test_interleaved_plans_are_refused_where_one_stage_per_device_runs():
     model, args, _ = models.mlp()
     with pytest.raises(ValueError, match="autosplit.distributed.build"):
         autosplit(model, devices=2, plan=plan, example_inputs=args)
+
+
+def test_shared_weights_held_as_copies_are_priced_as_the_distributed_runtime_holds_them():
+    """A tied embedding and head read on two stages: sent once per call in one process, or a
+    trained copy on each reading stage (its master weight and optimizer state, gradients
+    all-reduced once per step) in the distributed runtime; each plan prices its own."""
+    model, args, _ = models.tied_lm()
+    traced = capture(model, args)
+    graph, costs = OpGraph.from_traced(traced), price_graph(traced.graph_module)
+    cluster = Cluster.parse("2xh100")
+    plans = {how: solve(graph, cluster, SolverOptions(shared_weights=how, microbatches=4), costs=costs,
+                        parameters=traced.parameters) for how in ("sent", "copies")}
+    sent, copies = plans["sent"], plans["copies"]
+    assert [s.nodes for s in sent.stages] == [s.nodes for s in copies.stages], "the same cut, to compare"
+    assert sent.reads_weights_across_stages and copies.shared_weights == "copies"
+    reader = next(s for s in sent.stages if s.weight_copies)
+    other = copies.stages[reader.index]
+    p = TRAINING_PRECISIONS["bf16-mixed"]
+    extra = reader.weight_copies * (p.master_bytes + 2 * p.state_bytes)  # AdamW: two states
+    assert other.memory.optimizer_bytes - reader.memory.optimizer_bytes == pytest.approx(extra)
+    assert other.transfers_in == reader.transfers_in - 1, "no weight comes over the link per call"
+    with pytest.raises(ValueError, match="shared_weights must be one of"):
+        SolverOptions(shared_weights="mirrored")
+    with pytest.raises(ValueError, match=r"as a copy trained on every stage that reads it.*shared_weights='sent'"):
+        autosplit.autosplit(model, devices=["cpu", "cpu"], plan=copies, example_inputs=args)

@@ -394,6 +394,12 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
     if plan.schedule not in SCHEDULES:
         raise ValueError(f"the plan's schedule is {plan.schedule!r}, and the distributed runtime runs "
                          f"{', '.join(map(repr, SCHEDULES))}: plan again with one of them")
+    if plan.reads_weights_across_stages and plan.shared_weights != "copies":
+        raise ValueError("the plan prices each weight read on several stages (a tied embedding and head) as sent once "
+                         "per call from the stage storing it, as autosplit() runs it in one process; here every rank "
+                         "that reads one keeps a copy with its own gradient and optimizer state, the gradients summed "
+                         "each step: plan with shared_weights='copies' (plan_and_broadcast does; autosplit.plan(..., "
+                         "shared_weights='copies'), or `autosplit plan ... --shared-weights copies`)")
     if plan.mode != "train":
         raise ValueError(f"the plan was made for mode={plan.mode!r}, and the distributed runtime trains (its memory "
                          "holds gradients and optimizer state): plan again with mode='train'")
@@ -512,6 +518,7 @@ def plan_and_broadcast(model: nn.Module, *, example_inputs: Any = None, example_
                                           leaf_modules=leaf_modules)
             options.setdefault("stages", world // data_parallel * options.get("stages_per_device", 1))
             options["data_parallel"] = data_parallel
+            options.setdefault("shared_weights", "copies")  # how build() holds them
             plan = solve_captured(captured.traced, devices if devices is not None else world, cluster, mode,
                                   microbatches, options)
         except Exception as e:
