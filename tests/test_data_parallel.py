@@ -189,20 +189,21 @@ def test_the_plan_prices_what_fsdp2_keeps_and_sends_per_rank():
     master weight and 8 of optimizer state. Two FSDP2 replicas keep 1/2 of each and, through
     the step, the stage's weights and gradients whole: +1/2 × 2 B of weight and of gradient per
     parameter the stage holds (copies of a tied weight included), −1/2 × 12 B per parameter it
-    stores; the GPU's fragmentation allowance follows the live bytes."""
+    trains (its copies too: each rank steps its own, ``shared_weights="copies"``); the GPU's
+    fragmentation allowance follows the live bytes."""
     one, two = make_plan(replicas=1), make_plan(replicas=2)
     assert (one.data_parallel, two.data_parallel) == (1, 2)
     cluster = Cluster.parse("4xh100")
     for a, b in zip(one.stages, two.stages, strict=True):
         assert a.nodes == b.nodes and a.weight_copies == b.weight_copies
         held = a.param_count + a.weight_copies
-        extra = dict(weights_bytes=held * 2 / 2, grads_bytes=held * 2 / 2, optimizer_bytes=-a.param_count * 12 / 2,
+        extra = dict(weights_bytes=held * 2 / 2, grads_bytes=held * 2 / 2, optimizer_bytes=-held * 12 / 2,
                      activations_bytes=0.0, kv_cache_bytes=0.0)
         extra["workspace_bytes"] = FRAGMENTATION * sum(extra.values())
         got = {k: getattr(b.memory, k) - getattr(a.memory, k) for k in extra}
         assert got == pytest.approx(extra, rel=1e-12, abs=1e-6)
         # the halved optimizer step stays below the microbatch's own peak, so it does not move the workspace
-        assert a.param_count * 4 / 2 - a.memory.activations_bytes < a.transient_bytes - a.saved_bytes_per_microbatch
+        assert held * 4 / 2 - a.memory.activations_bytes < a.transient_bytes - a.saved_bytes_per_microbatch
         assert b.data_parallel_s == sharded_data_parallel_s(cluster, [a.index, a.index + STAGES], held * 2, held * 2)
         assert b.data_parallel_s > 0 and a.data_parallel_s == 0
     m, S = MICROBATCHES, STAGES
