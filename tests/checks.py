@@ -125,3 +125,34 @@ def assert_unchanged(model: nn.Module, before: nn.Module) -> None:
     for (name, got), (_, want) in zip(state(model), state(before), strict=True):
         assert got.device == want.device, f"{name} moved to {got.device}"
         assert torch.equal(got, want), f"{name} changed"
+
+
+def train_alongside(pipe, reference, batches, loss_fn, steps, *, whole=lambda t: t, label=""):
+    """Train a rank of a distributed pipeline and the model in one process (a deepcopy) side by
+    side, with AdamW on the same batches (``batches(step)`` gives args, kwargs and target): each
+    step's loss equals the model's on the last rank and is None elsewhere, every gradient of the
+    first step and every weight after ``steps`` steps equal the model's (``whole`` turns a
+    sharded tensor into the whole one). Returns the rank's weights after the steps, whole, by name."""
+    wanted = dict(reference.named_parameters())
+    opt = torch.optim.AdamW(pipe.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    for step in range(steps):
+        args, kwargs, target = batches(step)
+        loss = pipe.step(*args, target=target, **kwargs)
+        ref_loss = loss_fn(reference(*args, **kwargs), target)
+        ref_loss.backward()
+        if pipe.is_last:
+            assert_same(loss, ref_loss.detach(), name=f"{label} loss, step {step}")
+        else:
+            assert loss is None
+        if step == 0:
+            for name, p in pipe.named_parameters():
+                assert_same(whole(p.grad), wanted[name].grad, name=f"{label} {name}.grad")
+        opt.step()
+        opt.zero_grad()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    weights = {name: whole(p.detach()) for name, p in pipe.named_parameters()}
+    for name, value in weights.items():
+        assert_same(value, wanted[name].detach(), name=f"{label} {name} after {steps} steps")
+    return weights

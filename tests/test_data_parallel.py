@@ -26,7 +26,7 @@ from autosplit.distributed.runtime import refuse_replicated_writes
 from autosplit.errors import ConfigError, MicrobatchError
 from cost_models import Cluster, price_graph, sharded_data_parallel_s
 from cost_models.memory import FRAGMENTATION
-from numerics import assert_same
+from checks import train_alongside
 from rank_pool import Ranks
 
 RANKS_TIMEOUT_S = 120.0
@@ -86,29 +86,10 @@ def train_like_one_process(rank, plans, steps):
         reference = copy.deepcopy(model)
         pipe = autosplit.distributed.build(model, plan, loss_fn=lm_loss, example_inputs=(global_batch(0)[0],),
                                            timeout_s=GROUP_TIMEOUT_S)
-        wanted = dict(reference.named_parameters())
-        opt = torch.optim.AdamW(pipe.parameters(), lr=1e-2)
-        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-        for step in range(steps):
-            ids, target = global_batch(step)
-            loss = pipe.step(ids, target=target)
-            ref_loss = lm_loss(reference(ids), target)
-            ref_loss.backward()
-            if pipe.is_last:
-                assert_same(loss, ref_loss.detach(), name=f"{plan.schedule} loss, step {step}")
-            else:
-                assert loss is None
-            if step == 0:
-                for name, p in pipe.named_parameters():
-                    assert isinstance(p, DTensor) and p.to_local().shape[0] < p.shape[0], f"{name} is sharded"
-                    assert_same(p.grad.full_tensor(), wanted[name].grad, name=f"{plan.schedule} {name}.grad")
-            opt.step()
-            opt.zero_grad()
-            ref_opt.step()
-            ref_opt.zero_grad()
-        whole = {name: p.detach().full_tensor() for name, p in pipe.named_parameters()}
-        for name, value in whole.items():
-            assert_same(value, wanted[name].detach(), name=f"{plan.schedule} {name} after {steps} steps")
+        for name, p in pipe.named_parameters():
+            assert isinstance(p, DTensor) and p.to_local().shape[0] < p.shape[0], f"{name} is sharded"
+        whole = train_alongside(pipe, reference, lambda step: ((global_batch(step)[0],), {}, global_batch(step)[1]),
+                                lm_loss, steps, whole=lambda t: t.full_tensor(), label=plan.schedule)
         reports.append({"where": (pipe.replica, pipe.stage), "shared": sorted(pipe.shared_weights),
                         "bytes": {name: value.numpy().tobytes() for name, value in whole.items()}})
     return reports

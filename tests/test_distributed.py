@@ -24,6 +24,7 @@ from autosplit.distributed import DistributedError
 from autosplit import AutosplitError, InputSignatureError
 from autosplit.distributed.stages import Wire, stage_chain
 from cost_models import Cluster, price_graph
+from checks import train_alongside
 from numerics import assert_same
 from rank_pool import Ranks
 
@@ -117,31 +118,11 @@ def train_like_one_process(rank, name, plans, steps):
         args, kwargs, _ = batch(0)
         pipe = autosplit.distributed.build(model, plan, loss_fn=loss_fn, example_inputs=args, example_kwargs=kwargs,
                                            timeout_s=GROUP_TIMEOUT_S)
-        wanted = dict(reference.named_parameters())
-        opt = torch.optim.AdamW(pipe.parameters(), lr=1e-2)
-        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-        for step in range(steps):
-            args, kwargs, target = batch(step)
-            loss = pipe.step(*args, target=target, **kwargs)
-            ref_loss = loss_fn(reference(*args, **kwargs), target)
-            ref_loss.backward()
-            if pipe.is_last:
-                assert_same(loss, ref_loss.detach(), name=f"{plan.schedule} loss, step {step}")
-            else:
-                assert loss is None
-            if step == 0:
-                for pname, p in pipe.named_parameters():
-                    assert_same(p.grad, wanted[pname].grad, name=f"{plan.schedule} {pname}.grad")
-            opt.step()
-            opt.zero_grad()
-            ref_opt.step()
-            ref_opt.zero_grad()
-        for pname, p in pipe.named_parameters():
-            assert_same(p.detach(), wanted[pname].detach(), name=f"{plan.schedule} {pname} after {steps} steps")
+        weights = train_alongside(pipe, reference, batch, loss_fn, steps, label=plan.schedule)
         reports.append({"names": [n for n, _ in pipe.named_parameters()], "shared": sorted(pipe.shared_weights),
                         "stages": pipe.stages,
                         "received": len(pipe._chain.received[pipe.stage]) if not pipe.is_first else 0,
-                        "bytes": {n: p.detach().numpy().tobytes() for n, p in pipe.named_parameters()}})
+                        "bytes": {n: w.numpy().tobytes() for n, w in weights.items()}})
     return reports
 
 
