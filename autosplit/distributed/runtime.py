@@ -19,8 +19,12 @@
    built (:func:`autosplit.distributed.stages.stage_chain`), and the tensors this rank's stage
    reads, with those the plan stores on it, move to the rank's device; the rest of the model is
    left where it is. A failure on any rank is raised on every rank, with that rank's message.
-4. Shared weights: a weight read on several stages (a tied embedding and LM head) is held by
-   each of them; one process group per set of such ranks, made in the same order on every rank.
+4. The pipeline's own process groups (:class:`autosplit.distributed.failures.FailureChannel`):
+   one over all ranks for the stages' sends and receives, and for each set of ranks that read a
+   common weight (a tied embedding and LM head: each of them holds a copy) one for summing its
+   gradients, made in the same order on every rank; and the store key under which a rank that
+   fails in a step reports it, so that every rank raises its error at once instead of waiting
+   for it until the group's timeout (see ``failures.py``).
 5. ``PipelineStage`` with the chain's fixed shapes (no shape inference runs, so later stages
    never compute on uninitialized inputs), and the schedule the plan names with its microbatches.
 
@@ -51,6 +55,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
 
 from autosplit.api import capture_microbatch, solve_captured
+from autosplit.distributed.failures import FailureChannel
 from autosplit.distributed.stages import StageChain, Wire, shared_weights, stage_chain, stage_tensors
 from autosplit.errors import DistributedError, InputSignatureError, MicrobatchError
 from autosplit.plan import Plan
@@ -79,7 +84,7 @@ class DistributedPipeline:
 
     def __init__(self, model: nn.Module, plan: Plan, chain: StageChain, stage: int, device: torch.device,
                  schedule: Any, shared: Sequence[tuple[str, nn.Parameter, Any]], held: set[int],
-                 batch_dims: Sequence[int | None], fixed_kwargs: Mapping[str, Any]):
+                 batch_dims: Sequence[int | None], fixed_kwargs: Mapping[str, Any], failures: FailureChannel):
         self.plan = plan
         self.stage = stage
         """The index of this rank's stage."""
@@ -100,6 +105,8 @@ class DistributedPipeline:
         self._fixed_kwargs = dict(fixed_kwargs)
         self._batch_norms = [(name, m) for name, m in model.named_modules()
                              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._failures = failures
+        self._steps = 0
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters under the model's names (a tied weight under its first name)."""
@@ -144,7 +151,24 @@ class DistributedPipeline:
                 shape, dtype or a fixed value (checked on every rank that is given them).
             MicrobatchError: the target cannot be cut into the microbatches, or a BatchNorm layer
                 is in training mode with several microbatches.
+            DistributedError: another rank refused the batch (as above: nothing ran, and the
+                pipeline stays usable); or a rank failed during the step, e.g. in ``loss_fn``:
+                raised on every rank within a fraction of a second, not at the group's timeout,
+                naming the failing rank and its error (on that rank chained to the error). The
+                pipeline then refuses further steps; the default process group stays usable.
         """
+        self._failures.require_usable()
+        step, self._steps = self._steps, self._steps + 1
+        first, refusal = None, None
+        try:
+            first = self._checked_inputs(args, kwargs, target)
+        except Exception as e:  # the ranks agree on refusals before anything is sent (see failures.py)
+            refusal = e
+        return self._failures.run(step, refusal, lambda: self._run_schedule(first, target))
+
+    def _checked_inputs(self, args: tuple, kwargs: dict, target: Any) -> tuple[torch.Tensor, ...] | None:
+        """The first stage's inputs of a call (None on other ranks not given the batch), after
+        checking the call, the target and the batch norms."""
         if target is None:
             raise ValueError("step() trains the model: pass the batch's target on every rank, pipe.step(x, target=y); "
                              "the last stage computes loss_fn(output, target) with it")
@@ -154,6 +178,9 @@ class DistributedPipeline:
                              "target=y) with the same inputs on every rank")
         self._check_target(target)
         refuse_batch_statistics(self._batch_norms, self.microbatches)
+        return first
+
+    def _run_schedule(self, first: tuple[torch.Tensor, ...] | None, target: torch.Tensor) -> torch.Tensor | None:
         set_aside = [p.grad for _, p, _ in self._shared]
         for _, p, _ in self._shared:
             p.grad = None
@@ -290,11 +317,15 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
         error = e
     raise_on_every_rank(error, "build its stage")
 
+    failures = FailureChannel.create(stage, len(plan.stages), timeout_s)
     shared = _shared_weight_groups(model, chain, plan, timeout_s)
+    for group in {id(group): group for _, _, group in shared}.values():
+        failures.add_group(group)
     dims = [captured.batch_dims.get(name) if plan.microbatches > 1 else None for name in chain.input_arguments]
     first_dims = [dims[i] for i in chain.first_inputs]
     pipeline_stage = PipelineStage(chain.modules[stage], stage, len(plan.stages), device,
-                                   input_args=chain.received[stage], output_args=chain.sent[stage])
+                                   input_args=chain.received[stage], output_args=chain.sent[stage],
+                                   group=failures.group)
     schedule = SCHEDULES[plan.schedule](
         pipeline_stage, plan.microbatches, loss_fn=MicrobatchLoss(loss_fn, chain.output, plan.microbatches),
         args_chunk_spec=tuple(TensorChunkSpec(d) if d is not None else _Replicate() for d in first_dims),
@@ -302,7 +333,8 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
     fixed_kwargs = {k: v for k, v in captured.traced.example_kwargs.items() if not _holds_tensor(v)}
     logger.info("rank %d runs stage %d of %d on %s: %d parameters, %d shared with other ranks", rank, stage,
                 len(plan.stages), device, sum(isinstance(t, nn.Parameter) for t in held.values()), len(shared))
-    return DistributedPipeline(model, plan, chain, stage, device, schedule, shared, set(held), dims, fixed_kwargs)
+    return DistributedPipeline(model, plan, chain, stage, device, schedule, shared, set(held), dims, fixed_kwargs,
+                               failures)
 
 
 class MicrobatchLoss:
