@@ -36,5 +36,5 @@ class OpaqueCallError(TraceError):
 
 class DistributedError(AutosplitError, RuntimeError):
     """The ranks of a distributed run cannot run the plan together: a world size other than the
-    plan's stage count, ranks that hold different plans, or a rank that failed to build its
-    stage (its message is reported on every rank)."""
+    plan's stage count, ranks that hold different plans, a rank that failed to build its stage,
+    or a rank that failed in a step (its message is reported on every rank)."""

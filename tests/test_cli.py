@@ -196,6 +196,15 @@ def test_example_train_loop_prints_equal_losses(microbatches):
     assert len(lines) == 3 and "2-stage train plan" in done.stdout
 
 
+def test_example_torchrun_training_prints_the_loss_of_each_step():
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           os.path.join(ROOT, "examples", "torchrun_train.py"), "--steps", "2", "--batch", "8",
+                           "--seq", "16", "--microbatches", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert re.findall(r"^step (\d): loss \d+\.\d+$", done.stdout, re.M) == ["0", "1"], done.stdout
+    assert "2-stage train plan" in done.stdout and "shared with other ranks: wte.weight" in done.stdout
+
+
 def test_example_plan_from_a_laptop_runs(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "plan_70b_from_laptop.py"),
                            "--preset", "llama-7b", "--seq", "512", "--cluster", "4xh100",

@@ -1,6 +1,6 @@
 """The distributed runtime: a plan's stages on 2 gloo ranks train exactly like the model in one
-process, tied weights stay identical across ranks, and ranks that cannot run a plan together
-are refused on every rank.
+process, tied weights stay identical across ranks, ranks that cannot run a plan together are
+refused on every rank, and a rank that fails in a step stops every rank at once with its error.
 
 The multi-process tests run on 2 ranks spawned once for the module (``rank_pool.Ranks``) and
 fail, killing the ranks, if they have not finished within ``RANKS_TIMEOUT_S``. Plans are made
@@ -10,9 +10,11 @@ once, in the test process, and passed to the ranks.
 import copy
 import dataclasses
 import functools
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
@@ -138,15 +140,47 @@ def build_and_report(rank, plans):
 
 
 def refuse_another_shape_then_train(rank, plan):
-    """A batch of another shape is refused on every rank before anything is sent; the pipeline
-    trains on the next, right batch."""
+    """A batch of another shape is refused on every rank before anything is sent, also when only
+    rank 0 is given it (rank 1 gets the target only, and would otherwise wait for rank 0's
+    activations); the pipeline trains on the next, right batch."""
     model = make_model("tied_lm")
     args, _, target = tied_lm_batch(0)
     pipe = autosplit.distributed.build(model, plan, loss_fn=lm_loss, example_inputs=args, timeout_s=GROUP_TIMEOUT_S)
     with pytest.raises(InputSignatureError) as refused:
         pipe.step(args[0][:, :5], target=target[:, :5])
+    with pytest.raises(InputSignatureError if rank == 0 else DistributedError) as refused_on_rank_0:
+        pipe.step(args[0][:, :5], target=target) if rank == 0 else pipe.step(target=target)
     loss = pipe.step(*args, target=target)
-    return str(refused.value), loss is not None
+    return str(refused.value), str(refused_on_rank_0.value), loss is not None
+
+
+def buggy_lm_loss(output, target):
+    """A loss with a shape error: the logits are not flattened like the target."""
+    return F.cross_entropy(output["logits"], target)
+
+
+def fail_in_step(rank, plan, failing_rank):
+    """``failing_rank`` raises inside step(): the last rank in its loss_fn (a shape error) at step
+    0, or rank 0 in its forward at step 1 (a batch with a token id past the vocabulary, given to
+    rank 0 only). Returns the error this rank got, the seconds step() took to raise it, the error
+    of a further step, and whether the default group still works."""
+    model = make_model("tied_lm")
+    args, _, target = tied_lm_batch(0)
+    last = failing_rank == len(plan.stages) - 1
+    pipe = autosplit.distributed.build(model, plan, loss_fn=buggy_lm_loss if last else lm_loss, example_inputs=args,
+                                       timeout_s=autosplit.distributed.runtime.DEFAULT_TIMEOUT_S)
+    if not last:
+        pipe.step(*args, target=target)
+        if rank == failing_rank:
+            args = (args[0].clone().index_fill_(1, torch.tensor([3]), 50),)
+    start = time.monotonic()
+    with pytest.raises(DistributedError) as failed:
+        pipe.step(*args, target=target)
+    seconds = time.monotonic() - start
+    with pytest.raises(DistributedError) as again:
+        pipe.step(*args, target=target)
+    dist.barrier()
+    return str(failed.value), seconds, str(again.value), isinstance(failed.value.__cause__, Exception)
 
 
 def disagree_then_broadcast(rank, plans):
@@ -230,10 +264,39 @@ def test_three_stages_relay_what_later_stages_read_stage_by_stage(name, relayed)
 
 def test_a_batch_of_another_shape_is_refused_on_every_rank(ranks):
     reports = ranks.run(refuse_another_shape_then_train, make_plan("tied_lm"))
-    for message, _ in reports:
+    for message, on_rank_0, _ in reports:
         assert "input 'ids' is shape (8, 5)" in message and "built for shape (8, 6)" in message
         assert "4 microbatches of (2, 6)" in message
-    assert [last for _, last in reports] == [False, True]
+        assert "input 'ids' is shape (8, 5)" in on_rank_0
+    assert reports[1][1].startswith("no rank ran step 1: rank 0 refused it: InputSignatureError")
+    assert [last for _, _, last in reports] == [False, True]
+
+
+@pytest.mark.parametrize("failing_rank, error", [(1, "RuntimeError: Expected target size"),
+                                                 (0, "IndexError: index out of range")])
+def test_a_rank_failing_in_a_step_stops_every_rank_at_once_with_its_error(ranks, failing_rank, error):
+    """The pipeline's groups wait up to 600 s here: every rank ends in seconds all the same, with
+    the failing rank's error; the pipeline refuses further steps, and the default group works."""
+    reports = ranks.run(fail_in_step, make_plan("tied_lm"), failing_rank)
+    step = 0 if failing_rank == 1 else 1
+    for rank, (message, seconds, again, chained) in enumerate(reports):
+        assert message.startswith(f"rank {failing_rank} (stage {failing_rank} of 2) failed in step {step}: {error}")
+        assert seconds < 30, f"rank {rank} took {seconds:.1f} s to stop"
+        assert "this pipeline stopped when rank" in again and chained == (rank == failing_rank)
+    assert f"rank {1 - failing_rank} (stage {1 - failing_rank}) stopped its step {step} with it" in \
+        reports[1 - failing_rank][0]
+
+
+def test_a_failure_on_the_last_of_three_ranks_reaches_the_first_through_the_second():
+    """Rank 0 waits on rank 1, not on the failing rank 2: it stops when rank 1 does."""
+    pool = Ranks(world=3)
+    try:
+        reports = pool.run(fail_in_step, make_plan("tied_lm", stages=3), 2)
+    finally:
+        pool.close()
+    for rank, (message, seconds, _, _) in enumerate(reports):
+        assert message.startswith("rank 2 (stage 2 of 3) failed in step 0: RuntimeError: Expected target size")
+        assert seconds < 30, f"rank {rank} took {seconds:.1f} s to stop"
 
 
 def test_values_that_are_not_tensors_cross_as_tensors_or_fixed_at_capture():
@@ -253,7 +316,7 @@ def test_a_world_size_other_than_the_stage_count_is_refused_on_every_rank(ranks)
     messages = ranks.run(build_and_report, [plan, plan])
     for message in messages:
         assert message is not None and "the plan has 3 stages" in message and "but 2 ranks run" in message
-        assert "--nproc-per-node=3" in message
+        assert "--nproc-per-node=3" in message and "2 stages × 1 replica" in message
 
 
 def test_ranks_with_different_plans_are_refused_and_a_broadcast_plan_is_shared(ranks):
@@ -274,4 +337,4 @@ def test_a_plan_that_sends_shared_weights_is_refused_before_any_process_group_st
     sent = dataclasses.replace(plan, options={**plan.options, "shared_weights": "sent"})
     with pytest.raises(ValueError, match=r"shared_weights='copies' \(plan_and_broadcast does"):
         autosplit.distributed.build(model, sent, loss_fn=lm_loss, example_inputs=args, example_kwargs=kwargs)
-    assert not torch.distributed.is_initialized()
+    assert not dist.is_initialized()

@@ -27,9 +27,12 @@ data-parallel replicas of the pipeline as the world holds.
    checkpoint (:mod:`autosplit.distributed.checkpoint`). A failure on any rank is raised on
    every rank, with that rank's message.
 4. Replicas: with several, the stage is sharded over its replicas with FSDP2 (below).
-5. Shared weights: a weight read on several stages (a tied embedding and LM head) is held by
-   each of them; one process group per set of such ranks within one replica, made in the same
-   order on every rank.
+5. The pipeline's own process groups (:class:`autosplit.distributed.failures.FailureChannel`):
+   the stages' sends and receives go over the replica's ranks; for each set of ranks of one
+   replica that read a common weight (a tied embedding and LM head: each of them holds a copy)
+   one group sums its gradients, made in the same order on every rank; and a rank that fails in
+   a step reports it under a store key, so that every rank raises its error at once instead of
+   waiting for it until the group's timeout (see ``failures.py``).
 6. ``PipelineStage`` with the chain's fixed shapes (no shape inference runs, so later stages
    never compute on uninitialized inputs), and the schedule the plan names with its microbatches.
 
@@ -96,6 +99,7 @@ from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
 from torch.distributed.tensor import DTensor
 
 from autosplit.api import capture_microbatch, solve_captured
+from autosplit.distributed.failures import FailureChannel
 from autosplit.distributed.materialize import materialize_tensors
 from autosplit.distributed.stages import StageChain, Wire, shared_weights, stage_chain, stage_tensors
 from autosplit.errors import DistributedError, InputSignatureError, MicrobatchError
@@ -133,8 +137,8 @@ class DistributedPipeline:
 
     def __init__(self, model: nn.Module, plan: Plan, chain: StageChain, stages: Sequence[int], device: torch.device,
                  schedule: Any, shared: Sequence[tuple[str, nn.Parameter, Any]], held: set[int],
-                 batch_dims: Sequence[int | None], fixed_kwargs: Mapping[str, Any], *, replica: int = 0,
-                 mesh: DeviceMesh | None = None):
+                 batch_dims: Sequence[int | None], fixed_kwargs: Mapping[str, Any], failures: FailureChannel, *,
+                 replica: int = 0, mesh: DeviceMesh | None = None):
         self.plan = plan
         self.stages = tuple(stages)
         """The indices of this rank's stages: one, or several under interleaved 1F1B."""
@@ -165,6 +169,8 @@ class DistributedPipeline:
         self._fixed_kwargs = dict(fixed_kwargs)
         self._batch_norms = [(name, m) for name, m in model.named_modules()
                              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._failures = failures
+        self._steps = 0
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters under the model's names (a tied weight under its first name)."""
@@ -213,7 +219,24 @@ class DistributedPipeline:
                 shape, dtype or a fixed value (checked on every rank that is given them).
             MicrobatchError: the target cannot be cut into the microbatches, or a BatchNorm layer
                 is in training mode with several microbatches.
+            DistributedError: another rank refused the batch (as above: nothing ran, and the
+                pipeline stays usable); or a rank failed during the step, e.g. in ``loss_fn``:
+                raised on every rank within a fraction of a second, not at the group's timeout,
+                naming the failing rank and its error (on that rank chained to the error). The
+                pipeline then refuses further steps; the default process group stays usable.
         """
+        self._failures.require_usable()
+        step, self._steps = self._steps, self._steps + 1
+        first, refusal = None, None
+        try:
+            first = self._checked_inputs(args, kwargs, target)
+        except Exception as e:  # the ranks agree on refusals before anything is sent (see failures.py)
+            refusal = e
+        return self._failures.run(step, refusal, lambda: self._run_schedule(first, target))
+
+    def _checked_inputs(self, args: tuple, kwargs: dict, target: Any) -> tuple[torch.Tensor, ...] | None:
+        """The first stage's inputs of a call (None on other ranks not given the batch), after
+        checking the call, the target and the batch norms."""
         if target is None:
             raise ValueError("step() trains the model: pass the batch's target on every rank, pipe.step(x, target=y); "
                              "the last stage computes loss_fn(output, target) with it")
@@ -222,8 +245,11 @@ class DistributedPipeline:
             raise ValueError(f"rank {dist.get_rank()} runs the first stage and needs the batch: call pipe.step(x, "
                              "target=y) with the same inputs on every rank")
         self._check_target(target)
-        target = self._share(target, 0)
         refuse_batch_statistics(self._batch_norms, self.microbatches * self.data_parallel)
+        return first
+
+    def _run_schedule(self, first: tuple[torch.Tensor, ...] | None, target: torch.Tensor) -> torch.Tensor | None:
+        target = self._share(target, 0)
         set_aside = [p.grad for _, p, _ in self._shared]
         for _, p, _ in self._shared:
             p.grad = None
@@ -436,13 +462,18 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
         error = e
     raise_on_every_rank(error, "build its stage")
 
+    failures = FailureChannel.create(stage, len(plan.stages), timeout_s,
+                                     group=mesh.get_group("pp") if mesh is not None else None)
+    if mesh is not None:
+        failures.add_group(mesh.get_group("dp"))
     shared = _shared_weight_groups(model, chain, plan, replicas, timeout_s)
+    for group in {id(group): group for _, _, group in shared}.values():
+        failures.add_group(group)
     dims = [captured.batch_dims.get(name) if plan.microbatches * replicas > 1 else None
             for name in chain.input_arguments]
     first_dims = [dims[i] for i in chain.first_inputs]
-    pp_group = mesh.get_group("pp") if mesh is not None else None
     pipeline_stages = [PipelineStage(chain.modules[s], s, len(plan.stages), device, input_args=chain.received[s],
-                                     output_args=chain.sent[s], group=pp_group) for s in stages]
+                                     output_args=chain.sent[s], group=failures.group) for s in stages]
     schedule = SCHEDULES[plan.schedule](
         pipeline_stages if plan.schedule == INTERLEAVED else pipeline_stages[0], plan.microbatches,
         loss_fn=MicrobatchLoss(loss_fn, chain.output, plan.microbatches),
@@ -453,7 +484,7 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
                 "ranks", rank, ", ".join(map(str, stages)), len(plan.stages), replica, replicas, device,
                 sum(isinstance(t, nn.Parameter) for t in held.values()), len(shared))
     pipe = DistributedPipeline(model, plan, chain, stages, device, schedule, shared, set(held), dims, fixed_kwargs,
-                               replica=replica, mesh=mesh)
+                               failures, replica=replica, mesh=mesh)
     if checkpoint is not None:
         from autosplit.distributed.checkpoint import load
         load(pipe, checkpoint)
