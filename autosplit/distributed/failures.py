@@ -108,7 +108,8 @@ class FailureChannel:
         group = group if group is not None else everyone
         control = everyone if dist.get_backend(everyone) == "gloo" else dist.new_group(ranks, timeout=timeout,
                                                                                          backend="gloo")
-        # new_group is collective and names groups alike on every rank: the name keys the pipeline
+        # new_group is collective and names groups alike on every rank: the name keys the pipeline.
+        # The default group's store is the one store every rank reaches (torch has no public accessor).
         return cls(dist.distributed_c10d._get_default_store(), f"autosplit/{everyone.group_name}/failure", stage,
                    stages, group, control)
 
@@ -130,7 +131,7 @@ class FailureChannel:
             DistributedError: a rank refused the batch (nothing ran; this rank's own refusal is
                 raised as it is), or a rank failed in the step (every rank raises its report).
         """
-        state = _CallerState.capture()
+        state = _CallerState()
         result: dict[str, Any] = {}
         done = threading.Event()
 
@@ -242,10 +243,6 @@ class _CallerState:
                          if t == "cpu" or torch.cuda.is_available()]
         self.cuda = (torch.cuda.current_device(), torch.cuda.current_stream()) if torch.cuda.is_initialized() else None
         self.context = contextvars.copy_context()
-
-    @classmethod
-    def capture(cls) -> "_CallerState":
-        return cls()
 
     def run(self, work: Callable[[], T]) -> T:
         with contextlib.ExitStack() as stack:
