@@ -33,8 +33,8 @@ steps. Its process groups are left as they are (a waiting step still uses them),
 group stays usable. With NCCL the waiting kernels keep the GPU until the group is aborted, which
 is done at once (``ProcessGroup.abort()``; not run on several GPUs here).
 
-The step's thread runs with the caller's grad mode, autocast, CUDA device and stream, and context
-variables, as ``torch.nn.parallel.parallel_apply`` runs its threads.
+The step's thread runs with the caller's grad mode, autocast, CUDA device and stream, context
+variables (as ``torch.nn.parallel.parallel_apply`` runs its threads) and saved-tensor hooks.
 
 Refusals. A batch that a rank refuses before anything is sent (a shape the pipeline was not built
 for) must not leave the other ranks in the schedule, waiting for it. Before each step the ranks
@@ -95,6 +95,10 @@ class FailureChannel:
         """Groups to abort when the pipeline stops: NCCL ones, whose kernels would keep waiting."""
         self.report: str | None = None
         """The failure that stopped the pipeline, once one has."""
+        self.inline = False
+        """Run steps in the calling thread (set while a step's memory is measured on the CPU,
+        whose profiler records the allocations of the thread it runs in): a failure of another
+        rank then reaches this one when its wait ends, at the group's timeout at worst."""
 
     @classmethod
     def create(cls, stage: int, stages: int, timeout_s: float, group: Any = None) -> "FailureChannel":
@@ -146,7 +150,10 @@ class FailureChannel:
             finally:
                 done.set()
 
-        threading.Thread(target=target, name=f"autosplit-step-{step}", daemon=True).start()
+        if self.inline:  # measured: the profiler sees this thread's allocations only
+            target()
+        else:
+            threading.Thread(target=target, name=f"autosplit-step-{step}", daemon=True).start()
         while not done.wait(POLL_S):
             report = self._read_report()
             if report is not None and not done.is_set():
@@ -235,10 +242,12 @@ def describe(error: BaseException) -> str:
 
 class _CallerState:
     """The calling thread's state that a thread running its step must share: grad mode,
-    autocast, the CUDA device and stream, and context variables."""
+    autocast, the CUDA device and stream, context variables, and the innermost saved-tensor
+    hooks (``torch.autograd.graph.save_on_cpu()``, a memory probe), which are per thread."""
 
     def __init__(self) -> None:
         self.grad = torch.is_grad_enabled()
+        self.hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         self.autocast = [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in ("cpu", "cuda")
                          if t == "cpu" or torch.cuda.is_available()]
         self.cuda = (torch.cuda.current_device(), torch.cuda.current_stream()) if torch.cuda.is_initialized() else None
@@ -247,6 +256,8 @@ class _CallerState:
     def run(self, work: Callable[[], T]) -> T:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.set_grad_enabled(self.grad))
+            if self.hooks is not None:
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(*self.hooks))
             for device_type, enabled, dtype in self.autocast:
                 if enabled:
                     stack.enter_context(torch.autocast(device_type, dtype=dtype))

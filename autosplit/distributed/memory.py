@@ -116,6 +116,7 @@ class MemoryProbe:
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                     profile_memory=True)
             self._profiler.__enter__()
+            self.pipe._failures.inline = True  # the step's allocations in this thread, where the profiler records
         self._hooks.__enter__()
         return self
 
@@ -127,6 +128,7 @@ class MemoryProbe:
             peak = float(torch.cuda.max_memory_allocated(device))
             method = f"torch.cuda.max_memory_allocated({device}) over the measured step"
         else:
+            self.pipe._failures.inline = False
             self._profiler.__exit__(*exc)
             peak = self._held_bytes + _peak_growth(self._profiler)
             method = ("CPU: tensors held at the start of the step + the CPU allocator's peak growth during it "
