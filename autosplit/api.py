@@ -362,10 +362,21 @@ def solve_captured(traced: Traced, devices: int | Sequence[str | torch.device], 
     elif isinstance(cluster, str):
         cluster = Cluster.parse(cluster)
     solver_options = SolverOptions(mode=mode, microbatches=microbatches, **options)
-    plan = solve(OpGraph.from_traced(traced), cluster, solver_options,
-                 costs=price_graph(traced.graph_module, training=mode == "train"), parameters=traced.parameters,
-                 buffers=traced.buffers)
+    plan = solve_traced(traced, cluster, solver_options, price_graph(traced.graph_module, training=mode == "train"))
     return with_capture_notes(plan, traced)
+
+
+def solve_traced(traced: Traced, cluster: Cluster, options: SolverOptions, costs: Mapping[str, Any]) -> Plan:
+    """The plan of a captured graph: the pipeline solver, or with ``options.global_batch`` the
+    joint search over meshes, tensor layouts, microbatches and recomputation."""
+    graph = OpGraph.from_traced(traced)
+    if options.global_batch is None:
+        return solve(graph, cluster, options, costs=costs, parameters=traced.parameters, buffers=traced.buffers)
+    from autosplit.joint import solve_joint
+    from autosplit.sharding import sharding_for
+
+    return solve_joint(graph, cluster, options, costs=costs, parameters=traced.parameters, buffers=traced.buffers,
+                       sharding=sharding_for(traced, cluster, costs, options))
 
 
 def with_capture_notes(plan: Plan, traced: Traced) -> Plan:

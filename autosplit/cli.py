@@ -118,7 +118,20 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
     plan.add_argument("--stages-per-device", type=int, default=1,
                       help="stages each device runs (interleaved-1f1b): device d runs stages d, d + D, ...")
-    plan.add_argument("--microbatches", type=int, default=1)
+    plan.add_argument("--microbatches", type=int, default=1,
+                      help="microbatches per step (with --global-batch: fixes the count the solver would choose)")
+    plan.add_argument("--global-batch", type=int, default=None,
+                      help="samples per step over all replicas: the mesh (dp x pp x tp), the microbatch size and count, "
+                           "every node's tensor layout and the recomputation are chosen for it (--batch is then the "
+                           "traced size)")
+    plan.add_argument("--tensor-parallel", type=int, default=None,
+                      help="devices per stage, fixed (needs --global-batch; default: chosen)")
+    plan.add_argument("--data-parallel", type=int, default=1,
+                      help="replicas of the pipeline, each on its own devices (with --global-batch: fixed; else 1)")
+    plan.add_argument("--recompute", choices=("none", "selective", "full"), default=None,
+                      help="what every stage recomputes in backward (needs --global-batch; default: chosen per stage)")
+    plan.add_argument("--layouts", action="store_true",
+                      help="also print every module's tensor layout (placements on its stage's devices)")
     plan.add_argument("--shared-weights", choices=("sent", "copies"), default="sent",
                       help="weights read on several stages (tied embedding and head): sent from one stage "
                            "(autosplit() in one process) or a trained copy on each (autosplit.distributed)")
@@ -213,8 +226,8 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
 def _run_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from autosplit.api import with_capture_notes
-    from autosplit.solver import SolverOptions, solve
+    from autosplit.api import solve_traced, with_capture_notes
+    from autosplit.solver import SolverOptions
     from cost_models import Cluster, get_device, price_graph
 
     args.step = "reading the options"
@@ -242,17 +255,20 @@ def _run_plan(args: argparse.Namespace) -> int:
         options = SolverOptions(mode=args.mode, schedule=args.schedule, stages_per_device=args.stages_per_device,
                                 microbatches=args.microbatches, shared_weights=args.shared_weights,
                                 precision=precision, optimizer=args.optimizer, weight_dtype=args.dtype,
-                                samples_per_microbatch=args.batch, tokens_per_sample=seq)
+                                samples_per_microbatch=args.batch, tokens_per_sample=seq,
+                                global_batch=args.global_batch, tensor_parallel=args.tensor_parallel,
+                                data_parallel=args.data_parallel, recompute=args.recompute)
     with _step(console, args, "capturing and pricing"):
         traced = capture(model, inputs, tracer=args.tracer)
         costs = price_graph(traced.graph_module, training=args.mode == "train")
     with _step(console, args, f"solving for {cluster}"):
-        plan = with_capture_notes(solve(OpGraph.from_traced(traced), cluster, options, costs=costs,
-                                        parameters=traced.parameters, buffers=traced.buffers), traced)
+        plan = with_capture_notes(solve_traced(traced, cluster, options, costs), traced)
     args.step = "printing the plan"
     console.print(plan.table())
     for line in plan.summary():
         console.print(line, soft_wrap=True, highlight=False)
+    if args.layouts:
+        console.print(plan.layout_table())
     console.print(f"planned in {time.perf_counter() - start:.1f} s", highlight=False)
     if args.json:
         args.step = f"writing {args.json}"

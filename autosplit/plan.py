@@ -15,11 +15,13 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from cost_models.memory import MemoryBreakdown, device_peak_terms, in_flight_profile
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)
+"""Plans of version 3 lack the mesh and layouts, which default to one device per stage."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,10 @@ class Stage:
     1): FSDP2's all-gather of its weights and reduce-scatter of its gradients over the ranks that
     run this stage (``cost_models.sharded_data_parallel_s``). Once per step, so it is in
     ``Plan.step_s`` and not in the per-microbatch ``time_s``."""
+    recompute: str = "none"
+    """What its blocks recompute in backward instead of keeping (``autosplit.joint.RECOMPUTE``):
+    ``"none"``, ``"selective"`` (all but the outputs of matmuls and attention), ``"full"`` (all
+    but each block's inputs), or several joined by ``+`` when its blocks differ."""
 
     @property
     def time_s(self) -> float:
@@ -152,7 +158,24 @@ class Plan:
     count what that keeps and sends. The stages are replica 0's: the cluster holds
     ``data_parallel`` × the devices of one replica, replica k on the k-th run of them. 1 in
     plans saved before replicas could be planned."""
+    tensor_parallel: int = 1
+    """Devices that run each stage together, each node in its layout (``layouts``); a stage's
+    ``devices`` are its group's, and its figures are those of one rank of the group."""
+    microbatch_size: int | None = None
+    """Samples per microbatch, when the plan was made for a global batch (``global_batch``)."""
+    global_batch: int | None = None
+    """Samples per optimizer step over all replicas: data_parallel × microbatches ×
+    microbatch_size. None for plans made for a given microbatch count."""
+    layouts: dict[str, Any] = field(default_factory=dict)
+    """fx node → its layout on the stage's tensor-parallel group, as DTensor placements
+    (``autosplit.sharding``). Empty when ``tensor_parallel`` is 1."""
     format_version: int = FORMAT_VERSION
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        """Sizes of the device mesh: ``{"dp": replicas, "pp": devices along the pipeline, "tp":
+        devices per stage}``, whose product is the cluster's devices."""
+        return {"dp": self.data_parallel, "pp": len(self.device_stages()), "tp": self.tensor_parallel}
 
     # ------------------------------------------------------------------ reading it
 
@@ -173,7 +196,7 @@ class Plan:
             share = stage.memory_bytes / stage.memory_capacity_bytes if stage.memory_capacity_bytes else 0.0
             first, last = stage.modules
             table.add_row(
-                str(stage.index), ", ".join(stage.devices), escape(f"{first or '<root>'} → {last or '<root>'}"),
+                str(stage.index), device_group(stage.devices), escape(f"{first or '<root>'} → {last or '<root>'}"),
                 human_count(stage.param_count), f"{stage.memory_bytes / 2**30:.1f} GiB ({share:.0%})",
                 _seconds(stage.compute_s), _seconds(stage.comm_in_s), _seconds(stage.comm_out_s),
             )
@@ -194,9 +217,44 @@ class Plan:
             f"solver       {self.solver.status} by {self.solver.method}, gap {self.solver.gap:.2%}, "
             f"{self.solver.wall_s:.2f} s",
             *self._order_line(),
+            *self._mesh_lines(),
             *self._device_lines(),
             *self._replica_line(),
         ] + [f"note         {note}" for note in self.solver.notes]
+
+    def _mesh_lines(self) -> list[str]:
+        """The mesh, the batch and the recomputation, for plans made for a global batch."""
+        if self.global_batch is None:
+            return []
+        mesh = self.mesh
+        recompute = ", ".join(f"{s.index}: {s.recompute}" for s in self.stages) if len(
+            {s.recompute for s in self.stages}) > 1 else self.stages[0].recompute
+        return [f"mesh         dp={mesh['dp']} × pp={mesh['pp']} × tp={mesh['tp']}; global batch {self.global_batch} = "
+                f"{mesh['dp']} replicas × {self.microbatches} microbatches × {self.microbatch_size} samples",
+                f"recompute    {recompute}"]
+
+    def layout_table(self):
+        """Each module's tensor layout as a rich table: per module (repeated layers folded into
+        one row, their index shown as ``*``), each op's input and output placements on its
+        stage's devices."""
+        import re
+
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=f"tensor layouts on groups of {self.tensor_parallel} (R replicate, S(d) shard dim d, "
+                            "P partial sum)")
+        for column in ("module", "op", "inputs", "output", "count"):
+            table.add_column(column, justify="right" if column == "count" else "left")
+        rows: dict[tuple[str, str, str, str], int] = {}
+        for layout in self.layouts.values():
+            module = re.sub(r"\.\d+(?=\.|$)", ".*", layout.get("module", "")) or "<root>"
+            key = (module, layout.get("op", ""), " ".join(layout.get("inputs", ())), layout.get("output", ""))
+            rows[key] = rows.get(key, 0) + 1
+        for (module, op, inputs, output), count in rows.items():
+            if inputs.replace("R", "").strip() or output not in ("R", ""):  # all-replicated ops are left out
+                table.add_row(escape(module), escape(op), inputs, output, str(count))
+        return table
 
     def _device_lines(self) -> list[str]:
         """Per device that runs several stages: its stages, time per microbatch and memory."""
@@ -302,6 +360,24 @@ class Plan:
             found[rank] = MemoryBreakdown(**{k: float(v) for k, v in terms.items()})
         return found
 
+    def require_pipeline_only(self, runtime: str) -> None:
+        """Refuse, before anything moves, a plan whose stages run tensor-parallel or recompute:
+        ``runtime`` runs one device per stage and keeps every activation.
+
+        Raises:
+            ValueError: says what the plan asks for and how to plan for ``runtime``.
+        """
+        recomputes = sorted({s.recompute for s in self.stages} - {"none"})
+        if self.tensor_parallel == 1 and not recomputes:
+            return
+        asks = []
+        if self.tensor_parallel > 1:
+            asks.append(f"runs each stage on {self.tensor_parallel} devices in tensor layouts")
+        if recomputes:
+            asks.append(f"recomputes activations ({', '.join(recomputes)})")
+        raise ValueError(f"this plan {' and '.join(asks)}, which {runtime} does not run: plan for it with "
+                         "tensor_parallel=1 and recompute='none' (or without global_batch)")
+
     def stage_of(self) -> dict[str, int]:
         """fx node name → stage index."""
         return {node: stage.index for stage in self.stages for node in stage.nodes}
@@ -324,7 +400,7 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(f"plan format version {version!r} is not supported by this autosplit "
                              f"(it reads version {FORMAT_VERSION}); make the plan again with this version")
         stages = []
@@ -343,6 +419,15 @@ class Plan:
         """Read a plan written by :meth:`save`."""
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def device_group(devices: Sequence[str]) -> str:
+    """``("h100-sxm:8", ..., "h100-sxm:15")`` → ``"h100-sxm:8-15"``; other lists joined by commas."""
+    kinds = {d.rpartition(":")[0] for d in devices}
+    ranks = [int(d.rpartition(":")[2]) for d in devices]
+    if len(devices) > 2 and len(kinds) == 1 and ranks == list(range(ranks[0], ranks[0] + len(ranks))):
+        return f"{kinds.pop()}:{ranks[0]}-{ranks[-1]}"
+    return ", ".join(devices)
 
 
 def human_count(n: float) -> str:

@@ -328,6 +328,7 @@ def split_module(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence
     """
     if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
         raise ValueError(f"microbatches must be a positive int, e.g. microbatches=4; got {microbatches!r}")
+    plan.require_pipeline_only("autosplit() in one process")
     devices = [torch.device(d) for d in devices]
     if len(devices) != len(plan.stages):
         raise ValueError(f"the plan has {len(plan.stages)} stages but {len(devices)} devices were given: "

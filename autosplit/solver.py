@@ -178,8 +178,33 @@ class SolverOptions:
     the first run (replica 0), and each stage's memory and per-step communication count what
     FSDP2 keeps and sends (``cost_models.memory.data_parallel_factors``,
     ``cost_models.sharded_data_parallel_s``). 1: no replicas."""
+    global_batch: int | None = None
+    """Samples per optimizer step over all replicas. Given, the mesh (data_parallel × stages ×
+    tensor_parallel), the microbatch size and count, every node's tensor layout and each
+    stage's recomputation are chosen together for the shortest step (``autosplit.joint``); the
+    graph is traced at ``samples_per_microbatch`` samples and its costs scaled to the size chosen."""
+    tensor_parallel: int | None = None
+    """Devices that run each stage together, each node in a DTensor layout (needs
+    ``global_batch``). None: chosen with ``global_batch``, else 1."""
+    recompute: str | None = None
+    """What every stage recomputes in backward: ``"none"``, ``"selective"`` or ``"full"``
+    (``autosplit.joint.RECOMPUTE``; needs ``global_batch``). None: chosen per stage with
+    ``global_batch``, else none."""
 
     def __post_init__(self) -> None:
+        if self.global_batch is not None and (not isinstance(self.global_batch, int)
+                                              or isinstance(self.global_batch, bool) or self.global_batch < 1):
+            raise ValueError(f"global_batch must be a positive int (samples per step), e.g. 256; got {self.global_batch!r}")
+        tp = self.tensor_parallel
+        if tp is not None and (not isinstance(tp, int) or isinstance(tp, bool) or tp < 1):
+            raise ValueError(f"tensor_parallel must be a positive int, e.g. 8; got {tp!r}")
+        if self.recompute is not None and self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"recompute must be 'none', 'selective' or 'full'; got {self.recompute!r}")
+        if self.global_batch is None and ((tp or 1) > 1 or self.recompute not in (None, "none")):
+            raise ValueError("tensor_parallel and recompute are chosen with the global batch: give global_batch "
+                             "(samples per step), e.g. global_batch=256")
+        if self.global_batch is not None and self.schedule == INTERLEAVED:
+            raise ValueError(f"global_batch plans use schedule '1f1b' or 'gpipe'; got {self.schedule!r}")
         if self.stages is not None and (not isinstance(self.stages, int) or self.stages < 1):
             raise ValueError(f"stages must be a positive int, e.g. 4; got {self.stages!r}")
         if self.mode not in MODES:

@@ -420,6 +420,7 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
     if plan.schedule not in SCHEDULES:
         raise ValueError(f"the plan's schedule is {plan.schedule!r}, and the distributed runtime runs "
                          f"{', '.join(map(repr, SCHEDULES))}: plan again with one of them")
+    plan.require_pipeline_only("autosplit.distributed")
     if plan.reads_weights_across_stages and plan.shared_weights != "copies":
         raise ValueError("the plan prices each weight read on several stages (a tied embedding and head) as sent once "
                          "per call from the stage storing it, as autosplit() runs it in one process; here every rank "

@@ -1,0 +1,633 @@
+"""Joint plans: the mesh (pipeline × tensor × data parallel), the cuts, every node's tensor
+layout, activation recomputation and the microbatches, chosen together for a global batch.
+
+    plan = solve_joint(graph, Cluster.parse("4x8xh100"), SolverOptions(global_batch=256),
+                       costs=costs, parameters=traced.parameters, sharding=sharding_of(traced))
+
+The problem. ``global_batch`` = G samples per optimizer step run on N devices. Choose a mesh
+dp × pp × tp = N (tp devices run each stage tensor-parallel, pp stages form a pipeline, dp
+replicas of it train on their own slices of the batch), the microbatch size b and count m with
+dp · m · b = G, a tensor layout for every node on the tp group (``autosplit.sharding``), what
+each block recomputes in backward (``RECOMPUTE``), and the pipeline cuts, so that the step —
+(m + pp − 1) × the slowest stage's time per microbatch under 1F1B or GPipe, plus the replicas'
+gradient reduction — is shortest while every device's memory holds its stage's share of the
+weights, gradients and optimizer state and the activations its microbatches keep in flight.
+
+Ranks. Rank r = ((k · pp) + s) · tp + i runs tensor-parallel shard i of stage s of replica k:
+a tp group is tp consecutive ranks (inside a host when tp divides the host's devices, on its
+fast links), stages follow each other along the hosts, and replica k takes the k-th run of
+pp · tp ranks — the order the distributed runtime launches (``autosplit.distributed``).
+
+How it is solved, coarse to fine:
+
+1. Tensor layouts depend on tp alone: for each tp, ``sharding(tp, weight)`` chooses every node's
+   layout on the group (DTensor's own strategies, priced on the group's links; repeated layers
+   share one decision) for speed (weight 0) and for memory (a price per byte), and returns the
+   per-rank costs, parameter shards and the collectives each node waits for.
+2. Each (tp, layouts, b) is screened by an exact DP over block-level cuts on the tp groups
+   (``screen``): stage s of pp picks, among the recomputation policies, the fastest whose
+   memory fits with the microbatches 1F1B keeps in flight on it (pp − s), so recomputation is
+   chosen per stage. Costs at microbatch size b are the traced costs scaled (``scale_costs``).
+3. The best screened candidates are solved exactly by ``solve`` on the cluster of tp groups
+   (op-level cuts, the CP-SAT proof, the exact memory model), each block recomputing what its
+   stage chose, and the shortest step wins.
+
+Every candidate's step is priced by the same cost model; the plan says which mesh it chose, why
+(step and memory of the runner-up meshes in ``SolverReport.notes``), and is deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from autosplit.errors import ConfigError, InfeasibleError
+from autosplit.graph import INPUT, OUTPUT, WEIGHT, OpGraph
+from autosplit.plan import Plan
+from cost_models import AnalyticCostModel, Cluster, OpCost, sharded_data_parallel_s
+from cost_models.analytic import OpTime
+from cost_models.memory import TRAINING_PRECISIONS, microbatches_in_flight, peak_terms
+
+logger = logging.getLogger(__name__)
+
+RECOMPUTE = ("none", "selective", "full")
+"""What a block recomputes in backward instead of keeping: nothing; everything but the outputs
+of its matmuls and attention (the policy torchtitan's selective op-level checkpointing uses, run
+with ``torch.utils.checkpoint``'s selective contexts); or everything but its inputs."""
+
+SAVED_BY_SELECTIVE = ("matmul", "attention", "conv")
+"""Op classes whose outputs selective recomputation keeps (the expensive ones to recompute)."""
+
+CANDIDATES_SOLVED = 3
+"""Screened candidates solved exactly, best first."""
+
+MEMORY_LEAN_WEIGHT_S_PER_BYTE = 1e-9
+"""Price of a byte kept per rank when layouts are chosen for memory (about 1 s per GB: memory
+first, among equal memory the faster)."""
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """What tensor-parallel layouts make of the graph on one rank of a tp group."""
+
+    tp: int
+    costs: Mapping[str, OpCost]
+    """Per-rank cost of every node (its shard's FLOPs, bytes and saved tensors)."""
+    parameters: Mapping[str, Any]
+    """Per-rank size of every parameter (``TensorInfo``: a sharded weight holds 1/tp)."""
+    collectives_s: Mapping[str, tuple[float, float]]
+    """Seconds each node waits for collectives on the group, forward and backward."""
+    placements: Mapping[str, Any]
+    """Each node's layout as JSON-able DTensor placements (``autosplit.sharding``)."""
+    summary: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Collectives by kind and the like, for the report."""
+
+
+ShardingFn = Callable[[int, float], Sharding]
+"""(tp, memory weight in s per byte) → the layouts chosen for that group size."""
+
+
+# --------------------------------------------------------------------------- pricing transforms
+
+
+class CollectiveTimes:
+    """A cost model that adds each node's collective seconds to its compute (forward, backward)."""
+
+    def __init__(self, base: Any, collectives_s: Mapping[str, tuple[float, float]]):
+        self.base = base
+        self.collectives_s = collectives_s
+
+    def times(self, costs: Mapping[str, OpCost], device: Any) -> dict[str, OpTime]:
+        found = self.base.times(costs, device)
+        for name, (fwd_s, bwd_s) in self.collectives_s.items():
+            if name in found and (fwd_s or bwd_s):
+                t = found[name]
+                found[name] = OpTime(t.fwd_s + fwd_s, t.bwd_s + bwd_s)
+        return found
+
+
+def scale_costs(costs: Mapping[str, OpCost], factor: float) -> dict[str, OpCost]:
+    """Costs at ``factor`` × the traced batch: FLOPs, activation bytes, saved tensors, gradients
+    and temporaries scale with the batch; weights, their gradients and kernel counts do not.
+
+    Exact for ops whose work is linear in the batch (every op of a transformer or a CNN at a
+    fixed sequence length or image size); a weight's bytes read by a matmul stay as they are.
+    """
+    if factor == 1:
+        return dict(costs)
+    memo: dict[int, OpCost] = {}
+    weights = {name for name, cost in costs.items() if cost.weight}
+    found = {}
+    for name, cost in costs.items():
+        key = id(cost)
+        if key not in memo:
+            memo[key] = _scaled(cost, factor, costs, weights)
+        found[name] = memo[key]
+    return found
+
+
+def _scaled(cost: OpCost, f: float, costs: Mapping[str, OpCost], weights: set[str]) -> OpCost:
+    if cost.weight:
+        return cost
+    weight_read = sum(costs[r].output_bytes for r in cost.reads if r in weights)
+    return dataclasses.replace(
+        cost,
+        fwd_flops=int(cost.fwd_flops * f),
+        bwd_flops=int(cost.bwd_flops * f),
+        fwd_bytes=int(weight_read + max(cost.fwd_bytes - weight_read, 0) * f),
+        bwd_bytes=int(weight_read + cost.weight_grad_bytes
+                      + max(cost.bwd_bytes - weight_read - cost.weight_grad_bytes, 0) * f),
+        output_bytes=int(cost.output_bytes * f),
+        saved={k: (v if k in weights else int(v * f)) for k, v in cost.saved.items()},
+        grad_bytes=int(cost.grad_bytes * f),
+        fwd_workspace_bytes=int(cost.fwd_workspace_bytes * f),
+        bwd_workspace_bytes=int(cost.bwd_workspace_bytes * f),
+        cpu_fwd_workspace_bytes=int(cost.cpu_fwd_workspace_bytes * f),
+        cpu_bwd_workspace_bytes=int(cost.cpu_bwd_workspace_bytes * f),
+    )
+
+
+def scale_graph(graph: OpGraph, factor: float) -> OpGraph:
+    """The graph with every value's size at ``factor`` × the traced batch (weights unchanged),
+    as the links carry it: each tensor's first dimension holds the batch."""
+    if factor == 1:
+        return graph
+    infos = {}
+    for name, info in graph.infos.items():
+        if info.op == "get_attr" or not info.output_bytes:
+            infos[name] = info
+            continue
+        shapes = tuple((max(1, round(s[0] * factor)), *s[1:]) if s else s for s in info.shapes)
+        infos[name] = dataclasses.replace(info, shapes=shapes, output_bytes=int(info.output_bytes * factor))
+    dag = graph.dag.copy()
+    for u, v, data in dag.edges(data=True):
+        data["tensors"] = {p: (t if t.weight else dataclasses.replace(t, nbytes=int(t.nbytes * factor)))
+                           for p, t in data["tensors"].items()}
+    for n, data in dag.nodes(data=True):
+        if data["kind"] not in (WEIGHT,) and data.get("output_bytes"):
+            data["output_bytes"] = int(data["output_bytes"] * factor)
+    return OpGraph(dag, list(graph.order), infos, dict(graph.module_types))
+
+
+def recompute_costs(costs: Mapping[str, OpCost], blocks: OpGraph, policy_of_block: Mapping[str, str]) -> dict[str, OpCost]:
+    """Costs with each block recomputing in backward what its policy (``RECOMPUTE``) says.
+
+    What is not kept is dropped from the ops' saved tensors; the ops that make it run their
+    forward again in backward (priced in their backward), and the block's dropped tensors live
+    again while its backward runs (a backward temporary of each of its ops).
+    """
+    found = dict(costs)
+    for block, policy in policy_of_block.items():
+        if policy == "none":
+            continue
+        members = set(blocks[block]["members"])
+        kept = {n for n in members if policy == "selective" and costs[n].op_class in SAVED_BY_SELECTIVE}
+        dropped_bytes = 0
+        rerun = set()
+        for n in members:
+            cost = costs[n]
+            keep = {k: v for k, v in cost.saved.items()
+                    if _producer(k) not in members or _producer(k) in kept or _is_weight(costs, k)}
+            dropped_bytes += sum(v for k, v in cost.saved.items() if k not in keep)
+            if len(keep) != len(cost.saved):
+                found[n] = dataclasses.replace(cost, saved=keep)
+            if not cost.weight and (policy == "full" or cost.op_class not in SAVED_BY_SELECTIVE):
+                rerun.add(n)
+        for n in members:
+            cost = found[n]
+            if n in rerun and (cost.fwd_flops or cost.fwd_kernels):
+                cost = dataclasses.replace(cost, bwd_flops=cost.bwd_flops + cost.fwd_flops,
+                                           bwd_bytes=cost.bwd_bytes + cost.fwd_bytes,
+                                           bwd_kernels=cost.bwd_kernels + cost.fwd_kernels)
+            if dropped_bytes and not cost.weight:
+                cost = dataclasses.replace(cost, bwd_workspace_bytes=cost.bwd_workspace_bytes + dropped_bytes)
+            found[n] = cost
+    return found
+
+
+def _producer(key: str) -> str:
+    """The node that made a saved tensor: its key, or ``name`` of ``"name:i"`` (an intermediate)."""
+    return key.partition(":")[0]
+
+
+def _is_weight(costs: Mapping[str, OpCost], key: str) -> bool:
+    cost = costs.get(key)
+    return cost is not None and cost.weight
+
+
+# --------------------------------------------------------------------------- meshes
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Sizes of the mesh's dimensions: data-parallel replicas, pipeline stages, tensor-parallel group."""
+
+    dp: int
+    pp: int
+    tp: int
+
+    def __str__(self) -> str:
+        return f"dp={self.dp} × pp={self.pp} × tp={self.tp}"
+
+
+def group_cluster(cluster: Cluster, tp: int) -> Cluster:
+    """The cluster of tp groups: one device per group (its first rank), on that rank's host; a
+    group's devices must be alike."""
+    if len(cluster) % tp:
+        raise ConfigError(f"tensor_parallel={tp} must divide the {len(cluster)} devices of {cluster}")
+    for g in range(0, len(cluster), tp):
+        names = {d.name for d in cluster.devices[g:g + tp]}
+        if len(names) > 1:
+            raise ConfigError(f"a tensor-parallel group of {tp} needs alike devices, but devices {g}..{g + tp - 1} of "
+                              f"{cluster} are {' and '.join(sorted(names))}: use a tensor_parallel that keeps groups "
+                              "of one kind")
+    return dataclasses.replace(cluster, devices=cluster.devices[::tp], hosts=cluster.hosts[::tp])
+
+
+def meshes(cluster: Cluster, global_batch: int, blocks: int, *, tp: int | None = None, dp: int | None = None,
+           pp: int | None = None) -> list[Mesh]:
+    """Every dp × pp × tp = devices with tp a power of two inside a host (or dividing the group
+    of alike devices), pp at most the blocks, and dp dividing the global batch; ``tp``, ``dp``,
+    ``pp`` fix a dimension."""
+    n = len(cluster)
+    per_host = _per_host(cluster)
+    found = []
+    for t in _divisors(n):
+        if tp is not None and t != tp:
+            continue
+        if tp is None and (t & (t - 1) or t > per_host or per_host % t):
+            continue
+        try:
+            group_cluster(cluster, t)
+        except ConfigError:
+            continue
+        for p in _divisors(n // t):
+            d = n // t // p
+            if (pp is not None and p != pp) or (dp is not None and d != dp):
+                continue
+            if p <= blocks and global_batch % d == 0:
+                found.append(Mesh(d, p, t))
+    return found
+
+
+def _per_host(cluster: Cluster) -> int:
+    counts: dict[int, int] = {}
+    for h in cluster.hosts:
+        counts[h] = counts.get(h, 0) + 1
+    return min(counts.values())
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# --------------------------------------------------------------------------- screening
+
+
+@dataclass
+class BlockSums:
+    """Per block of the chain, what one rank's stage adds, under each recomputation policy."""
+
+    time_s: dict[str, np.ndarray]
+    """Policy → seconds per microbatch (forward, and backward with its recomputation)."""
+    saved_bytes: dict[str, np.ndarray]
+    """Policy → bytes kept for backward per microbatch."""
+    peak_bytes: dict[str, np.ndarray]
+    """Policy → the block's own peak beyond what the stage keeps: its backward's gradients and
+    temporaries, and what it recomputes."""
+    params: np.ndarray
+    """Parameters per rank that the block stores (first reader)."""
+    cross_bytes: np.ndarray
+    """Activation bytes crossing each cut position 0..n between blocks, both ways in training."""
+
+
+def block_sums(blocks: OpGraph, chain: Sequence[str], costs: Mapping[str, OpCost], times: Mapping[str, OpTime],
+               parameters: Mapping[str, Any], train: bool) -> BlockSums:
+    """``BlockSums`` of the blocks in ``chain`` order, from per-rank costs and times."""
+    n = len(chain)
+    index = {b: k for k, b in enumerate(chain)}
+    member_block = {m: index[b] for b in chain for m in blocks[b]["members"]}
+    time_s = {r: np.zeros(n) for r in RECOMPUTE}
+    saved = {r: np.zeros(n) for r in RECOMPUTE}
+    peak = {r: np.zeros(n) for r in RECOMPUTE}
+    params = np.zeros(n)
+    seen: set[str] = set()
+    for k, block in enumerate(chain):
+        members = blocks[block]["members"]
+        fwd = sum(times[m].fwd_s for m in members)
+        bwd = sum(times[m].bwd_s for m in members) if train else 0.0
+        rerun_selective = sum(times[m].fwd_s for m in members
+                              if not costs[m].weight and costs[m].op_class not in SAVED_BY_SELECTIVE)
+        time_s["none"][k] = fwd + bwd
+        time_s["selective"][k] = fwd + bwd + (rerun_selective if train else 0.0)
+        time_s["full"][k] = fwd + bwd + (fwd if train else 0.0)
+        for m in members:
+            for name in blocks.infos[m].reads if blocks.infos[m].op == "get_attr" else ():
+                if name not in seen and name in parameters:
+                    seen.add(name)
+                    params[k] += math.prod(parameters[name].shape)
+        if not train:
+            continue
+        keyed: dict[str, int] = {}
+        for m in members:
+            keyed.update({key: v for key, v in costs[m].saved.items() if not _is_weight(costs, key)})
+        inside = set(members)
+        matmul = {m for m in members if costs[m].op_class in SAVED_BY_SELECTIVE}
+        whole = float(sum(keyed.values()))
+        saved["none"][k] = whole
+        saved["selective"][k] = float(sum(v for key, v in keyed.items()
+                                          if _producer(key) not in inside or _producer(key) in matmul))
+        saved["full"][k] = float(sum(v for key, v in keyed.items() if _producer(key) not in inside))
+        grads = max((costs[m].bwd_workspace_bytes + costs[m].grad_bytes for m in members), default=0)
+        for r in RECOMPUTE:
+            peak[r][k] = grads + (whole - saved[r][k])
+    cross = np.zeros(n + 1)
+    for u, v, data in blocks.dag.edges(data=True):
+        if u not in index or v not in index:
+            continue
+        for tensor in data["tensors"].values():
+            if not tensor.weight:
+                cross[index[u] + 1:index[v] + 1] += tensor.nbytes * (2 if train else 1)
+    return BlockSums(time_s, saved, peak, params, cross)
+
+
+@dataclass(frozen=True)
+class Screened:
+    """One candidate's block-level plan: the mesh, the microbatches and the stages' policies."""
+
+    mesh: Mesh
+    microbatch_size: int
+    microbatches: int
+    memory_lean: bool
+    step_s: float
+    bottleneck_s: float
+    policies: tuple[str, ...]
+    """Per stage, what its blocks recompute."""
+    starts: tuple[int, ...]
+    """Per stage, the position of its first block in the chain."""
+    peak_bytes: float
+    """The fullest stage's memory per device."""
+
+
+def screen(sums: BlockSums, *, stages: int, microbatches: int, capacity_bytes: float, hop_s_per_byte: float,
+           hop_latency_s: float, gpu: bool, rules: Mapping[str, Any], schedule: str = "1f1b",
+           policies: Sequence[str] = RECOMPUTE) -> tuple[float, tuple[str, ...], tuple[int, ...], float] | None:
+    """The block-level split into ``stages`` minimizing the slowest stage's time per microbatch,
+    each stage taking the fastest recomputation policy whose memory fits ``capacity_bytes`` with
+    the microbatches the schedule keeps in flight on it. Exact over block cuts (a DP over cut
+    positions, vectorized over every (start, end) pair). Returns (bottleneck, policies, starts,
+    fullest stage's bytes), or None when nothing fits."""
+    n = len(sums.params)
+    S = stages
+    if S > n:
+        return None
+    hop = np.where(sums.cross_bytes > 0, sums.cross_bytes * hop_s_per_byte + hop_latency_s, 0.0)
+    i, j = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    valid = i < j
+    P = np.concatenate([[0.0], np.cumsum(sums.params)])
+    params = P[j] - P[i]
+    prefix = {r: (np.concatenate([[0.0], np.cumsum(sums.time_s[r])]),
+                  np.concatenate([[0.0], np.cumsum(sums.saved_bytes[r])]),
+                  _range_max(sums.peak_bytes[r])) for r in policies}
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    choices = []
+    for s in range(S):
+        in_flight = microbatches_in_flight(schedule, num_stages=S, stage=s, microbatches=microbatches)
+        cost = np.full((n + 1, n + 1), np.inf)
+        policy = np.zeros((n + 1, n + 1), dtype=np.int64)
+        fullest = np.zeros((n + 1, n + 1))
+        for r_index, r in enumerate(policies):
+            T, A, W = prefix[r]
+            t = T[j] - T[i] + (hop[i] if s > 0 else 0.0) + (hop[j] if s < S - 1 else 0.0)
+            saved = A[j] - A[i]
+            terms = peak_terms(params=params, activations=saved, transient=saved + W, in_flight=in_flight, gpu=gpu,
+                               **rules)
+            total = sum(terms.values())
+            ok = valid & (total <= capacity_bytes) & (t < cost)
+            cost = np.where(ok, t, cost)
+            policy = np.where(ok, r_index, policy)
+            fullest = np.where(ok, total, fullest)
+        value = np.maximum(best[:, None], cost)
+        arg = value.argmin(axis=0)
+        best = value[arg, np.arange(n + 1)]
+        choices.append((arg, policy, fullest))
+    if not np.isfinite(best[n]):
+        return None
+    chosen, starts, peaks = [], [], []
+    end = n
+    for s in range(S - 1, -1, -1):
+        arg, policy, fullest = choices[s]
+        start = int(arg[end])
+        chosen.append(policies[policy[start, end]])
+        peaks.append(float(fullest[start, end]))
+        starts.append(start)
+        end = start
+    return float(best[n]), tuple(reversed(chosen)), tuple(reversed(starts)), max(peaks)
+
+
+def _range_max(values: np.ndarray) -> np.ndarray:
+    """table[i, j] = max(values[i:j]) (0 where i ≥ j)."""
+    n = len(values)
+    table = np.zeros((n + 1, n + 1))
+    for a in range(n):
+        table[a, a + 1:] = np.maximum.accumulate(values[a:])
+    return table
+
+
+# --------------------------------------------------------------------------- the joint search
+
+
+def unsharded(costs: Mapping[str, OpCost], parameters: Mapping[str, Any]) -> Sharding:
+    """tp = 1: every node whole on one device."""
+    return Sharding(tp=1, costs=costs, parameters=parameters, collectives_s={}, placements={})
+
+
+def microbatch_sizes(per_replica: int, traced: int) -> list[int]:
+    """Microbatch sizes b dividing a replica's share of the batch, from the traced size's
+    divisors to 16 × it, in steps the traced costs scale to exactly (b a multiple or divisor of it)."""
+    return [b for b in _divisors(per_replica) if b <= 16 * traced and (b % traced == 0 or traced % b == 0)]
+
+
+def solve_joint(graph: OpGraph, cluster: Cluster, options: Any, *, costs: Mapping[str, OpCost],
+                parameters: Mapping[str, Any], buffers: Mapping[str, Any] | None = None,
+                cost_model: AnalyticCostModel | None = None, sharding: ShardingFn | None = None) -> Plan:
+    """The fastest step for ``options.global_batch`` over every mesh, layout, microbatch size and
+    recomputation (see the module docstring); the Plan records them all.
+
+    Args:
+        graph: the op-level graph, traced at ``options.samples_per_microbatch`` samples.
+        cluster: every device (all replicas, all tensor-parallel ranks), in rank order.
+        options: ``SolverOptions`` with ``global_batch``; ``tensor_parallel``, ``data_parallel``
+            (when not 1), ``stages``, ``microbatches`` (when not 1) and ``recompute`` fix those
+            choices instead of searching them.
+        costs, parameters, buffers: as for :func:`autosplit.solver.solve`.
+        sharding: the layouts for a tp group (``autosplit.sharding``); without it only tp = 1.
+
+    Raises:
+        InfeasibleError: no mesh, microbatch size and recomputation fits; says what came closest.
+        ConfigError: a fixed choice the cluster or the batch cannot meet.
+    """
+    from autosplit.solver import SolverOptions, solve
+
+    start = time.perf_counter()
+    G = options.global_batch
+    traced_b = options.samples_per_microbatch
+    train = options.mode == "train"
+    base = cost_model or AnalyticCostModel()
+    blocks = graph.coarsen()
+    chain = [b for b in blocks.order if blocks[b]["kind"] not in (INPUT, OUTPUT)]
+    fixed_dp = options.data_parallel if options.data_parallel > 1 else None
+    found = meshes(cluster, G, len(chain), tp=options.tensor_parallel, dp=fixed_dp, pp=options.stages)
+    if not found:
+        raise ConfigError(f"no mesh of {len(cluster)} devices fits the fixed choices (tensor_parallel="
+                          f"{options.tensor_parallel}, data_parallel={fixed_dp}, stages={options.stages}) with a global "
+                          f"batch of {G} and {len(chain)} blocks: let the solver choose them, or change the batch")
+    policies = (options.recompute,) if options.recompute else RECOMPUTE
+    rules = dict(mode=options.mode, precision=options.precision, optimizer=options.optimizer,
+                 weight_dtype=options.weight_dtype, shared_weights=options.shared_weights)
+    device = cluster.devices[0]
+    capacity = device.memory_bytes * (1 - options.memory_headroom)
+    gpu = device.kind == "gpu"
+    screened: list[tuple[Screened, Sharding]] = []
+    shardings: dict[tuple[int, bool], Sharding] = {}
+    for tp in sorted({mesh.tp for mesh in found}):
+        groups = group_cluster(cluster, tp)
+        for lean in ((False, True) if tp > 1 and sharding is not None else (False,)):
+            if tp == 1:
+                shard = unsharded(costs, parameters)
+            elif sharding is None:
+                continue
+            else:
+                shard = sharding(tp, MEMORY_LEAN_WEIGHT_S_PER_BYTE if lean else 0.0)
+            shardings[tp, lean] = shard
+            for b in sorted({b for mesh in found if mesh.tp == tp for b in microbatch_sizes(G // mesh.dp, traced_b)}):
+                factor = b / traced_b
+                scaled = scale_costs(shard.costs, factor)
+                times = CollectiveTimes(base, {k: (f * factor, w * factor) for k, (f, w) in shard.collectives_s.items()}
+                                        ).times(scaled, device)
+                sums = block_sums(blocks, chain, scaled, times, shard.parameters, train)
+                for mesh in found:
+                    if mesh.tp != tp or (G // mesh.dp) % b:
+                        continue
+                    m = G // mesh.dp // b
+                    if options.microbatches > 1 and m != options.microbatches:
+                        continue
+                    link = groups.link(0, 1) if len(groups) > 1 else None
+                    hop_s = 1 / link.bandwidth_bytes_per_s if link else 0.0
+                    result = screen(sums, stages=mesh.pp, microbatches=m, capacity_bytes=capacity,
+                                    hop_s_per_byte=hop_s, hop_latency_s=link.latency_s if link else 0.0, gpu=gpu,
+                                    rules=dict(rules, data_parallel=mesh.dp), schedule=options.schedule,
+                                    policies=policies)
+                    if result is None:
+                        continue
+                    bottleneck, chosen, starts, peak = result
+                    dp_s = _data_parallel_s(groups, mesh, options, sums, starts)
+                    step = (m + mesh.pp - 1) * bottleneck + dp_s
+                    screened.append((Screened(mesh, b, m, lean, step, bottleneck, chosen, starts, peak), shard))
+    if not screened:
+        raise InfeasibleError(f"no mesh of {len(cluster)} × {device.name} fits a global batch of {G} at "
+                              f"{options.precision} with {options.optimizer}: every dp × pp × tp "
+                              f"({', '.join(str(m) for m in found[:6])}{', …' if len(found) > 6 else ''}), microbatch "
+                              "size and recomputation exceeds some device's memory; use more devices, a smaller "
+                              "global batch, or precision='bf16'")
+    screened.sort(key=lambda c: (c[0].step_s, c[0].mesh.tp, c[0].mesh.pp, c[0].microbatch_size, c[0].memory_lean))
+    logger.info("joint: %d candidates screened in %.2f s; best %s b=%d m=%d step %.4g s", len(screened),
+                time.perf_counter() - start, screened[0][0].mesh, screened[0][0].microbatch_size,
+                screened[0][0].microbatches, screened[0][0].step_s)
+    best: Plan | None = None
+    tried = []
+    for candidate, shard in _distinct(screened, CANDIDATES_SOLVED):
+        plan = _solve_candidate(graph, blocks, chain, cluster, options, candidate, shard, buffers, base, solve,
+                                SolverOptions)
+        if plan is None:
+            continue
+        tried.append((candidate, plan))
+        if best is None or plan.step_s < best.step_s:
+            best = plan
+    if best is None:
+        raise InfeasibleError(f"the best screened meshes ({', '.join(str(c.mesh) for c, _ in screened[:3])}) do not fit "
+                              "once priced op by op; use more devices or a smaller global batch")
+    notes = [f"mesh {c.mesh}, microbatches {c.microbatches} × {c.microbatch_size}: step {_ms(p.step_s)}"
+             for c, p in tried if p is not best]
+    report = dataclasses.replace(best.solver, wall_s=time.perf_counter() - start,
+                                 method=f"joint search ({len(screened)} candidates screened) + {best.solver.method}",
+                                 notes=(*best.solver.notes, *notes))
+    return dataclasses.replace(best, solver=report)
+
+
+def _distinct(screened: Sequence[tuple[Screened, Sharding]], count: int) -> list[tuple[Screened, Sharding]]:
+    """The best candidate of each of the ``count`` best meshes (the runners-up show what the
+    others would give)."""
+    seen, found = set(), []
+    for candidate, shard in screened:
+        if candidate.mesh not in seen:
+            seen.add(candidate.mesh)
+            found.append((candidate, shard))
+        if len(found) == count:
+            break
+    return found
+
+
+def _data_parallel_s(groups: Cluster, mesh: Mesh, options: Any, sums: BlockSums, starts: Sequence[int]) -> float:
+    """FSDP2's all-gather and reduce-scatter per step for the largest stage, over its replicas."""
+    if mesh.dp == 1 or options.mode != "train":
+        return 0.0
+    bounds = [*starts, len(sums.params)]
+    params = max(float(sums.params[a:b].sum()) for a, b in zip(bounds, bounds[1:]))
+    p = TRAINING_PRECISIONS[options.precision]
+    group = [k * mesh.pp for k in range(mesh.dp)]
+    return float(sharded_data_parallel_s(groups, group, params * p.weight_bytes, params * p.grad_bytes))
+
+
+def _solve_candidate(graph: OpGraph, blocks: OpGraph, chain: Sequence[str], cluster: Cluster, options: Any,
+                     candidate: Screened, shard: Sharding, buffers: Mapping[str, Any] | None, base: Any,
+                     solve: Callable[..., Plan], options_type: type) -> Plan | None:
+    """``solve`` on the cluster of tp groups with the candidate's mesh, microbatches and each
+    block's recomputation; the plan relabelled with every group's devices and the layouts."""
+    mesh = candidate.mesh
+    factor = candidate.microbatch_size / options.samples_per_microbatch
+    bounds = [*candidate.starts, len(chain)]
+    policy_of_block = {chain[k]: candidate.policies[s] for s in range(mesh.pp) for k in range(bounds[s], bounds[s + 1])}
+    costs = recompute_costs(scale_costs(shard.costs, factor), blocks, policy_of_block)
+    collectives = {k: (f * factor, w * factor) for k, (f, w) in shard.collectives_s.items()}
+    inner = options_type(**{**dataclasses.asdict(options), "no_split": options.no_split, "pin": options.pin,
+                            "stages": mesh.pp, "microbatches": candidate.microbatches, "data_parallel": mesh.dp,
+                            "samples_per_microbatch": candidate.microbatch_size, "global_batch": None,
+                            "tensor_parallel": None, "recompute": None})
+    try:
+        plan = solve(scale_graph(graph, factor), group_cluster(cluster, mesh.tp), inner, costs=costs,
+                     parameters=shard.parameters, buffers=buffers, cost_model=CollectiveTimes(base, collectives))
+    except InfeasibleError as e:
+        logger.info("joint: %s with %d microbatches of %d does not fit op by op: %s", mesh, candidate.microbatches,
+                    candidate.microbatch_size, e)
+        return None
+    return _relabel(plan, cluster, options, candidate, shard, policy_of_block, blocks)
+
+
+def _relabel(plan: Plan, cluster: Cluster, options: Any, candidate: Screened, shard: Sharding,
+             policy_of_block: Mapping[str, str], blocks: OpGraph) -> Plan:
+    """The plan on the real devices: stage s of replica 0 on ranks s·tp .. s·tp + tp − 1."""
+    tp = candidate.mesh.tp
+    policy_of_node = {m: policy for block, policy in policy_of_block.items() for m in blocks[block]["members"]}
+    stages = []
+    for stage in plan.stages:
+        rank = int(stage.devices[0].rpartition(":")[2]) * tp
+        devices = tuple(f"{cluster.devices[r].name}:{r}" for r in range(rank, rank + tp))
+        recomputed = sorted({policy_of_node[n] for n in stage.nodes if n in policy_of_node} - {"none"})
+        stages.append(dataclasses.replace(stage, devices=devices, recompute="+".join(recomputed) or "none"))
+    options_out = dict(plan.options, global_batch=options.global_batch, tensor_parallel=tp,
+                       recompute=options.recompute)
+    return dataclasses.replace(plan, stages=tuple(stages), cluster=str(cluster), tensor_parallel=tp,
+                               microbatch_size=candidate.microbatch_size, global_batch=options.global_batch,
+                               layouts=dict(shard.placements), options=options_out)
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
