@@ -449,6 +449,57 @@ def unsharded(costs: Mapping[str, OpCost], parameters: Mapping[str, Any]) -> Sha
     return Sharding(tp=1, costs=costs, parameters=parameters, collectives_s={}, placements={})
 
 
+def sharding_for(traced: Any, cluster: Cluster, costs: Mapping[str, OpCost], options: Any,
+                 cost_model: AnalyticCostModel | None = None) -> ShardingFn:
+    """The layouts of ``traced``'s nodes on a tp group of ``cluster``'s first tp ranks, chosen by
+    ``autosplit.sharding.choose_layouts`` (memoized per tp and memory weight): per-rank costs,
+    parameters with their sharded dimension divided, collectives and placements with the
+    module and op of each node."""
+    from autosplit.sharding import choose_layouts, node_layouts
+
+    found: dict[tuple[int, float], Sharding] = {}
+    candidates: dict[int, Any] = {}
+    train = options.mode == "train"
+
+    def sharding(tp: int, weight: float) -> Sharding:
+        if (tp, weight) not in found:
+            if tp not in candidates:
+                candidates[tp] = node_layouts(traced.graph_module, tp)
+            choice = choose_layouts(traced, costs, cluster, list(range(tp)), cost_model=cost_model, training=train,
+                                    memory_weight_s_per_byte=weight, time_limit_s=options.time_limit_s,
+                                    layouts=candidates[tp])
+            found[tp, weight] = _as_sharding(traced, choice, tp)
+        return found[tp, weight]
+
+    return sharding
+
+
+def _as_sharding(traced: Any, choice: Any, tp: int) -> Sharding:
+    parameters = dict(traced.parameters)
+    for node in traced.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        layout = choice.layouts.get(node.name)
+        placement = layout.outputs[0] if layout is not None and layout.outputs else "R"
+        for name in traced.nodes[node.name].reads:
+            info = parameters.get(name)
+            if info is None or not placement.startswith("S("):
+                continue
+            dim = int(placement[2:-1]) % max(len(info.shape), 1)
+            shape = list(info.shape)
+            shape[dim] = -(-shape[dim] // tp)
+            parameters[name] = dataclasses.replace(info, shape=tuple(shape), nbytes=choice.parameter_bytes.get(
+                name, info.nbytes // tp))
+    placements = {}
+    for name, layout in choice.layouts.items():
+        info = traced.nodes.get(name)
+        placements[name] = {"module": info.module_path if info else "", "op": info.target if info else "",
+                            "inputs": list(layout.inputs), "output": " ".join(layout.outputs)}
+    counts = {direction: dict(kinds) for direction, kinds in choice.collective_counts.items()}
+    return Sharding(tp=tp, costs=choice.per_rank, parameters=parameters, collectives_s=dict(choice.collective_s),
+                    placements=placements, summary=dict(collectives=counts, notes=dict(choice.notes)))
+
+
 def microbatch_sizes(per_replica: int, traced: int) -> list[int]:
     """Microbatch sizes b dividing a replica's share of the batch, from the traced size's
     divisors to 16 × it, in steps the traced costs scale to exactly (b a multiple or divisor of it)."""
