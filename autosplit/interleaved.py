@@ -64,13 +64,13 @@ from autosplit.solver import (
     OrderChoice,
     SolverOptions,
     StageModel,
-    _fits,
     chain_dp,
     device_kinds,
     device_orders,
     order_count,
     weight_readers,
 )
+from autosplit.solver.infeasible import _fits
 from cost_models import Cluster
 from cost_models.memory import GPU_CONTEXT_BYTES, INTERLEAVED, interleaved_rounds
 

@@ -46,7 +46,6 @@ from _results import machine, record  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import autosplit.solver as solver_module  # noqa: E402
 from autosplit import OpGraph, SolverOptions, capture, presets, solve  # noqa: E402
 from autosplit.solver import (  # noqa: E402
     Chain,
@@ -212,7 +211,7 @@ def exact_max_part(weights, parts):
 def prove(graph, cluster, options, costs, traced):
     """A lower bound on the bottleneck of every op-level DAG split: the solver's last step run
     whatever the plan's distance to the bound, with a 60 s limit; None if it does not finish."""
-    with mock.patch.object(solver_module, "OPS_GAP", 0.0), mock.patch.object(solver_module, "OPS_TIME_S", 60.0):
+    with mock.patch("autosplit.solver.driver.OPS_GAP", 0.0), mock.patch("autosplit.solver.cpsat.OPS_TIME_S", 60.0):
         plan = solve(graph, cluster, dataclasses.replace(options, time_limit_s=60.0), costs=costs,
                      parameters=traced.parameters)
     return plan.solver.bound_s if plan.solver.status == "OPTIMAL" else None

@@ -16,12 +16,11 @@ from torch import nn
 
 import models
 import autosplit
-import autosplit.solver as solver_module
 from autosplit import ConfigError, OpGraph, capture, presets, spec
+from autosplit.errors import InfeasibleError
 from autosplit.plan import Plan
 from autosplit.solver import (
     Chain,
-    InfeasibleError,
     Layout,
     SolverOptions,
     StageModel,
@@ -243,7 +242,7 @@ def test_stage_ranges_on_mixed_devices_hold_for_every_split_and_count_what_a_slo
         assert inside and all(first[k] <= a[k] <= last[k] for a in inside for k in range(chain.n))
         widths[bound] = int((last - first).sum())
     # Counted as H100s, the L4s would leave the ranges wider.
-    monkeypatch.setattr(solver_module, "stage_shares", lambda model, bound_s: np.ones(len(model.layout)))
+    monkeypatch.setattr("autosplit.solver.dp.stage_shares", lambda model, bound_s: np.ones(len(model.layout)))
     first, last = stage_ranges(model, graph, best)
     assert widths[best] < int((last - first).sum())
 
@@ -449,8 +448,6 @@ def test_unpriced_notes_name_a_few_ops_and_count_the_rest():
 
 
 def test_the_traffic_bound_says_when_it_falls_back_to_the_work_bound(monkeypatch):
-    import autosplit.solver as solver
-
     traced, graph, costs = priced(Skips(depth=4), spec((256, 256)))
     cluster = Cluster.parse("3xh100")
     _, _, model = block_model(graph, costs, traced, cluster, SolverOptions())
@@ -467,7 +464,7 @@ def test_the_traffic_bound_says_when_it_falls_back_to_the_work_bound(monkeypatch
         def solve(self, source, sink):
             return 3
 
-    monkeypatch.setattr(solver.max_flow, "SimpleMaxFlow", NoFlow)
+    monkeypatch.setattr("autosplit.solver.bounds.max_flow.SimpleMaxFlow", NoFlow)
     assert traffic_bound_s(model, graph, incumbent, notes=notes) == lower_bound_s(model)
     assert notes == ["the traffic bound fell back to the work bound: max flow status 3 on hop 0"]
 
@@ -562,13 +559,11 @@ def test_a_plan_prints_as_a_table_with_a_summary():
 
 
 def test_splits_not_contiguous_in_the_chain_order_are_found_around_the_cuts(monkeypatch):
-    import autosplit.solver as solver_module
-
     model, args, _ = models.gpt2()
     traced, graph, costs = priced(model, *args)
     cluster, options = Cluster.parse("3xh100"), SolverOptions()
     windowed = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
-    monkeypatch.setattr(solver_module, "OPS_GAP", math.inf)  # the solver without its last step
+    monkeypatch.setattr("autosplit.solver.driver.OPS_GAP", math.inf)  # the solver without its last step
     contiguous = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
     assert windowed.solver.method.endswith("cp-sat ops")
     assert windowed.bottleneck_s < contiguous.bottleneck_s * (1 - 1e-6)
@@ -586,10 +581,10 @@ def test_too_many_op_stage_choices_move_only_the_ops_near_the_cuts_and_prove_not
     traced, graph, costs = priced(model, *args)
     cluster, options = Cluster.parse("3xh100"), SolverOptions()
     whole = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
-    monkeypatch.setattr(solver_module, "OPS_GAP", math.inf)  # the solver without its last step
+    monkeypatch.setattr("autosplit.solver.driver.OPS_GAP", math.inf)  # the solver without its last step
     contiguous = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
-    monkeypatch.setattr(solver_module, "OPS_GAP", 0.01)
-    monkeypatch.setattr(solver_module, "OPS_CHOICES_PER_S", 1)  # a model of 0.5 op-stage choices at most
+    monkeypatch.setattr("autosplit.solver.driver.OPS_GAP", 0.01)
+    monkeypatch.setattr("autosplit.solver.cpsat.OPS_CHOICES_PER_S", 1)  # a model of 0.5 op-stage choices at most
     windowed = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
     assert whole.solver.status == "OPTIMAL" and not whole.solver.notes
     assert windowed.bottleneck_s <= contiguous.bottleneck_s and windowed.solver.method.endswith("cp-sat ops")
@@ -630,7 +625,7 @@ def test_the_order_search_picks_the_order_that_pricing_every_order_picks(monkeyp
         cluster = Cluster.parse(text)
         every = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
         with monkeypatch.context() as patch:
-            patch.setattr(solver_module, "ORDERS_PRICED", 0)
+            patch.setattr("autosplit.solver.orders.ORDERS_PRICED", 0)
             searched = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
         assert [s.devices for s in searched.stages] == [s.devices for s in every.stages], text
         assert searched.bottleneck_s == every.bottleneck_s
@@ -666,7 +661,7 @@ def test_sixteen_devices_of_four_kinds_plan_with_the_order_report(tmp_path):
 def test_an_order_search_too_large_to_run_says_the_order_is_not_proven(monkeypatch):
     model = widths_model([64] * 9)
     traced, graph, costs = priced(model, spec((32, 64)))
-    monkeypatch.setattr(solver_module, "ORDER_SEARCH_MAX_CELLS", 0)
+    monkeypatch.setattr("autosplit.solver.orders.ORDER_SEARCH_MAX_CELLS", 0)
     plan = solve(graph, Cluster.parse("2x2xh100+2x1xl4"), SolverOptions(time_limit_s=0.5), costs=costs,
                  parameters=traced.parameters)
     assert plan.solver.orders_total == 180 and 1 <= plan.solver.orders_tried <= 3 and plan.solver.order_gap is None
@@ -841,7 +836,7 @@ def test_an_interleaved_plan_lists_each_stage_with_its_device_and_prices_the_dev
     assert set(nodes) == {n for n in graph.order if graph.infos[n].op not in ("placeholder", "output")}
     # The best contiguous split by the slowest device, found by trying every one
     from autosplit.interleaved import DevicePricing, looped_layout
-    from autosplit.solver import _bottleneck
+    from autosplit.solver.stage_model import _bottleneck
 
     cluster = Cluster.parse("2xh100")
     options = SolverOptions(schedule="interleaved-1f1b", stages_per_device=2, microbatches=4)
