@@ -49,7 +49,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from autosplit import OpGraph, SolverOptions, capture, presets, solve  # noqa: E402
 from autosplit.solver import (  # noqa: E402
     Chain,
-    Layout,
+    DeviceOrder,
     StageModel,
     assignment_from_cuts,
     build_chain,
@@ -204,7 +204,7 @@ def exact_max_part(weights, parts):
                   pins=np.full(n, -1), block_starts=list(range(n)), block_names=[str(k) for k in range(n)],
                   forbidden=set(), replicated={})
     cluster, options = Cluster.parse(f"{parts}xh100"), SolverOptions(mode="infer")
-    model = StageModel(chain, Layout.of(cluster, range(parts), 0.0), options, cluster)
+    model = StageModel(chain, DeviceOrder.of(cluster, range(parts), 0.0), options, cluster)
     return chain_dp(model, range(n + 1))[0]
 
 
@@ -224,7 +224,7 @@ class _pricer:
         blocks = graph.coarsen()
         times = {d.name: AnalyticCostModel().times(costs, d) for d in cluster.devices}
         self.chain = build_chain(graph, blocks, costs, traced.parameters, times, options, fastest_link(cluster))
-        self.model = StageModel(self.chain, Layout.of(cluster, range(len(cluster)), options.memory_headroom),
+        self.model = StageModel(self.chain, DeviceOrder.of(cluster, range(len(cluster)), options.memory_headroom),
                                 options, cluster)
         self.graph = graph
         self.bound = lower_bound_s(self.model)
@@ -355,8 +355,8 @@ def orders() -> None:
         found = search_orders(chain, cluster, len(cluster), options, cuts) if len(counts) > 1 else None
         search_s = time.perf_counter() - start
         # What pricing every order one by one would cost: the chain DP on one order, times the orders.
-        layout = Layout.of(cluster, range(len(cluster)), options.memory_headroom)
-        model_one = StageModel(chain, layout, options, cluster)
+        order = DeviceOrder.of(cluster, range(len(cluster)), options.memory_headroom)
+        model_one = StageModel(chain, order, options, cluster)
         start = time.perf_counter()
         chain_dp(model_one, cuts)
         one_s = time.perf_counter() - start

@@ -91,7 +91,7 @@ from autosplit.solver.driver import solve
 from autosplit.solver.options import SHARED_WEIGHTS, SolverOptions, memory_rules
 from autosplit.solver.orders import (
     ORDERS_PRICED,
-    Layout,
+    DeviceOrder,
     OrderChoice,
     choose_order,
     device_kinds,
@@ -106,7 +106,7 @@ __all__ = [
     "SHARED_WEIGHTS",
     "Chain",
     "CpResult",
-    "Layout",
+    "DeviceOrder",
     "OrderChoice",
     "SolverOptions",
     "StageModel",

@@ -34,8 +34,8 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
     """The Plan of ``assignment`` on ``cluster`` (every replica's devices). ``notes`` are shown
     always, ``unproven`` (why the search may have missed a better split) only when the plan does
     not meet its bound."""
-    layout = model.layout
-    S = len(layout)
+    order = model.device_order
+    S = len(order)
     replica_size = len(cluster) // options.data_parallel
     compute, comm_in, comm_out = evaluate(model, graph, assignment)
     received = transfers_per_call(model, graph, assignment)
@@ -46,7 +46,7 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
     stage_ops: list[list[str]] = [[] for _ in range(S)]
     for op, s in zip(chain.ops, assignment):
         stage_ops[s].append(op)
-    order = {name: k for k, name in enumerate(graph.infos)}
+    node_order = {name: k for k, name in enumerate(graph.infos)}
     params = np.diff(chain.param_count)
     stage_list = []
     for s in range(S):
@@ -57,19 +57,19 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
             if u not in nodes:
                 nodes.add(u)
                 todo.extend(p for p in graph.dag.predecessors(u) if p in chain.rebuilt)
-        nodes = sorted(nodes, key=order.__getitem__)
+        nodes = sorted(nodes, key=node_order.__getitem__)
         if s == 0:
             nodes = [n for n in graph.order if graph[n]["kind"] == INPUT] + nodes
         if s == S - 1:
             nodes = nodes + [n for n in graph.order if graph[n]["kind"] == OUTPUT]
         owned = int(sum(params[k] for k, st in enumerate(assignment) if st == s))
-        quantities = model.memory.quantities_of(assignment, s, cpu=not layout.gpu[s])
-        memory = peak_breakdown(quantities, in_flight=model.in_flight[s], gpu=layout.gpu[s], **model.rules)
-        modules = [graph.infos[n].module_path for n in sorted(stage_ops[s], key=order.__getitem__)
+        quantities = model.memory.quantities_of(assignment, s, cpu=not order.gpu[s])
+        memory = peak_breakdown(quantities, in_flight=model.in_flight[s], gpu=order.gpu[s], **model.rules)
+        modules = [graph.infos[n].module_path for n in sorted(stage_ops[s], key=node_order.__getitem__)
                    if graph.infos[n].module_path and graph.infos[n].op.startswith("call_")]
         stage_list.append(Stage(
             index=s,
-            devices=(f"{layout.types[s]}:{layout.ranks[s]}",),
+            devices=(f"{order.types[s]}:{order.ranks[s]}",),
             nodes=tuple(nodes),
             modules=(modules[0], modules[-1]) if modules else ("", ""),
             param_count=owned,
@@ -77,18 +77,18 @@ def _plan(graph: OpGraph, chain: Chain, model: StageModel, cluster: Cluster, opt
             comm_in_s=comm_in[s],
             comm_out_s=comm_out[s],
             memory=memory,
-            memory_capacity_bytes=layout.capacity_bytes[s],
+            memory_capacity_bytes=order.capacity_bytes[s],
             weights=tuple(stored[s]),
             transfers_in=received[s],
             saved_bytes_per_microbatch=quantities["activations"],
             weight_copies=int(quantities["copies"]),
             transient_bytes=quantities["transient"],
-            device_kind="gpu" if layout.gpu[s] else "cpu",
-            data_parallel_s=data_parallel_s(cluster, options, layout.ranks[s], replica_size,
+            device_kind="gpu" if order.gpu[s] else "cpu",
+            data_parallel_s=data_parallel_s(cluster, options, order.ranks[s], replica_size,
                                             quantities["params"] + quantities["copies"]),
         ))
     m = options.microbatches
-    bottleneck, step, bubble = pipeline_times([st.time_s for st in stage_list], layout.ranks, m)
+    bottleneck, step, bubble = pipeline_times([st.time_s for st in stage_list], order.ranks, m)
     step += max(st.data_parallel_s for st in stage_list)
     samples = options.data_parallel * m * options.samples_per_microbatch / step if step > 0 else 0.0
     base, _, windows = method.partition(" + ")

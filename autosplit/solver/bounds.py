@@ -22,11 +22,11 @@ from autosplit.solver.stage_model import StageModel, _travel_arrays
 def lower_bound_s(model: StageModel) -> float:
     """max(total work ÷ combined speed of the stages' devices, heaviest op on the fastest device).
     A device that runs several stages (interleaved) counts once: the bound is on its time."""
-    chain, layout = model.chain, model.layout
-    kinds = dict(zip(layout.ranks, layout.types))  # one entry per device
+    chain, order = model.chain, model.device_order
+    kinds = dict(zip(order.ranks, order.types))  # one entry per device
     work = [chain.time_s[t][-1] for t in kinds.values()]
     combined = 1 / sum(1 / w for w in work) if all(w > 0 for w in work) else 0.0
-    per_op = np.min(np.stack([np.diff(chain.time_s[t]) for t in set(layout.types)]), axis=0)
+    per_op = np.min(np.stack([np.diff(chain.time_s[t]) for t in set(order.types)]), axis=0)
     return max(combined, float(per_op.max()) if len(per_op) else 0.0)
 
 
@@ -47,11 +47,11 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float, *,
     bound holds for every split; mixed devices get the work bound (``lower_bound_s``). Where the
     max flow fails, the work bound is returned and ``notes`` says why.
     """
-    chain, layout = model.chain, model.layout
-    S = len(layout)
+    chain, order = model.chain, model.device_order
+    S = len(order)
     plain = lower_bound_s(model)
     tick_s = incumbent_s / 1e9
-    if S == 1 or len(set(layout.types)) > 1 or not np.isfinite(incumbent_s):
+    if S == 1 or len(set(order.types)) > 1 or not np.isfinite(incumbent_s):
         return plain
     first, last = stage_ranges(model, graph, incumbent_s)
     if np.any(first > last):
@@ -102,5 +102,5 @@ def traffic_bound_s(model: StageModel, graph: OpGraph, incumbent_s: float, *,
                 notes.append(f"the traffic bound fell back to the work bound: {why} on hop {hop}")
             return plain
         least += flow.optimal_flow() * tick_s
-    work = chain.time_s[layout.types[0]][-1]
-    return max(plain, min(incumbent_s, (work + 2 * least) / len(set(layout.ranks))))
+    work = chain.time_s[order.types[0]][-1]
+    return max(plain, min(incumbent_s, (work + 2 * least) / len(set(order.ranks))))

@@ -67,8 +67,8 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
     ``ranges`` (``stage_ranges`` at ``hint_s``, per op) confine each block to the stages its ops
     can take in a split at least as good as the hint.
     """
-    chain, layout = model.chain, model.layout
-    S, B = len(layout), len(chain.block_names)
+    chain, order = model.chain, model.device_order
+    S, B = len(order), len(chain.block_names)
     bounds = chain.block_starts + [chain.n]
     block_of_op = np.zeros(chain.n, dtype=np.int64)
     for b in range(B):
@@ -77,7 +77,7 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
 
     # Integer ticks: the total work of the slowest device type spread over ~10^6 ticks. Costs are
     # rounded down, so the model never prices a split above its true time and its bound holds.
-    total = max(chain.time_s[t][-1] for t in set(layout.types))
+    total = max(chain.time_s[t][-1] for t in set(order.types))
     tick_s = max(total, 1e-12) / 1e6
     ticks = lambda seconds: int(round(seconds / tick_s))  # noqa: E731
     cost_ticks = lambda seconds: int(seconds / tick_s)  # noqa: E731
@@ -194,7 +194,7 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
     for g, needers in enumerate(chain.rebuild_needers):
         needing = sorted({int(block_of_op[k]) for k in needers.tolist()})
         for s in range(S):
-            cost = cost_ticks(chain.rebuild_time_s[layout.types[s]][g])
+            cost = cost_ticks(chain.rebuild_time_s[order.types[s]][g])
             here = [b for b in needing if first[b] <= s <= last[b]]
             if cost == 0 or not here:
                 continue
@@ -207,7 +207,7 @@ def cp_sat_blocks(model: StageModel, graph: OpGraph, hint: Sequence[int] | None,
 
     block_ticks = []
     for s in range(S):
-        t = chain.time_s[layout.types[s]]
+        t = chain.time_s[order.types[s]]
         block_ticks.append([cost_ticks(t[bounds[b + 1]] - t[bounds[b]]) for b in range(B)])
         if hint is not None:
             hint_ticks[s] += sum(block_ticks[s][b] for b in range(B) if hint[b] == s)
@@ -290,8 +290,8 @@ def _memory_constraints(m: cp_model.CpModel, model: StageModel, y: list[list[Any
     (the microbatch being run adds its gradients and temporaries: at least 0); inference holds
     at least, at each op, its inputs, its output and its temporaries (``OpsMemory.floor_bytes``).
     """
-    memory, layout, rules = model.memory, model.layout, model.rules
-    S, B = len(layout), len(bounds) - 1
+    memory, order, rules = model.memory, model.device_order, model.rules
+    S, B = len(order), len(bounds) - 1
     train = rules["mode"] == "train"
     unit = MEMORY_UNITS_PER_BYTE
     params = [float(memory.params(bounds[b], bounds[b + 1])) for b in range(B)]
@@ -311,10 +311,10 @@ def _memory_constraints(m: cp_model.CpModel, model: StageModel, y: list[list[Any
         if not here:
             continue
         placeable = set(here)
-        gpu = layout.gpu[s]
+        gpu = order.gpu[s]
         frag = FRAGMENTATION if gpu else 0.0
         scale = 1 + frag
-        capacity = int(math.floor((layout.capacity_bytes[s] - (GPU_CONTEXT_BYTES if gpu else 0.0)) * unit))
+        capacity = int(math.floor((order.capacity_bytes[s] - (GPU_CONTEXT_BYTES if gpu else 0.0)) * unit))
         saved = [math.ceil(own[b]) * y[b][s] for b in here]
         for held, nbytes in shared.items():
             on = [b for b in held if b in placeable]
@@ -401,7 +401,7 @@ def _refine_ops(model: StageModel, graph: OpGraph, assignment: Sequence[int], bo
     starts = [k for k in range(n) if k == 0 or (k not in chain.forbidden and (
         free[k] or free[k - 1] or low[k] != low[k - 1] or high[k] != high[k - 1]))]
     fine = dataclasses.replace(chain, block_starts=starts, block_names=[chain.ops[k] for k in starts])
-    single = StageModel(fine, model.layout, options, model.cluster)
+    single = StageModel(fine, model.device_order, options, model.cluster)
     limited = dataclasses.replace(options, time_limit_s=ops_time_limit_s(options))
     found = cp_sat_blocks(single, graph, [assignment[k] for k in starts], limited, bottleneck, ranges=(low, high))
     if found is None:

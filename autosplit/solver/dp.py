@@ -25,8 +25,8 @@ from autosplit.solver.stage_model import StageModel
 def chain_dp(model: StageModel, candidates: Sequence[int],
              ranges: tuple[np.ndarray, np.ndarray] | None = None,
              upper_s: float | None = None) -> tuple[float, list[int]] | None:
-    """The best split of the chain into len(layout) non-empty intervals whose ends lie in
-    ``candidates`` (which include 0 and n): minimal bottleneck, then minimal traffic.
+    """The best split of the chain into len(model.device_order) non-empty intervals whose ends
+    lie in ``candidates`` (which include 0 and n): minimal bottleneck, then minimal traffic.
 
     f[s][j] = min over i of max(f[s − 1][i], time of stage s on [i, j)), O(S · |candidates|²),
     vectorized over i. With ``ranges`` (``stage_ranges``), stage s only starts where op k − 1
@@ -43,7 +43,7 @@ def chain_dp(model: StageModel, candidates: Sequence[int],
     c = np.array(sorted(set(candidates)))
     n = model.chain.n
     assert c[0] == 0 and c[-1] == n
-    S = len(model.layout)
+    S = len(model.device_order)
     starts = np.ones((S + 1, len(c)), dtype=bool)
     if ranges is not None:
         first, last = ranges
@@ -58,7 +58,7 @@ def chain_dp(model: StageModel, candidates: Sequence[int],
     ends = [0, *relaxed[1], n]
     if all(model.allowed(s, np.array([ends[s]]), ends[s + 1])[0] for s in range(S)):
         return relaxed
-    for gpu in set(model.layout.gpu):  # the stage memory of every candidate run, as a table
+    for gpu in set(model.device_order.gpu):  # the stage memory of every candidate run, as a table
         model.memory.prepare(c, cpu=not gpu)
     return _dp_pass(model, c, starts, limit, check=True)
 
@@ -67,13 +67,13 @@ def _dp_pass(model: StageModel, c: np.ndarray, starts: np.ndarray, limit: float,
              check: bool) -> tuple[float, list[int]] | None:
     """``chain_dp`` over the sorted candidates ``c``: stage s starts only where ``starts[s]``,
     no stage above ``limit``; memory and pins checked when ``check``."""
-    n, S = model.chain.n, len(model.layout)
+    n, S = model.chain.n, len(model.device_order)
     inf = math.inf
     best = np.full((S, len(c)), inf)
     traffic = np.full((S, len(c)), inf)
     back = np.full((S, len(c)), -1, dtype=np.int64)
     for s in range(S):
-        ops_s = model.chain.time_s[model.layout.types[s]][c]  # the ops of [i, j) alone take t[j] − t[i]
+        ops_s = model.chain.time_s[model.device_order.types[s]][c]  # the ops of [i, j) alone take t[j] − t[i]
         for jj in range(1, len(c)):
             j = int(c[jj])
             if (s == S - 1 and j != n) or (s < S - 1 and not starts[s + 1][jj]):
@@ -121,7 +121,7 @@ def stage_ranges(model: StageModel, graph: OpGraph, bound_s: float) -> tuple[np.
     shrink the ranges further, so they hold for every split at or below the bound. Returns
     (first, last) stage per chain op; first > last where the op fits no stage.
     """
-    S = len(model.layout)
+    S = len(model.device_order)
     up, down = model.closure_work(graph)
     slack = 1 + 1e-9
     share = stage_shares(model, bound_s)
@@ -143,7 +143,7 @@ def stage_shares(model: StageModel, bound_s: float) -> np.ndarray:
     spends time on traffic and must fit its memory, which only lowers what it holds, so the share
     bounds every split.
     """
-    chain, types = model.chain, model.layout.types
+    chain, types = model.chain, model.device_order.types
     if not 0 < bound_s < math.inf:
         return np.ones(len(types))
     own = {t: np.diff(chain.time_s[t]) for t in set(types)}
@@ -195,12 +195,13 @@ class _Fill:
 
 def _fill(model: StageModel, cuts: Sequence[int]) -> _Fill:
     """Fill the stages from the front, each as far as its memory allows (pins ignored)."""
-    n, S = model.chain.n, len(model.layout)
+    n, S = model.chain.n, len(model.device_order)
     cuts_arr = np.array(cuts)
     i = 0
     for s in range(S):
         later = cuts_arr[cuts_arr > i]
-        fits = lambda k: model.memory_bytes(s, np.array([i]), int(later[k]))[0] <= model.layout.capacity_bytes[s]  # noqa: E731
+        capacity = model.device_order.capacity_bytes[s]
+        fits = lambda k: model.memory_bytes(s, np.array([i]), int(later[k]))[0] <= capacity  # noqa: E731
         if not len(later) or not fits(0):
             return _Fill(s, i, True)
         lo, hi = 0, len(later)  # memory grows with the stage's end: the last end that fits

@@ -22,7 +22,7 @@ from autosplit.errors import InfeasibleError
 from autosplit.solver.chain import Chain
 from autosplit.solver.dp import _Fill, _fill
 from autosplit.solver.options import SolverOptions
-from autosplit.solver.orders import Layout
+from autosplit.solver.orders import DeviceOrder
 from autosplit.solver.stage_model import StageModel
 from cost_models import Cluster
 from cost_models.memory import peak_breakdown, training_state_bytes, weight_bytes
@@ -34,10 +34,10 @@ def _infeasible(chain: Chain, cluster: Cluster, stages: int, options: SolverOpti
     which finds a split of a chain whenever one fits (a stage's memory only grows as it takes
     more ops), so a remedy is named only if it would actually fit."""
     gib = 2**30
-    layout = Layout.of(cluster, range(stages), options.memory_headroom)
-    model = StageModel(chain, layout, options, cluster)
+    order = DeviceOrder.of(cluster, range(stages), options.memory_headroom)
+    model = StageModel(chain, order, options, cluster)
     cuts = [k for k in range(chain.n + 1) if k not in chain.forbidden]
-    device = layout.types[0] if len(set(layout.types)) == 1 else "devices"
+    device = order.types[0] if len(set(order.types)) == 1 else "devices"
     head = f"no split into {stages} stages fits {stages} × {device}"
     fill = _fill(model, cuts)
     if fill.stage is None:  # the stages hold everything: pins or no-split rules bind
@@ -48,15 +48,15 @@ def _infeasible(chain: Chain, cluster: Cluster, stages: int, options: SolverOpti
             f"{options.microbatches} microbatch{'es' if options.microbatches != 1 else ''}"
             if options.mode == "train" else f"inference with {options.weight_dtype} weights")
     unit_end = next(k for k in cuts if k > i)
-    q = model.memory.quantities(i, unit_end, cpu=not layout.gpu[s])
-    m = peak_breakdown(q, in_flight=model.in_flight[s], gpu=layout.gpu[s], **model.rules)
-    capacity = layout.capacity_bytes[s]
+    q = model.memory.quantities(i, unit_end, cpu=not order.gpu[s])
+    m = peak_breakdown(q, in_flight=model.in_flight[s], gpu=order.gpu[s], **model.rules)
+    capacity = order.capacity_bytes[s]
     ops = chain.ops[i:unit_end]
     paths = [_block_of(chain, i), _block_of(chain, unit_end - 1)]
     where = paths[0] + (f" … {paths[-1]}" if paths[-1] != paths[0] else "")
     state_gib = (m.weights_bytes + m.grads_bytes + m.optimizer_bytes) / gib
     if fill.unit_too_big:
-        reason = (f"stage {s} ({layout.types[s]}:{layout.ranks[s]}) must hold at least the ops no cut can separate "
+        reason = (f"stage {s} ({order.types[s]}:{order.ranks[s]}) must hold at least the ops no cut can separate "
                   f"from {where} ({len(ops)} ops): {state_gib:.1f} GiB of weights and state, "
                   + (f"{m.activations_bytes / gib:.1f} GiB of activations ({model.in_flight[s]} microbatches in flight "
                      f"× {q['activations'] / gib:.2f} GiB), " if options.mode == "train" else
@@ -84,7 +84,7 @@ def _fits(chain: Chain, cluster: Cluster, stages: int, options: SolverOptions, c
     """Whether some split fits by memory (``_fill``), with activations scaled (a smaller microbatch)."""
     if stages > len(cluster):
         cluster = Cluster.from_specs([max(cluster.devices, key=lambda d: d.memory_bytes)] * stages)
-    model = StageModel(chain, Layout.of(cluster, range(stages), options.memory_headroom), options, cluster)
+    model = StageModel(chain, DeviceOrder.of(cluster, range(stages), options.memory_headroom), options, cluster)
     if activation_scale != 1.0:
         model.memory = model.memory.scaled(activation_scale)
     return _fill(model, cuts).stage is None

@@ -1,6 +1,6 @@
 """Device orders: which device runs each stage, and the search for the best order.
 
-    order = Layout.of(cluster, (2, 0, 1), headroom=0.1)   # stage 0 on device 2, stage 1 on 0, ...
+    order = DeviceOrder.of(cluster, (2, 0, 1), headroom=0.1)   # stage 0 on device 2, stage 1 on 0, ...
 
 On identical devices every order is the same. With mixed devices the order matters: which kind
 runs which stage, and which devices are left out when there are fewer stages. Two devices of one
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Layout:
+class DeviceOrder:
     """Which device runs each stage, what it may hold, and the links between consecutive stages."""
 
     ranks: tuple[int, ...]
@@ -42,7 +42,7 @@ class Layout:
     hop_latency_s: tuple[float, ...]
 
     @classmethod
-    def of(cls, cluster: Cluster, ranks: Sequence[int], headroom: float) -> "Layout":
+    def of(cls, cluster: Cluster, ranks: Sequence[int], headroom: float) -> "DeviceOrder":
         devices = [cluster.devices[r] for r in ranks]
         links = [cluster.link(a, b) for a, b in zip(ranks, ranks[1:])]
         return cls(tuple(ranks), tuple(d.name for d in devices),
@@ -150,7 +150,7 @@ def choose_order(chain: Chain, cluster: Cluster, stages: int, options: SolverOpt
     total = order_count([len(ranks) for ranks in kinds.values()], stages)
 
     def price(order: Sequence[int]) -> tuple[float, StageModel, list[int]] | None:
-        model = StageModel(chain, Layout.of(cluster, order, options.memory_headroom), options, cluster)
+        model = StageModel(chain, DeviceOrder.of(cluster, order, options.memory_headroom), options, cluster)
         found = chain_dp(model, block_cuts)
         if found is None and options.refine:  # a block may be too big for any device: cut inside
             positions = sorted(set(range(chain.n + 1)) - chain.forbidden)
@@ -214,10 +214,10 @@ def search_orders(chain: Chain, cluster: Cluster, stages: int, options: SolverOp
     order has a split that fits.
 
     Exact dynamic programming over orders, without listing them. Stage s of kind κ on [i, j)
-    costs its work and memory check on κ (``StageModel`` of a layout of κ alone: stage index s
-    sets the microbatches in flight and the pins), plus the traffic at i over the link from the
-    previous stage's kind and at j over the link to the next stage's kind. The next kind is part
-    of the state so each stage is priced exactly:
+    costs its work and memory check on κ (``StageModel`` of a device order of κ alone: stage
+    index s sets the microbatches in flight and the pins), plus the traffic at i over the link
+    from the previous stage's kind and at j over the link to the next stage's kind. The next kind
+    is part of the state so each stage is priced exactly:
 
         G(s, U, κₚ, κ)[i] = min over κₙ, j of
                             max(cost(s, κₚ → κ → κₙ, [i, j)), G(s + 1, U + e_κ, κ, κₙ)[j])
@@ -239,8 +239,8 @@ def search_orders(chain: Chain, cluster: Cluster, stages: int, options: SolverOp
     # Work (and memory, pins) of every stage on every kind, as matrices over (i, j) indices.
     base = np.full((S, K, C, C), inf)
     for k, pool in enumerate(pools):
-        alone = StageModel(chain, Layout.of(cluster, [pool[0]] * S, options.memory_headroom), options, cluster)
-        for gpu in set(alone.layout.gpu):
+        alone = StageModel(chain, DeviceOrder.of(cluster, [pool[0]] * S, options.memory_headroom), options, cluster)
+        for gpu in set(alone.device_order.gpu):
             alone.memory.prepare(c, cpu=not gpu)
         for s in range(S):
             for jj in range(1, C):

@@ -1,6 +1,6 @@
 """What a stage costs: its work, its traffic and its memory, on the devices of a device order.
 
-    model = StageModel(chain, Layout.of(cluster, range(4), 0.1), options, cluster)
+    model = StageModel(chain, DeviceOrder.of(cluster, range(4), 0.1), options, cluster)
     model.time_s(1, np.array([3, 5]), 9)                  # stage 1 on ops [3, 9) and [5, 9)
     compute, comm_in, comm_out = evaluate(model, graph, stage_of_op)
 
@@ -34,17 +34,17 @@ from cost_models.memory import (
 )
 
 if TYPE_CHECKING:
-    from autosplit.solver.orders import Layout
+    from autosplit.solver.orders import DeviceOrder
 
 
 class StageModel:
-    """Time and memory of a stage [i, j) of a chain on a layout, vectorized over i."""
+    """Time and memory of a stage [i, j) of a chain on a device order, vectorized over i."""
 
-    def __init__(self, chain: Chain, layout: Layout, options: SolverOptions, cluster: Cluster):
-        self.chain, self.layout, self.options, self.cluster = chain, layout, options, cluster
+    def __init__(self, chain: Chain, device_order: DeviceOrder, options: SolverOptions, cluster: Cluster):
+        self.chain, self.device_order, self.options, self.cluster = chain, device_order, options, cluster
         train = options.mode == "train"
         self.directions = 2 if train else 1
-        S = len(layout)
+        S = len(device_order)
         self.in_flight = [microbatches_in_flight(options.schedule, num_stages=S, stage=s,
                                                  microbatches=options.microbatches,
                                                  stages_per_device=options.stages_per_device)
@@ -65,7 +65,7 @@ class StageModel:
         self._closure: tuple[OpGraph, np.ndarray, np.ndarray] | None = None
         self.weights = chain.weights
         devices: dict[int, list[int]] = {}
-        for s, rank in enumerate(layout.ranks):
+        for s, rank in enumerate(device_order.ranks):
             devices.setdefault(rank, []).append(s)
         self.devices = [tuple(stages) for stages in devices.values()]
         """The stages of each device, devices in the order of their first stage: one stage each,
@@ -77,7 +77,7 @@ class StageModel:
         on the fastest device type (computed once per graph)."""
         if self._closure is None or self._closure[0] is not graph:
             chain, n = self.chain, self.chain.n
-            work = np.min(np.stack([np.diff(chain.time_s[t]) for t in set(self.layout.types)]), axis=0)
+            work = np.min(np.stack([np.diff(chain.time_s[t]) for t in set(self.device_order.types)]), axis=0)
             position = {op: k for k, op in enumerate(chain.ops)}
             before = [[position[u] for u in graph.dag.predecessors(op) if u in position] for op in chain.ops]
             after: list[list[int]] = [[] for _ in range(n)]
@@ -93,7 +93,7 @@ class StageModel:
 
     def cluster_link(self, a: int, b: int):
         """The link between the devices of stages a and b."""
-        return self.cluster.link(self.layout.ranks[a], self.layout.ranks[b])
+        return self.cluster.link(self.device_order.ranks[a], self.device_order.ranks[b])
 
     def comm_s(self, k: np.ndarray | int, hop: int) -> np.ndarray | float:
         """Seconds per microbatch to move what crosses cut position(s) ``k`` over hop ``hop``."""
@@ -102,7 +102,7 @@ class StageModel:
     def hop_s(self, nbytes: np.ndarray | float, hop: int, count: np.ndarray | float = 1) -> np.ndarray | float:
         """Seconds per microbatch to make ``count`` transfers of ``nbytes`` in all over hop ``hop``
         (a value's ``link_load``: its gradient coming back included)."""
-        return nbytes * self.layout.hop_s_per_byte[hop] + count * self.layout.hop_latency_s[hop]
+        return nbytes * self.device_order.hop_s_per_byte[hop] + count * self.device_order.hop_latency_s[hop]
 
     def rebuild_s(self, s: int, i: np.ndarray | int, j: int) -> np.ndarray | float:
         """Seconds stage s spends on [i, j) rebuilding the replicated values its ops need."""
@@ -110,17 +110,17 @@ class StageModel:
         if not len(c.rebuild_needers):
             return 0.0 * np.asarray(i)
         needed = c.rebuild_next[:, i] < j  # groups × len(i)
-        return c.rebuild_time_s[self.layout.types[s]] @ needed
+        return c.rebuild_time_s[self.device_order.types[s]] @ needed
 
     def work_s(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
         """Compute seconds of stage s on [i, j): its ops and the values it rebuilds."""
-        t = self.chain.time_s[self.layout.types[s]]
+        t = self.chain.time_s[self.device_order.types[s]]
         return t[j] - t[i] + self.rebuild_s(s, i, j)
 
     def traffic_s(self, s: int, i: np.ndarray, j: int) -> np.ndarray | float:
         """Seconds stage s on [i, j) spends receiving at cut i and sending at cut j."""
         total = self.comm_s(i, s - 1) if s > 0 else 0.0 * np.asarray(i)
-        if s < len(self.layout) - 1:
+        if s < len(self.device_order) - 1:
             total = total + self.comm_s(j, s)
         return total
 
@@ -129,13 +129,13 @@ class StageModel:
 
     def memory_bytes(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
         """Peak bytes of stage s on ops [i, j) (``OpsMemory.total_bytes``: the one memory model)."""
-        return self.memory.total_bytes(i, j, in_flight=self.in_flight[s], gpu=self.layout.gpu[s], **self.rules)
+        return self.memory.total_bytes(i, j, in_flight=self.in_flight[s], gpu=self.device_order.gpu[s], **self.rules)
 
     def breakdown(self, s: int, stage_of_op: Sequence[int]) -> MemoryBreakdown:
         """Peak memory by kind of stage s in any op → stage assignment (chain order); equals
         ``memory_bytes`` where the stage is a run of the chain."""
-        quantities = self.memory.quantities_of(stage_of_op, s, cpu=not self.layout.gpu[s])
-        return peak_breakdown(quantities, in_flight=self.in_flight[s], gpu=self.layout.gpu[s], **self.rules)
+        quantities = self.memory.quantities_of(stage_of_op, s, cpu=not self.device_order.gpu[s])
+        return peak_breakdown(quantities, in_flight=self.in_flight[s], gpu=self.device_order.gpu[s], **self.rules)
 
     def device_breakdown(self, d: int, quantities: Sequence[Mapping[str, float]]) -> MemoryBreakdown:
         """Peak memory by kind of device d (``self.devices[d]``) given its stages' quantities
@@ -145,27 +145,27 @@ class StageModel:
         stages = self.devices[d]
         first = stages[0]
         if len(stages) == 1:
-            return peak_breakdown(quantities[0], in_flight=self.in_flight[first], gpu=self.layout.gpu[first],
+            return peak_breakdown(quantities[0], in_flight=self.in_flight[first], gpu=self.device_order.gpu[first],
                                   **self.rules)
         if self._profiles is None:  # several stages per device: an interleaved schedule, which trains
-            S, v = len(self.layout), self.options.stages_per_device
+            S, v = len(self.device_order), self.options.stages_per_device
             self._profiles = [in_flight_profile(self.options.schedule, num_stages=S, stages_per_device=v, device=k,
                                                 microbatches=self.options.microbatches)
                               for k in range(len(self.devices))]
-        terms = device_peak_terms(quantities, profile=self._profiles[d], gpu=self.layout.gpu[first], **self.rules)
+        terms = device_peak_terms(quantities, profile=self._profiles[d], gpu=self.device_order.gpu[first], **self.rules)
         return MemoryBreakdown(**{k: float(v) for k, v in terms.items()})
 
     def device_fits(self, stage_of_op: Sequence[int]) -> bool:
         """Whether every device fits its stages of any op → stage assignment (chain order)."""
         for d, stages in enumerate(self.devices):
-            cpu = not self.layout.gpu[stages[0]]
+            cpu = not self.device_order.gpu[stages[0]]
             quantities = [self.memory.quantities_of(stage_of_op, s, cpu=cpu) for s in stages]
-            if self.device_breakdown(d, quantities).total_bytes > self.layout.capacity_bytes[stages[0]]:
+            if self.device_breakdown(d, quantities).total_bytes > self.device_order.capacity_bytes[stages[0]]:
                 return False
         return True
 
     def allowed(self, s: int, i: np.ndarray, j: int) -> np.ndarray:
-        ok = self.memory_bytes(s, i, j) <= self.layout.capacity_bytes[s]
+        ok = self.memory_bytes(s, i, j) <= self.device_order.capacity_bytes[s]
         ok &= (self.other_pins[s][j] - self.other_pins[s][i]) == 0
         span = self.pin_span[s]
         if span is not None:
@@ -259,13 +259,13 @@ def _travel_arrays(model: StageModel, graph: OpGraph) -> tuple[np.ndarray, ...]:
 def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> tuple[list[float], list[float], list[float]]:
     """Compute, incoming and outgoing traffic seconds per stage of any op → stage assignment
     (chain order): every value travels from its producer's stage to its last reader's, hop by hop."""
-    chain, layout = model.chain, model.layout
-    S = len(layout)
+    chain, order = model.chain, model.device_order
+    S = len(order)
     stage = np.asarray(stage_of_op, dtype=np.int64)
-    compute = [float(np.diff(chain.time_s[layout.types[s]])[stage == s].sum()) for s in range(S)]
+    compute = [float(np.diff(chain.time_s[order.types[s]])[stage == s].sum()) for s in range(S)]
     for g, needers in enumerate(chain.rebuild_needers):  # each stage rebuilds the values its ops need
         for s in np.unique(stage[needers]).tolist():
-            compute[s] += float(chain.rebuild_time_s[layout.types[s]][g])
+            compute[s] += float(chain.rebuild_time_s[order.types[s]][g])
     comm_in, comm_out = [0.0] * S, [0.0] * S
     _, _, _, nbytes, tensors = _travel_arrays(model, graph)
     for hop, crossing in enumerate(_crossings(model, graph, stage)):
@@ -279,7 +279,7 @@ def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> t
     for use, owner, others in _weight_sends(model, graph, stage):
         if model.options.shared_weights == "copies":
             if use.gradient and model.directions == 2:
-                group = [model.layout.ranks[s] for s in [owner, *others]]
+                group = [model.device_order.ranks[s] for s in [owner, *others]]
                 seconds = float(all_reduce_s(model.cluster, group, use.nbytes)) / m
                 for s in [owner, *others]:
                     comm_out[s] += seconds
@@ -296,7 +296,7 @@ def evaluate(model: StageModel, graph: OpGraph, stage_of_op: Sequence[int]) -> t
 def _crossings(model: StageModel, graph: OpGraph, stage: np.ndarray) -> list[np.ndarray]:
     """Per hop, which travelling values cross it (``_travel_arrays`` order): produced on the hop's
     stage or before, read after it (returned values are read on the last stage)."""
-    S = len(model.layout)
+    S = len(model.device_order)
     producer, readers, starts, _, _ = _travel_arrays(model, graph)
     if not len(producer):
         return [np.zeros(0, dtype=bool)] * (S - 1)
@@ -311,7 +311,7 @@ def _weight_sends(model: StageModel, graph: OpGraph, stage: np.ndarray) -> list[
     With several stages per device (interleaved schedules) a device holds the weight once: it
     goes to the first stage reading it on each other device, none on the home's device."""
     sends = []
-    ranks = model.layout.ranks
+    ranks = model.device_order.ranks
     for use in weight_readers(graph, model.chain, model.weights).values():
         on = sorted(set(stage[list(use.readers)].tolist()))
         first_on_device = {}
@@ -329,7 +329,7 @@ def transfers_per_call(model: StageModel, graph: OpGraph, stage_of_op: Sequence[
     every weight once per call from its home to each other stage that reads it (none when the
     stages hold copies: ``SolverOptions.shared_weights``)."""
     stage = np.asarray(stage_of_op, dtype=np.int64)
-    received = [0] * len(model.layout)
+    received = [0] * len(model.device_order)
     for hop, crossing in enumerate(_crossings(model, graph, stage)):
         received[hop + 1] += int(crossing.sum()) * model.options.microbatches
     for _, _, others in _weight_sends(model, graph, stage) if model.options.shared_weights == "sent" else ():
