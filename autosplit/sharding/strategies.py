@@ -343,6 +343,9 @@ def _enumerate(node: fx.Node, op: Any, tp: int) -> NodeLayouts:
         produced = _runtime_outputs(node, op, inputs, tp, len(outputs))
         if produced is not None:
             layouts.append(_layout(inputs, produced, tp))
+    if not layouts:
+        return NodeLayouts((Layout(("R",) * len(metas), ("R",) * len(outputs)),),
+                           f"{op}: DTensor's propagation accepted none of its placements; replicated")
     return NodeLayouts(_ordered(layouts))
 
 
