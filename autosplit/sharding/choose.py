@@ -17,6 +17,10 @@ read) that is true when some reader reads it so, and one per (output, placement 
 placement given back); the collective between the producer's layout and such a read is paid by
 an AND of the two (``w >= x + z - 1``: with non-negative costs the minimum makes it exact). So
 three readers of one replicated value that each give back a partial gradient pay one all-reduce.
+The AND is modelled with one boolean per producer layout, ``w_k => x_k`` and ``sum_k w_k == z``,
+whose linear relaxation pays exactly the expected cost for a given z (the usual
+``w >= x + z - 1`` lets a half-chosen pair pay nothing, and CP-SAT then stalls on long chains
+of view ops).
 
 Repeated layers share one decision. Blocks of ``OpGraph.coarsen()`` (one per transformer layer)
 with the same structural signature — ops, shapes, constants and edges, never module names — are
@@ -36,10 +40,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 
 from autosplit.graph import OpGraph
+from autosplit.sharding.eliminate import eliminate
 from autosplit.sharding.placements import REPLICATE, validate
 from autosplit.sharding.price import (GraphFacts, ShardingCost, collective_s, compute_s, gradient_placement,
                                       gradient_target, per_rank_cost, price_layouts, transition, weight_bytes)
@@ -128,8 +134,6 @@ def choose_layouts(traced: Traced, costs: Mapping[str, OpCost], cluster: Cluster
         >>> choice.collective_counts["forward"]
         {'all_reduce': 1}
     """
-    from ortools.sat.python import cp_model
-
     started = time.perf_counter()
     ranks = tuple(ranks)
     tp = len(ranks)
@@ -159,49 +163,23 @@ def choose_layouts(traced: Traced, costs: Mapping[str, OpCost], cluster: Cluster
                 classes[n] = n
                 members[n] = [n]
 
-    cp = cp_model.CpModel()
-    x: dict[Any, list] = {}
-    objective: list[tuple[int, Any]] = []
+    ids = {cls: i for i, cls in enumerate(members)}
+    unary: dict[Any, list[float]] = {}
     for cls, names in members.items():
         rep = names[0]
-        x[cls] = [cp.NewBoolVar("") for _ in options[rep].layouts]
-        cp.AddExactlyOne(x[cls])
-        for k, layout in enumerate(options[rep].layouts):
-            seconds = compute_s(per_rank_cost(facts, rep, layout, tp), device, model_, training)
-            seconds += memory_weight_s_per_byte * _memory_bytes(facts, rep, layout, tp, training)
-            coef = round(seconds * UNITS_PER_S) * len(names)
-            if coef:
-                objective.append((coef, x[cls][k]))
-
-    # Producer terms, grouped by (producer class, readers' classes and slots).
-    groups: dict[tuple, int] = defaultdict(int)
-    for name in facts.nodes:
-        readers = tuple(sorted((str(classes[v]), v_slot, index, classes[v] == v) for v, v_slot, index in facts.readers.get(name, [])))
-        if readers:
-            groups[(classes[name], readers, name if classes[name] == name else None)] += 1
-    representative: dict[tuple, str] = {}
-    for name in facts.nodes:
-        readers = tuple(sorted((str(classes[v]), v_slot, index, classes[v] == v) for v, v_slot, index in facts.readers.get(name, [])))
-        if readers:
-            representative.setdefault((classes[name], readers, name if classes[name] == name else None), name)
-    for key, count in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        u = representative[key]
-        _producer_terms(cp, x, classes, options, facts, u, count, cluster, ranks, objective)
-
-    cp.Minimize(sum(c * v for c, v in objective))
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = 1
-    solver.parameters.random_seed = 0
-    solver.parameters.max_deterministic_time = time_limit_s
-    status = solver.Solve(cp)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise RuntimeError(f"CP-SAT found no layout ({solver.StatusName(status)}); the all-replicated one "
-                           "is always feasible, so this is a bug")
+        unary[cls] = [len(names) * (compute_s(per_rank_cost(facts, rep, layout, tp), device, model_, training)
+                                    + memory_weight_s_per_byte * _memory_bytes(facts, rep, layout, tp, training))
+                      for layout in options[rep].layouts]
+    groups = _producer_groups(facts, classes)
+    solved = _eliminate(ids, unary, groups, classes, options, facts, cluster, ranks, members)
+    if solved is not None:
+        picks, status = solved, "OPTIMAL"
+    else:
+        picks, status = _cp_sat(unary, groups, classes, options, facts, cluster, ranks, time_limit_s)
     chosen: dict[str, Layout] = {}
     for name in facts.nodes:
         cls = classes[name]
-        k = next(i for i, v in enumerate(x[cls]) if solver.BooleanValue(v))
-        chosen[name] = options[members[cls][0]].layouts[k]
+        chosen[name] = options[members[cls][0]].layouts[picks[cls]]
     priced = price_layouts(gm, costs, chosen, cluster, ranks, training=training)
     compute = sum(compute_s(c, device, model_, training) for c in priced.per_rank.values())
     communication = sum(f + b for f, b in priced.collective_s.values())
@@ -211,8 +189,8 @@ def choose_layouts(traced: Traced, costs: Mapping[str, OpCost], cluster: Cluster
         tp=tp, ranks=ranks, layouts=chosen, notes=notes, per_rank=priced.per_rank,
         parameter_bytes=priced.parameter_bytes, collective_s=priced.collective_s,
         collective_counts=priced.counts(), compute_s=compute, communication_s=communication, memory_bytes=memory,
-        objective_s=compute + communication + memory_weight_s_per_byte * memory, status=solver.StatusName(status),
-        variables=len(cp.Proto().variables), wall_s=time.perf_counter() - started, priced=priced)
+        objective_s=compute + communication + memory_weight_s_per_byte * memory, status=status,
+        variables=sum(len(u) for u in unary.values()), wall_s=time.perf_counter() - started, priced=priced)
     logger.debug("tp=%d: %s, %d variables, objective %.6f s, %.2f s", tp, choice.status, choice.variables,
                  choice.objective_s, choice.wall_s)
     return choice
@@ -227,52 +205,122 @@ def _memory_bytes(facts: GraphFacts, name: str, layout: Layout, tp: int, trainin
     return held
 
 
-def _producer_terms(cp: Any, x: dict, classes: dict, options: Mapping[str, NodeLayouts], facts: GraphFacts,
-                    u: str, count: int, cluster: Cluster, ranks: Sequence[int], objective: list) -> None:
-    """Collective terms of producer ``u`` (standing for ``count`` producers alike)."""
+def _producer_groups(facts: GraphFacts, classes: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """One producer standing for each group of producers alike — the same class, read by the
+    same classes through the same slots — and how many it stands for."""
+    count: dict[tuple, int] = defaultdict(int)
+    first: dict[tuple, str] = {}
+    for name in facts.nodes:
+        readers = tuple(sorted((str(classes[v]), slot, index) for v, slot, index in facts.readers.get(name, [])))
+        if not readers:
+            continue
+        key = (str(classes[name]), readers, name if classes[name] == name else None)
+        count[key] += 1
+        first.setdefault(key, name)
+    return [(first[key], n) for key, n in sorted(count.items(), key=lambda kv: str(kv[0]))]
+
+
+def _read_costs(facts: GraphFacts, u: str, classes: Mapping[str, Any], options: Mapping[str, NodeLayouts],
+                cluster: Cluster, ranks: Sequence[int]) -> list[tuple[list[float], list[tuple[Any, int, list[bool]]]]]:
+    """The collective terms of producer ``u``: for each distinct read (forward: output index and
+    placement; backward: also the gradient placement), the seconds for each of u's layouts, and
+    for each reader (its class, slot) which of its layouts make that read."""
     flows = facts.training and facts.has_grad.get(u, False)
-    reads: dict[tuple[int, str], list] = defaultdict(list)
-    grads: dict[tuple[int, str, str], list] = defaultdict(list)
-    for v, slot, index in facts.readers.get(u, []):
-        cls = classes[v]
-        for k, layout in enumerate(options[v].layouts):
-            if slot >= len(layout.inputs):
-                continue
-            p = layout.inputs[slot]
-            reads[(index, p)].append(x[cls][k])
-            if flows:
-                grads[(index, p, gradient_placement(layout, slot))].append(x[cls][k])
     sizes = facts.output_bytes.get(u, [])
-    produced_by = options[u].layouts
-
-    def indicator(vars_: list) -> Any:
-        unique = list({id(v): v for v in vars_}.values())
-        if len(unique) == 1:
-            return unique[0]
-        z = cp.NewBoolVar("")
-        for v in unique:
-            cp.AddImplication(v, z)
-        return z
-
-    def pay(seconds: float, a: Any, z: Any) -> None:
-        coef = round(seconds * UNITS_PER_S) * count
-        if coef <= 0:
-            return
-        w = cp.NewBoolVar("")
-        cp.Add(w >= a + z - 1)
-        objective.append((coef, w))
-
-    zs = {key: indicator(v) for key, v in sorted(reads.items())}
-    zg = {key: indicator(v) for key, v in sorted(grads.items())}
-    for k, layout in enumerate(produced_by):
-        for (index, p), z in zs.items():
+    keys: dict[tuple, list[tuple[Any, int, list[bool]]]] = defaultdict(list)
+    for v, slot, index in facts.readers.get(u, []):
+        layouts = options[v].layouts
+        reads = [(index, l.inputs[slot]) if slot < len(l.inputs) else None for l in layouts]
+        for p in sorted({r[1] for r in reads if r is not None}):
+            keys[("f", index, p, "")].append((classes[v], slot, [r == (index, p) for r in reads]))
+        if flows:
+            grads = [(index, l.inputs[slot], gradient_placement(l, slot)) if slot < len(l.inputs) else None
+                     for l in layouts]
+            for key in sorted({g for g in grads if g is not None}):
+                keys[("b",) + key].append((classes[v], slot, [g == key for g in grads]))
+    terms = []
+    for (direction, index, p, g), readers in sorted(keys.items()):
+        costs_s = []
+        for layout in options[u].layouts:
             produced = layout.outputs[index] if index < len(layout.outputs) else REPLICATE
             nbytes = sizes[index] if index < len(sizes) else 0
-            pay(collective_s(transition(produced, p), nbytes, cluster, ranks), x[classes[u]][k], z)
-        for (index, p, g), z in zg.items():
-            produced = layout.outputs[index] if index < len(layout.outputs) else REPLICATE
-            nbytes = sizes[index] if index < len(sizes) else 0
-            pay(collective_s(transition(g, gradient_target(produced)), nbytes, cluster, ranks), x[classes[u]][k], z)
+            kind = transition(produced, p) if direction == "f" else transition(g, gradient_target(produced))
+            costs_s.append(collective_s(kind, nbytes, cluster, ranks))
+        if any(costs_s):
+            terms.append((costs_s, readers))
+    return terms
+
+
+def _eliminate(ids: Mapping[Any, int], unary: Mapping[Any, list[float]], groups: list[tuple[str, int]],
+               classes: Mapping[str, Any], options: Mapping[str, NodeLayouts], facts: GraphFacts,
+               cluster: Cluster, ranks: Sequence[int], members: Mapping[Any, list[str]]) -> dict[Any, int] | None:
+    """The exact optimum by variable elimination (:mod:`autosplit.sharding.eliminate`), or None
+    when its tables would grow too large."""
+    domains = {ids[c]: len(u) for c, u in unary.items()}
+    factors = [((ids[c],), np.asarray(u)) for c, u in unary.items()]
+    for u, count in groups:
+        cu = ids[classes[u]]
+        for costs_s, readers in _read_costs(facts, u, classes, options, cluster, ranks):
+            scope = tuple(sorted({cu} | {ids[c] for c, _, _ in readers}))
+            shape = [domains[w] for w in scope]
+            none_reads = np.ones(shape, dtype=bool)  # no reader makes this read
+            for c, _, makes in readers:
+                axis = scope.index(ids[c])
+                view = [1] * len(scope)
+                view[axis] = shape[axis]
+                none_reads &= ~np.asarray(makes).reshape(view)
+            view = [1] * len(scope)
+            view[scope.index(cu)] = shape[scope.index(cu)]
+            table = count * np.asarray(costs_s).reshape(view) * (~none_reads)
+            factors.append((scope, table))
+    solved = eliminate(domains, factors)
+    if solved is None:
+        return None
+    best, _ = solved
+    return {c: best[i] for c, i in ids.items()}
+
+
+def _cp_sat(unary: Mapping[Any, list[float]], groups: list[tuple[str, int]], classes: Mapping[str, Any],
+            options: Mapping[str, NodeLayouts], facts: GraphFacts, cluster: Cluster, ranks: Sequence[int],
+            time_limit_s: float) -> tuple[dict[Any, int], str]:
+    """The same problem with OR-Tools CP-SAT (see the module docstring), for graphs whose
+    elimination tables grow too large."""
+    from ortools.sat.python import cp_model
+
+    cp = cp_model.CpModel()
+    x = {c: [cp.NewBoolVar("") for _ in u] for c, u in unary.items()}
+    objective: list[tuple[int, Any]] = []
+    for c, u in unary.items():
+        cp.AddExactlyOne(x[c])
+        objective += [(round(s * UNITS_PER_S), x[c][k]) for k, s in enumerate(u) if round(s * UNITS_PER_S)]
+    for u, count in groups:
+        for costs_s, readers in _read_costs(facts, u, classes, options, cluster, ranks):
+            made = list({id(v): v for c, _, makes in readers for v, m in zip(x[c], makes) if m}.values())
+            if len(made) == 1:
+                z = made[0]
+            else:
+                z = cp.NewBoolVar("")
+                for v in made:
+                    cp.AddImplication(v, z)
+                cp.Add(z <= sum(made))
+            coefs = [round(c * UNITS_PER_S) * count for c in costs_s]
+            ws = [cp.NewBoolVar("") for _ in coefs]
+            cp.Add(sum(ws) == z)
+            for w, xk, coef in zip(ws, x[classes[u]], coefs):
+                cp.AddImplication(w, xk)
+                if coef:
+                    objective.append((coef, w))
+    cp.Minimize(sum(c * v for c, v in objective))
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.random_seed = 0
+    solver.parameters.max_deterministic_time = time_limit_s
+    status = solver.Solve(cp)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise RuntimeError(f"CP-SAT found no layout ({solver.StatusName(status)}); the all-replicated one "
+                           "is always feasible, so this is a bug")
+    picks = {c: next(k for k, v in enumerate(vs) if solver.BooleanValue(v)) for c, vs in x.items()}
+    return picks, solver.StatusName(status)
 
 
 # --------------------------------------------------------------------------- repeated blocks

@@ -39,7 +39,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
-import torch
 import torch.fx as fx
 
 from autosplit.sharding.placements import REPLICATE, is_partial, is_shard
