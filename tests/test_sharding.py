@@ -415,6 +415,13 @@ def test_the_same_input_gives_the_same_choice():
     assert a.layouts == b.layouts and a.objective_s == b.objective_s
 
 
+def test_cp_sat_proves_the_optimum_elimination_finds():
+    _, exact = _stack_choice(2, method="eliminate")
+    _, cp = _stack_choice(2, method="cp-sat")
+    assert exact.status == cp.status == "OPTIMAL"
+    assert cp.objective_s == pytest.approx(exact.objective_s, rel=1e-6)
+
+
 def test_a_memory_weight_gives_a_leaner_choice(llama_traced):
     traced, costs, _ = llama_traced
     fast = choose_layouts(traced, costs, CLUSTER, [0, 1])

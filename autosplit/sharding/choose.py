@@ -47,8 +47,8 @@ import torch.fx as fx
 from autosplit.graph import OpGraph
 from autosplit.sharding.eliminate import eliminate
 from autosplit.sharding.placements import REPLICATE, validate
-from autosplit.sharding.price import (GraphFacts, ShardingCost, collective_s, compute_s, gradient_placement,
-                                      gradient_target, per_rank_cost, price_layouts, transition, weight_bytes)
+from autosplit.sharding.price import (CollectiveTimes, GraphFacts, ShardingCost, compute_s, gradient_placement,
+                                      gradient_target, per_rank_cost, price_with, transition, weight_bytes)
 from autosplit.sharding.strategies import Layout, NodeLayouts, node_layouts
 from autosplit.trace import Traced
 from cost_models.analytic import AnalyticCostModel
@@ -56,6 +56,8 @@ from cost_models.cluster import Cluster
 from cost_models.ops import OpCost
 
 logger = logging.getLogger(__name__)
+
+METHODS = ("auto", "eliminate", "cp-sat")
 
 UNITS_PER_S = 1e10
 """Objective units per second (0.1 ns): CP-SAT needs integer coefficients."""
@@ -111,7 +113,8 @@ class ShardingChoice:
 def choose_layouts(traced: Traced, costs: Mapping[str, OpCost], cluster: Cluster, ranks: Sequence[int], *,
                    device: Any = None, cost_model: AnalyticCostModel | None = None, training: bool = True,
                    memory_weight_s_per_byte: float = 0.0, output_placement: str = REPLICATE,
-                   time_limit_s: float = 10.0, layouts: Mapping[str, NodeLayouts] | None = None) -> ShardingChoice:
+                   time_limit_s: float = 10.0, layouts: Mapping[str, NodeLayouts] | None = None,
+                   method: str = "auto") -> ShardingChoice:
     """Choose the layout of every node of ``traced`` on the tensor-parallel group ``ranks``.
 
     Args:
@@ -128,6 +131,8 @@ def choose_layouts(traced: Traced, costs: Mapping[str, OpCost], cluster: Cluster
         output_placement: how the graph's outputs are returned (``"R"``: whole on every rank).
         time_limit_s: CP-SAT's deterministic time limit.
         layouts: the nodes' layouts, if already found (``node_layouts(gm, tp)``).
+        method: ``"eliminate"`` (exact variable elimination), ``"cp-sat"``, or ``"auto"``:
+            elimination where its tables stay small, else CP-SAT.
 
     Example:
         >>> choice = choose_layouts(traced, price_graph(traced.graph_module), Cluster.parse("2xh100"), [0, 1])
@@ -142,6 +147,8 @@ def choose_layouts(traced: Traced, costs: Mapping[str, OpCost], cluster: Cluster
     if memory_weight_s_per_byte < 0:
         raise ValueError(f"memory_weight_s_per_byte must be >= 0, e.g. 1e-9; got {memory_weight_s_per_byte}")
     validate(output_placement)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, e.g. 'auto'; got {method!r}")
     gm = traced.graph_module
     device = cluster[ranks[0]] if device is None else device
     model_ = cost_model or AnalyticCostModel()
@@ -167,23 +174,29 @@ def choose_layouts(traced: Traced, costs: Mapping[str, OpCost], cluster: Cluster
     unary: dict[Any, list[float]] = {}
     for cls, names in members.items():
         rep = names[0]
-        unary[cls] = [len(names) * (compute_s(per_rank_cost(facts, rep, layout, tp), device, model_, training)
-                                    + memory_weight_s_per_byte * _memory_bytes(facts, rep, layout, tp, training))
-                      for layout in options[rep].layouts]
+        unary[cls] = []
+        for layout in options[rep].layouts:
+            cost = per_rank_cost(facts, rep, layout, tp)
+            held = _held_bytes(facts, rep, layout, cost, tp, training)
+            unary[cls].append(len(names) * (compute_s(cost, device, model_, training) + memory_weight_s_per_byte * held))
     groups = _producer_groups(facts, classes)
-    solved = _eliminate(ids, unary, groups, classes, options, facts, cluster, ranks, members)
+    times = CollectiveTimes(cluster, ranks)
+    solved = _eliminate(ids, unary, groups, classes, options, facts, times) if method != "cp-sat" else None
+    if solved is None and method == "eliminate":
+        raise ValueError("variable elimination would build tables over 2,000,000 entries for this graph; "
+                         "use method='cp-sat' or 'auto'")
     if solved is not None:
         picks, status = solved, "OPTIMAL"
     else:
-        picks, status = _cp_sat(unary, groups, classes, options, facts, cluster, ranks, time_limit_s)
+        picks, status = _cp_sat(unary, groups, classes, options, facts, times, time_limit_s)
     chosen: dict[str, Layout] = {}
     for name in facts.nodes:
         cls = classes[name]
         chosen[name] = options[members[cls][0]].layouts[picks[cls]]
-    priced = price_layouts(gm, costs, chosen, cluster, ranks, training=training)
+    priced = price_with(facts, chosen, times)
     compute = sum(compute_s(c, device, model_, training) for c in priced.per_rank.values())
     communication = sum(f + b for f, b in priced.collective_s.values())
-    memory = sum(_memory_bytes(facts, n, chosen[n], tp, training) for n in facts.nodes)
+    memory = sum(_held_bytes(facts, n, chosen[n], priced.per_rank[n], tp, training) for n in facts.nodes)
     notes = {n: options[n].note for n in facts.nodes if options[n].note}
     choice = ShardingChoice(
         tp=tp, ranks=ranks, layouts=chosen, notes=notes, per_rank=priced.per_rank,
@@ -196,13 +209,10 @@ def choose_layouts(traced: Traced, costs: Mapping[str, OpCost], cluster: Cluster
     return choice
 
 
-def _memory_bytes(facts: GraphFacts, name: str, layout: Layout, tp: int, training: bool) -> int:
+def _held_bytes(facts: GraphFacts, name: str, layout: Layout, cost: OpCost, tp: int, training: bool) -> int:
     """Bytes a rank keeps for a node: a weight's share (twice when training: its gradient) and
-    the tensors it saves for backward."""
-    held = weight_bytes(facts, name, layout, tp) * (2 if training else 1)
-    if training and name in facts.costs:
-        held += per_rank_cost(facts, name, layout, tp).saved_bytes
-    return held
+    the tensors it saves for backward (``cost``: the node's per-rank cost in ``layout``)."""
+    return weight_bytes(facts, name, layout, tp) * (2 if training else 1) + (cost.saved_bytes if training else 0)
 
 
 def _producer_groups(facts: GraphFacts, classes: Mapping[str, Any]) -> list[tuple[str, int]]:
@@ -221,7 +231,7 @@ def _producer_groups(facts: GraphFacts, classes: Mapping[str, Any]) -> list[tupl
 
 
 def _read_costs(facts: GraphFacts, u: str, classes: Mapping[str, Any], options: Mapping[str, NodeLayouts],
-                cluster: Cluster, ranks: Sequence[int]) -> list[tuple[list[float], list[tuple[Any, int, list[bool]]]]]:
+                times: CollectiveTimes) -> list[tuple[list[float], list[tuple[Any, int, list[bool]]]]]:
     """The collective terms of producer ``u``: for each distinct read (forward: output index and
     placement; backward: also the gradient placement), the seconds for each of u's layouts, and
     for each reader (its class, slot) which of its layouts make that read."""
@@ -245,7 +255,7 @@ def _read_costs(facts: GraphFacts, u: str, classes: Mapping[str, Any], options: 
             produced = layout.outputs[index] if index < len(layout.outputs) else REPLICATE
             nbytes = sizes[index] if index < len(sizes) else 0
             kind = transition(produced, p) if direction == "f" else transition(g, gradient_target(produced))
-            costs_s.append(collective_s(kind, nbytes, cluster, ranks))
+            costs_s.append(times(kind, nbytes))
         if any(costs_s):
             terms.append((costs_s, readers))
     return terms
@@ -253,14 +263,14 @@ def _read_costs(facts: GraphFacts, u: str, classes: Mapping[str, Any], options: 
 
 def _eliminate(ids: Mapping[Any, int], unary: Mapping[Any, list[float]], groups: list[tuple[str, int]],
                classes: Mapping[str, Any], options: Mapping[str, NodeLayouts], facts: GraphFacts,
-               cluster: Cluster, ranks: Sequence[int], members: Mapping[Any, list[str]]) -> dict[Any, int] | None:
+               times: CollectiveTimes) -> dict[Any, int] | None:
     """The exact optimum by variable elimination (:mod:`autosplit.sharding.eliminate`), or None
     when its tables would grow too large."""
     domains = {ids[c]: len(u) for c, u in unary.items()}
     factors = [((ids[c],), np.asarray(u)) for c, u in unary.items()]
     for u, count in groups:
         cu = ids[classes[u]]
-        for costs_s, readers in _read_costs(facts, u, classes, options, cluster, ranks):
+        for costs_s, readers in _read_costs(facts, u, classes, options, times):
             scope = tuple(sorted({cu} | {ids[c] for c, _, _ in readers}))
             shape = [domains[w] for w in scope]
             none_reads = np.ones(shape, dtype=bool)  # no reader makes this read
@@ -281,7 +291,7 @@ def _eliminate(ids: Mapping[Any, int], unary: Mapping[Any, list[float]], groups:
 
 
 def _cp_sat(unary: Mapping[Any, list[float]], groups: list[tuple[str, int]], classes: Mapping[str, Any],
-            options: Mapping[str, NodeLayouts], facts: GraphFacts, cluster: Cluster, ranks: Sequence[int],
+            options: Mapping[str, NodeLayouts], facts: GraphFacts, times: CollectiveTimes,
             time_limit_s: float) -> tuple[dict[Any, int], str]:
     """The same problem with OR-Tools CP-SAT (see the module docstring), for graphs whose
     elimination tables grow too large."""
@@ -294,7 +304,7 @@ def _cp_sat(unary: Mapping[Any, list[float]], groups: list[tuple[str, int]], cla
         cp.AddExactlyOne(x[c])
         objective += [(round(s * UNITS_PER_S), x[c][k]) for k, s in enumerate(u) if round(s * UNITS_PER_S)]
     for u, count in groups:
-        for costs_s, readers in _read_costs(facts, u, classes, options, cluster, ranks):
+        for costs_s, readers in _read_costs(facts, u, classes, options, times):
             made = list({id(v): v for c, _, makes in readers for v, m in zip(x[c], makes) if m}.values())
             if len(made) == 1:
                 z = made[0]

@@ -103,6 +103,21 @@ def collective_s(kind: str | None, nbytes: int, cluster: Cluster, ranks: Sequenc
     raise ValueError(f"unknown collective {kind!r}; expected one of {COLLECTIVE_KINDS}")
 
 
+class CollectiveTimes:
+    """:func:`collective_s` on one group, remembered (the ring's bandwidth and latency are
+    looked up link by link)."""
+
+    def __init__(self, cluster: Cluster, ranks: Sequence[int]):
+        self.cluster, self.ranks = cluster, tuple(ranks)
+        self._seen: dict[tuple[str | None, int], float] = {}
+
+    def __call__(self, kind: str | None, nbytes: int) -> float:
+        key = (kind, nbytes)
+        if key not in self._seen:
+            self._seen[key] = collective_s(kind, nbytes, self.cluster, self.ranks)
+        return self._seen[key]
+
+
 def gradient_placement(layout: Layout, slot: int) -> str:
     """The placement of the gradient a node with ``layout`` gives its input ``slot``."""
     read = layout.inputs[slot]
@@ -215,8 +230,7 @@ def weight_bytes(facts: GraphFacts, name: str, layout: Layout, tp: int) -> int:
 
 
 def producer_collectives(facts: GraphFacts, producer: str, layout: Layout,
-                         reads: Sequence[tuple[int, str, str | None]], cluster: Cluster,
-                         ranks: Sequence[int]) -> list[Collective]:
+                         reads: Sequence[tuple[int, str, str | None]], times: CollectiveTimes) -> list[Collective]:
     """The collectives moving ``producer``'s outputs to readers that read (output index,
     placement, gradient placement or None when no gradient flows back), each distinct read once."""
     found = []
@@ -231,14 +245,12 @@ def producer_collectives(facts: GraphFacts, producer: str, layout: Layout,
         nbytes = sizes[index] if index < len(sizes) else 0
         kind = transition(produced, placement)
         if kind is not None:
-            found.append(Collective(producer, kind, "forward", produced, placement, nbytes,
-                                    collective_s(kind, nbytes, cluster, ranks)))
+            found.append(Collective(producer, kind, "forward", produced, placement, nbytes, times(kind, nbytes)))
         target = gradient_target(produced)
         for grad in sorted(grads):
             kind = transition(grad, target)
             if kind is not None:
-                found.append(Collective(producer, kind, "backward", grad, target, nbytes,
-                                        collective_s(kind, nbytes, cluster, ranks)))
+                found.append(Collective(producer, kind, "backward", grad, target, nbytes, times(kind, nbytes)))
     return found
 
 
@@ -272,8 +284,12 @@ def price_layouts(gm: fx.GraphModule, costs: Mapping[str, OpCost], chosen: Mappi
         >>> priced.counts()
         {'forward': {'all_reduce': 1}, 'backward': {'all_reduce': 1}}
     """
-    tp = len(ranks)
-    facts = GraphFacts(gm, costs, training=training)
+    return price_with(GraphFacts(gm, costs, training=training), chosen, CollectiveTimes(cluster, ranks))
+
+
+def price_with(facts: GraphFacts, chosen: Mapping[str, Layout], times: CollectiveTimes) -> ShardingCost:
+    """:func:`price_layouts` on a graph's facts already gathered."""
+    tp = len(times.ranks)
     missing = [n for n in facts.nodes if n not in chosen]
     if missing:
         raise ValueError(f"no layout for {len(missing)} node(s), e.g. {missing[:3]}: give every node one")
@@ -282,7 +298,7 @@ def price_layouts(gm: fx.GraphModule, costs: Mapping[str, OpCost], chosen: Mappi
     found: list[Collective] = []
     seconds: dict[str, tuple[float, float]] = {}
     for name in facts.nodes:
-        moves = producer_collectives(facts, name, chosen[name], reads_of(facts, name, chosen), cluster, ranks)
+        moves = producer_collectives(facts, name, chosen[name], reads_of(facts, name, chosen), times)
         found += moves
         if moves:
             seconds[name] = (sum(c.seconds for c in moves if c.direction == "forward"),

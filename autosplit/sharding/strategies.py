@@ -107,13 +107,28 @@ def tensor_inputs(node: fx.Node) -> list[Slot]:
     if _is_getitem(node):
         return [Slot(node.args[0].name, int(node.args[1]))]
     if node.op == "output":
-        return [Slot(a.name) for a in pytree.tree_leaves(node.args) if isinstance(a, fx.Node) and _is_tensor(a)]
-    return [Slot(a.name) for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node) and _is_tensor(a)]
+        return [Slot(a.name) for a in _nodes_in(node.args) if _is_tensor(a)]
+    return [Slot(a.name) for a in _nodes_in((node.args, node.kwargs)) if _is_tensor(a)]
+
+
+def _nodes_in(value: Any) -> Iterator[fx.Node]:
+    """The fx nodes in nested arguments, in order (what ``pytree.tree_leaves`` keeps, faster)."""
+    if isinstance(value, fx.Node):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _nodes_in(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _nodes_in(v)
 
 
 def tensor_outputs(node: fx.Node) -> list[torch.Tensor]:
     """The tensors ``node`` produces (fake or meta), in pytree order."""
-    return [t for t in pytree.tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor)]
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def placement_options(t: torch.Tensor, tp: int) -> list[str]:
@@ -320,8 +335,7 @@ def _wrap_lists(value: Any) -> Any:
 
 
 def _enumerate(node: fx.Node, op: Any, tp: int) -> NodeLayouts:
-    metas = [t for t in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(t, fx.Node) and _is_tensor(t)]
-    metas = [n.meta["val"] for n in metas]
+    metas = [n.meta["val"] for n in _nodes_in((node.args, node.kwargs)) if _is_tensor(n)]
     outputs = tensor_outputs(node)
     if any(not isinstance(s, int) for t in (*metas, *outputs) for s in t.shape):
         return NodeLayouts((Layout(("R",) * len(metas), ("R",) * len(outputs)),),
@@ -486,29 +500,49 @@ def _runtime_outputs(node: fx.Node, op: Any, inputs: tuple[str, ...], tp: int,
                      n_outputs: int) -> tuple[str, ...] | None:
     """Step 2: the output placements DTensor's runtime propagation gives inputs in exactly
     ``inputs``, or None when it would redistribute them first (not a fixed point)."""
-    from torch.distributed.tensor._op_schema import OpSchema
+    from torch.distributed.tensor._dtensor_spec import TensorMeta
+    from torch.distributed.tensor._op_schema import OpSchema, OpStrategy
+    from torch.distributed.tensor._ops.single_dim_strategy import _expand_single_dim_strategy_to_mesh
+    from torch.distributed.tensor._sharding_prop import _select_min_cost_strategy
 
+    # What ``propagate_op_sharding_non_cached`` does for a strategy op, less its fake-tensor
+    # run: the output's shape is known from the capture.
     prop = _propagator()
     args, kwargs = _schema_args(node, lambda i, t: _spec(t, inputs[i], tp))
     schema = OpSchema(op, args, kwargs, schema_info=prop.op_to_schema_info.get(op))
+    strategy_schema = prop._wrap_with_op_strategy(schema)
+    single_dim = prop.op_single_dim_strategy_funcs.get(op)
     try:
-        sharding = prop.propagate_op_sharding_non_cached(schema)
+        if single_dim is not None:
+            outs = [TensorMeta(t.shape, t.stride(), t.dtype) for t in tensor_outputs(node)]
+            out_meta = outs[0] if isinstance(node.meta.get("val"), torch.Tensor) else tuple(outs)
+            strategy = _expand_single_dim_strategy_to_mesh(_mesh(tp), strategy_schema, single_dim, out_meta)(
+                op, strategy_schema.args_meta, strategy_schema.kwargs_meta)
+        else:
+            strategy = prop.op_strategy_funcs[op](strategy_schema)
+        if not isinstance(strategy, OpStrategy):
+            return None
+        picked = _select_min_cost_strategy(strategy, schema)
     except Exception as e:
         logger.debug("DTensor refuses %s with inputs %s: %s", op, inputs, e)
         return None
-    suggested = sharding.redistribute_schema
-    if suggested is not None:
-        wanted = tuple(from_placement(s.placements[0], s.ndim) for s in suggested.args_spec)
-        # Replicate -> Shard or Partial is a local slice or mask DTensor makes itself, free (an
-        # embedding split by vocabulary masks its replicated indices so).
-        if any(w != p and p != REPLICATE for w, p in zip(wanted, inputs)) or len(wanted) != len(inputs):
-            return None
-    specs = sharding.output_spec
+    wanted_specs = picked.input_specs if picked.input_specs is not None else [picked.output_spec] * len(inputs)
+    metas = [t.meta["val"] for t in _nodes_in((node.args, node.kwargs)) if _is_tensor(t)]
+    try:
+        wanted = tuple(from_placement(_replicate() if _is_mask_partial(s.placements[0]) else s.placements[0], t.ndim)
+                       for s, t in zip(wanted_specs, metas))
+    except ValueError:
+        return None
+    # Replicate -> Shard or Partial is a local slice or mask DTensor makes itself, free (an
+    # embedding split by vocabulary masks its replicated indices so).
+    if len(wanted) != len(inputs) or any(w != p and p != REPLICATE for w, p in zip(wanted, inputs)):
+        return None
+    specs = picked.output_specs
     specs = [specs] if not isinstance(specs, (tuple, list)) else [s for s in specs if s is not None]
     if len(specs) != n_outputs:
         return None
     try:
-        return tuple(from_placement(s.placements[0], s.ndim) for s in specs)
+        return tuple(from_placement(s.placements[0], t.ndim) for s, t in zip(specs, tensor_outputs(node)))
     except ValueError:
         return None
 
