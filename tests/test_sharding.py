@@ -209,6 +209,26 @@ def test_collective_of_each_transition_is_what_dtensor_redistributes():
     assert collective_s("all_reduce", 2**20, CLUSTER, [0, 1]) > collective_s("all_gather", 2**20, CLUSTER, [0, 1]) > 0
 
 
+def test_the_sharding_package_plans_only():
+    """Its modules import the capture, the graph and the cost models, never a runtime."""
+    import ast
+    import pathlib
+
+    import autosplit.sharding
+
+    allowed = ("autosplit.sharding", "autosplit.trace", "autosplit.graph", "cost_models", "torch", "numpy",
+               "ortools", "__future__")
+    for path in pathlib.Path(autosplit.sharding.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                top = name.split(".")[0]
+                assert name.startswith(allowed) or top not in ("autosplit", "cost_models") and \
+                    top in ("contextlib", "functools", "logging", "operator", "re", "dataclasses", "typing",
+                            "collections", "hashlib", "time", "math", "torch"), f"{path.name} imports {name}"
+
+
 def test_enumerating_layouts_leaves_no_process_group():
     traced = capture(nn.Linear(8, 16), (torch.randn(2, 8),), tracer="export")
     node_layouts(traced.graph_module, 2)
@@ -291,12 +311,25 @@ def test_op_layout_is_what_dtensor_runs(ops_traced, target, occurrence, inputs, 
         assert placements_of(out)[:len(layout.outputs)] == layout.outputs
 
 
-def test_ops_without_a_strategy_are_replicate_only_with_a_note():
-    traced = capture(nn.Sequential(nn.Linear(8, 8)), (torch.randn(2, 8),), tracer="fx")
+class FxOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x)) + x
+
+
+def test_fx_graphs_map_torch_functions_and_replicate_modules_with_a_note():
+    traced = capture(FxOps(), (torch.randn(2, 8),), tracer="fx")
     layouts = node_layouts(traced.graph_module, 2)
     module_node = next(n for n in traced.graph.nodes if n.op == "call_module")
     assert [l.inputs for l in layouts[module_node.name].layouts] == [("R",)]
     assert "maps to no ATen op" in layouts[module_node.name].note
+    add = next(n for n in traced.graph.nodes if n.op == "call_function" and "add" in str(n.target))
+    relu = next(n for n in traced.graph.nodes if n.op == "call_function" and "relu" in str(n.target))
+    assert ("S(0)", "S(0)") in [l.inputs for l in layouts[add.name].layouts]
+    assert ("S(1)",) in [l.inputs for l in layouts[relu.name].layouts]
 
 
 # --------------------------------------------------------------------------- whole blocks
