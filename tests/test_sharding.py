@@ -5,6 +5,7 @@ collectives it would run)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 
 import pytest
@@ -68,7 +69,7 @@ def as_on_cpu(counts: dict[str, int]) -> dict[str, int]:
 
 def dtensor(t: torch.Tensor, mesh, placement: str, requires_grad: bool = False):
     """A DTensor of the whole tensor ``t`` in ``placement`` (a partial one holds t on rank 0)."""
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     if placement.startswith("P"):
         local = t.clone()
@@ -446,6 +447,8 @@ def test_the_same_input_gives_the_same_choice():
     _, a = _stack_choice(2)
     _, b = _stack_choice(2)
     assert a.layouts == b.layouts and a.objective_s == b.objective_s
+    data = json.loads(json.dumps(a.to_json()))
+    assert {n: Layout.from_json(l) for n, l in data["layouts"].items()} == a.layouts
 
 
 def test_cp_sat_proves_the_optimum_elimination_finds():

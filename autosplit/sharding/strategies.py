@@ -14,10 +14,13 @@ communication:
    and the op's strategy function registered with DTensor's sharding propagator (an op strategy,
    a single-dim strategy expanded to the mesh, or DTensor's tracing of the op's decomposition for
    composite ops such as ``aten.linear``) lists the input placements it accepts.
-2. Confirm. For each distinct tuple of input placements, DTensor's runtime propagation
-   (``propagate_op_sharding_non_cached``, what every DTensor op call runs) is asked what it does
-   with inputs in exactly those placements; only fixed points are kept (no input would be
-   redistributed), with the output placements DTensor picks.
+2. Confirm. For each distinct tuple of input placements, DTensor's runtime choice is asked
+   what it does with inputs in exactly those placements: the strategy function on those inputs
+   and ``_select_min_cost_strategy``, as ``propagate_op_sharding_non_cached`` (what every
+   DTensor op call runs) does, less its fake-tensor run of the op (the capture has the output's
+   shape). Only fixed points are kept — no input would be redistributed, except a replicated
+   one DTensor slices or masks locally (an embedding split by vocabulary masks its replicated
+   indices) — with the output placements DTensor picks.
 
 Running example: ``aten.linear(x, w)`` with x (8, 1024, 4096) and w (11008, 4096) on tp=2 gives,
 among others, ``(R, S(0)) -> S(2)`` (column parallel, each rank does half the FLOPs),
@@ -35,7 +38,7 @@ Ops with no strategy, and fx graphs' calls that map to no ATen op (``call_module
 are replicate-only, with a note naming the op. The mesh is a ``DeviceMesh`` built with
 ``_init_backend=False``: no process group is created, nothing global is left behind. Results are
 cached by op, input shapes, strides and dtypes, constant arguments and ``tp``: the 6,000 nodes of
-a Llama-70B graph have about 100 distinct signatures.
+a Llama-70B graph have 70 distinct signatures.
 """
 
 from __future__ import annotations
