@@ -372,7 +372,7 @@ def solve_traced(traced: Traced, cluster: Cluster, options: SolverOptions, costs
     graph = OpGraph.from_traced(traced)
     if options.global_batch is None:
         return solve(graph, cluster, options, costs=costs, parameters=traced.parameters, buffers=traced.buffers)
-    from autosplit.joint import sharding_for, solve_joint
+    from autosplit.solver.joint import sharding_for, solve_joint
 
     return solve_joint(graph, cluster, options, costs=costs, parameters=traced.parameters, buffers=traced.buffers,
                        sharding=sharding_for(traced, cluster, costs, options))

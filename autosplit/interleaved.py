@@ -27,7 +27,7 @@ The search is ``solve``'s, with the slowest device in place of the slowest stage
 device that reads it. What changes are the two steps that rest on the exact interval DP, which
 does not apply: the slowest device's sum does not decompose along the chain. They become:
 
-1. ``chain_dp`` over the S stages of the looped layout minimizes the slowest *stage*, each stage
+1. ``chain_dp`` over the S stages of the looped device order minimizes the slowest *stage*, each stage
    fitting its device alone (necessary for the device to fit); a device's sum is then at most v
    times that. Where that split overflows a device, the DP runs again with each stage held to a
    falling share of its device's memory, down to 1/v beyond the CUDA context, where its split
@@ -60,17 +60,17 @@ from autosplit.graph import OpGraph
 from autosplit.solver import (
     ORDERS_PRICED,
     Chain,
-    Layout,
+    DeviceOrder,
     OrderChoice,
     SolverOptions,
     StageModel,
-    _fits,
     chain_dp,
     device_kinds,
     device_orders,
     order_count,
     weight_readers,
 )
+from autosplit.solver.infeasible import _fits
 from cost_models import Cluster
 from cost_models.memory import GPU_CONTEXT_BYTES, INTERLEAVED, interleaved_rounds
 
@@ -80,20 +80,20 @@ BALANCE_SWEEPS = 200
 """Most passes of ``balance_devices`` over the cuts (each pass that moves nothing ends it sooner)."""
 
 
-def looped_layout(cluster: Cluster, order: Sequence[int], stages_per_device: int, headroom: float) -> Layout:
-    """The layout of v·D stages on the D devices ``order`` (cluster ranks): stage s on ``order[s mod D]``."""
+def looped_order(cluster: Cluster, order: Sequence[int], stages_per_device: int, headroom: float) -> DeviceOrder:
+    """The device order of v·D stages on the D devices ``order`` (cluster ranks): stage s on ``order[s mod D]``."""
     D = len(order)
-    return Layout.of(cluster, [order[s % D] for s in range(D * stages_per_device)], headroom)
+    return DeviceOrder.of(cluster, [order[s % D] for s in range(D * stages_per_device)], headroom)
 
 
 class DevicePricing:
-    """Time and memory of every device of a looped layout, for splits given by their cut
+    """Time and memory of every device of a looped device order, for splits given by their cut
     positions (``bounds``: 0, the S − 1 cuts, n), as ``evaluate`` and ``StageModel`` price them."""
 
     def __init__(self, model: StageModel, graph: OpGraph | None):
         self.model = model
         self.devices = len(model.devices)
-        self.stages_per_device = len(model.layout) // self.devices
+        self.stages_per_device = len(model.device_order) // self.devices
         self._quantities: dict[tuple[int, int, bool], dict[str, float]] = {}
         self.shared_weights: list[tuple[np.ndarray, int, float]] = []
         """Weights read at several chain positions (none without ``graph``): (reader positions,
@@ -141,14 +141,14 @@ class DevicePricing:
     def times_to_ends(self, s: int, i: int, ends: np.ndarray) -> np.ndarray:
         """``StageModel.time_s`` of stage s from position i to each of ``ends`` (many ends at once)."""
         model, chain = self.model, self.model.chain
-        t = chain.time_s[model.layout.types[s]]
+        t = chain.time_s[model.device_order.types[s]]
         seconds = t[ends] - t[i]
         if len(chain.rebuild_needers):
             needed = chain.rebuild_next[:, i][:, None] < ends[None, :]
-            seconds = seconds + chain.rebuild_time_s[model.layout.types[s]] @ needed
+            seconds = seconds + chain.rebuild_time_s[model.device_order.types[s]] @ needed
         if s > 0:
             seconds = seconds + model.comm_s(i, s - 1)
-        if s < len(model.layout) - 1:
+        if s < len(model.device_order) - 1:
             seconds = seconds + model.comm_s(ends, s)
         return seconds
 
@@ -156,13 +156,13 @@ class DevicePricing:
         """Peak bytes of ``device`` (its position along the pipeline) running its stages of the
         split (``StageModel.device_breakdown``)."""
         stages = self.model.devices[device]
-        cpu = not self.model.layout.gpu[stages[0]]
+        cpu = not self.model.device_order.gpu[stages[0]]
         quantities = [self._run(bounds[s], bounds[s + 1], cpu) for s in stages]
         return self.model.device_breakdown(device, quantities).total_bytes
 
     def fits(self, bounds: Sequence[int], devices: Sequence[int] | None = None) -> bool:
         """Whether ``devices`` (default: all) fit their memory."""
-        capacity = self.model.layout.capacity_bytes
+        capacity = self.model.device_order.capacity_bytes
         return all(self.memory_bytes(bounds, d) <= capacity[d]
                    for d in (range(self.devices) if devices is None else devices))
 
@@ -179,7 +179,7 @@ def balance_devices(pricing: DevicePricing, candidates: Sequence[int], cuts: Seq
     slowest are least in lexicographic order, if that is less than now, the two stages it
     bounds fit their device alone and the two devices fit. ``cuts`` must fit."""
     model = pricing.model
-    n, S, D = model.chain.n, len(model.layout), pricing.devices
+    n, S, D = model.chain.n, len(model.device_order), pricing.devices
     c = np.array(sorted(set(candidates)), dtype=np.int64)
     bounds = [0, *cuts, n]
     times = pricing.stage_times(bounds)
@@ -267,7 +267,7 @@ def choose_order(chain: Chain, graph: OpGraph, cluster: Cluster, stages: int, op
     every = sorted(set(range(chain.n + 1)) - chain.forbidden)
     best = None
     for order in orders:
-        model = StageModel(chain, looped_layout(cluster, order, options.stages_per_device, options.memory_headroom),
+        model = StageModel(chain, looped_order(cluster, order, options.stages_per_device, options.memory_headroom),
                            options, cluster)
         cuts = split(model, graph, block_cuts) or (split(model, graph, every) if options.refine else None)
         if cuts is None:
@@ -321,20 +321,20 @@ def split(model: StageModel, graph: OpGraph, candidates: Sequence[int],
 
 def _held_to(model: StageModel, share: float) -> StageModel:
     """``model`` with each stage allowed ``share`` of its device's memory beyond the CUDA context."""
-    layout = model.layout
+    order = model.device_order
     capacity = tuple(GPU_CONTEXT_BYTES * gpu + share * (c - GPU_CONTEXT_BYTES * gpu)
-                     for c, gpu in zip(layout.capacity_bytes, layout.gpu))
-    return StageModel(model.chain, dataclasses.replace(layout, capacity_bytes=capacity), model.options, model.cluster)
+                     for c, gpu in zip(order.capacity_bytes, order.gpu))
+    return StageModel(model.chain, dataclasses.replace(order, capacity_bytes=capacity), model.options, model.cluster)
 
 
 def _worst_device(model: StageModel, graph: OpGraph, cuts: Sequence[int]) -> tuple[str, float, float]:
     """The device of a split that overflows its memory most: (name, bytes needed, capacity)."""
     pricing = DevicePricing(model, graph)
     bounds = [0, *cuts, model.chain.n]
-    layout = model.layout
+    order = model.device_order
     need = [pricing.memory_bytes(bounds, d) for d in range(pricing.devices)]
-    d = int(np.argmax([need[d] - layout.capacity_bytes[d] for d in range(pricing.devices)]))
-    return f"{layout.types[d]}:{layout.ranks[d]}", need[d], layout.capacity_bytes[d]
+    d = int(np.argmax([need[d] - order.capacity_bytes[d] for d in range(pricing.devices)]))
+    return f"{order.types[d]}:{order.ranks[d]}", need[d], order.capacity_bytes[d]
 
 
 def infeasible(chain: Chain, graph: OpGraph, cluster: Cluster, stages: int, options: SolverOptions) -> InfeasibleError:
@@ -346,7 +346,7 @@ def infeasible(chain: Chain, graph: OpGraph, cluster: Cluster, stages: int, opti
     D = stages // v
     what = (f"train at {options.precision} with {options.optimizer}, schedule {INTERLEAVED!r} with {v} stages on each "
             f"of {D} devices, {options.microbatches} microbatches")
-    model = StageModel(chain, looped_layout(cluster, range(D), v, options.memory_headroom), options, cluster)
+    model = StageModel(chain, looped_order(cluster, range(D), v, options.memory_headroom), options, cluster)
     every = sorted(set(range(chain.n + 1)) - chain.forbidden)
     found = chain_dp(model, every)
     if found is not None:

@@ -75,7 +75,7 @@ class Stage:
     run this stage (``cost_models.sharded_data_parallel_s``). Once per step, so it is in
     ``Plan.step_s`` and not in the per-microbatch ``time_s``."""
     recompute: str = "none"
-    """What its blocks recompute in backward instead of keeping (``autosplit.joint.RECOMPUTE``):
+    """What its blocks recompute in backward instead of keeping (``autosplit.solver.joint.RECOMPUTE``):
     ``"none"``, ``"selective"`` (all but the outputs of matmuls and attention), ``"full"`` (all
     but each block's inputs), or several joined by ``+`` when its blocks differ."""
 

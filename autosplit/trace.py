@@ -558,7 +558,8 @@ def _trace_fx(
             # Data-dependent code (`.item()`, `.tolist()`) cannot run on meta; real weights can.
             logger.info("shape propagation on meta failed (%s); propagating on %s", e, device)
             _ValuePropagator(gm, to_meta=False).run(*_materialize(values, device))
-    _detach_no_grad_regions(gm)
+    if _detach_no_grad_regions(gm):
+        gm.recompile()
     return gm
 
 
@@ -652,13 +653,14 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, device: torch.dev
             raise
         ep = _export(model, args, kwargs, dynamic_shapes)
     # Guards would reject any batch size but the traced one; the input check stays.
-    gm = ep.module(check_guards=False)
+    with _lazy_recompiles():
+        gm = ep.module(check_guards=False)
     _inline_grad_regions(gm)
     _detach_no_grad_regions(gm)
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
-    gm.recompile()
+    gm.recompile()  # once, after every pass: the code of a 70B model's graph takes most of a second to generate
     return gm
 
 
@@ -668,13 +670,15 @@ def _export(model: nn.Module, args: tuple, kwargs: dict,
     # (_inline_grad_regions). A failed export prints the partial graph to stderr and logs a warning about it: the
     # TraceError says what matters in one message, the rest goes to the debug log.
     # Source stack traces are not recorded on the nodes: nothing here reads them, and collecting
-    # one per op is about a fifth of the export time of a large model.
+    # one per op is about a fifth of the export time of a large model. Export's passes each
+    # regenerate the graph's Python code, which nothing reads before the end (_lazy_recompiles).
     noisy = logging.getLogger("torch.fx.experimental.symbolic_shapes")
     level = noisy.level
     noisy.setLevel(logging.ERROR)
     stderr = io.StringIO()
     try:
-        with torch.enable_grad(), contextlib.redirect_stderr(stderr), _no_stack_traces(), kept_whole(model, None):
+        with torch.enable_grad(), contextlib.redirect_stderr(stderr), _no_stack_traces(), _lazy_recompiles(), \
+                kept_whole(model, None):
             return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     finally:
         noisy.setLevel(level)
@@ -690,7 +694,8 @@ def _inline_grad_regions(gm: fx.GraphModule) -> None:
     in the model's code becomes ``wrap_with_set_grad_enabled(False, submodule, *inputs)``), each
     inlined node marked with the region's mode in ``meta["grad_enabled"]`` (inner regions keep
     their own), so the graph can be split through them; :func:`_detach_no_grad_regions` then
-    keeps what the mode did."""
+    keeps what the mode did. Edits the graph only: the caller recompiles ``gm``."""
+    inlined = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not _SET_GRAD:
             continue
@@ -719,8 +724,9 @@ def _inline_grad_regions(gm: fx.GraphModule) -> None:
         if not holder.users:
             gm.graph.erase_node(holder)
             delattr(gm, holder.target)
-    gm.graph.lint()
-    gm.recompile()
+        inlined = True
+    if inlined:
+        gm.graph.lint()
 
 
 def _adopt(gm: fx.GraphModule, body: fx.GraphModule, target: str) -> str:
@@ -735,16 +741,17 @@ def _adopt(gm: fx.GraphModule, body: fx.GraphModule, target: str) -> str:
     return name
 
 
-def _detach_no_grad_regions(gm: fx.GraphModule) -> None:
+def _detach_no_grad_regions(gm: fx.GraphModule) -> bool:
     """Keep what the model's ``torch.no_grad()`` regions do when the graph runs in grad mode:
     every tensor a region's op reads from outside the region, and every tensor it makes, passes
     through ``detach``. No gradient then reaches a region's inputs or the weights its layers
     read, and a buffer it updates in place stays free of autograd history, exactly as under
-    no_grad (the nodes carry ``meta["grad_enabled"] = False``, set while tracing)."""
+    no_grad (the nodes carry ``meta["grad_enabled"] = False``, set while tracing). Edits the graph
+    only, and says whether it did: the caller recompiles ``gm``."""
     region = [n for n in gm.graph.nodes if n.meta.get("grad_enabled") is False
               and n.op in ("call_function", "call_method", "call_module")]
     if not region:
-        return
+        return False
     inside = set(region)
     exported = any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
 
@@ -771,7 +778,7 @@ def _detach_no_grad_regions(gm: fx.GraphModule) -> None:
             made = detached(node, node, node)
             node.replace_all_uses_with(made, delete_user_cb=lambda user: user is not made)
     gm.graph.lint()
-    gm.recompile()
+    return True
 
 
 @contextlib.contextmanager
@@ -785,6 +792,18 @@ def _no_stack_traces() -> Iterator[None]:
         yield
     finally:
         fx_config.do_not_emit_stack_traces = before
+
+
+@contextlib.contextmanager
+def _lazy_recompiles() -> Iterator[None]:
+    """Graph modules made inside generate their Python code when it is first needed, not at each
+    ``recompile()``: export's passes recompile the whole graph several times (each most of a
+    second for a 70B model's 6,000 ops) where only the last code is ever run. This is the
+    mode torch.compile traces in (``torch._dynamo.config.use_lazy_graph_module``)."""
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    with _use_lazy_graph_module(True):
+        yield
 
 
 def _run_on_meta(model: nn.Module, args: tuple, kwargs: dict) -> Any:

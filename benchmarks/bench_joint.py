@@ -6,7 +6,7 @@ Llama-2-70B shaped (the ``llama-70b`` preset on meta), training at bf16-mixed wi
 4096, a global batch of 256 sequences, on 4 × 8 and 8 × 8 H100 SXM (NVLink inside a host,
 InfiniBand across). Three plans, each priced by the same cost model and memory model:
 
-* **joint**: ``SolverOptions(global_batch=256)``, everything chosen (``autosplit.joint``);
+* **joint**: ``SolverOptions(global_batch=256)``, everything chosen (``autosplit.solver.joint``);
 * **pipeline**: the best pure-pipeline plan, data parallel where it fits (the joint search held to
   tensor_parallel=1);
 * **Megatron**: the hand plan — TP = 8 inside a host, PP across the fewest hosts whose memory holds

@@ -46,11 +46,10 @@ from _results import machine, record  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import autosplit.solver as solver_module  # noqa: E402
 from autosplit import OpGraph, SolverOptions, capture, presets, solve  # noqa: E402
 from autosplit.solver import (  # noqa: E402
     Chain,
-    Layout,
+    DeviceOrder,
     StageModel,
     assignment_from_cuts,
     build_chain,
@@ -205,14 +204,14 @@ def exact_max_part(weights, parts):
                   pins=np.full(n, -1), block_starts=list(range(n)), block_names=[str(k) for k in range(n)],
                   forbidden=set(), replicated={})
     cluster, options = Cluster.parse(f"{parts}xh100"), SolverOptions(mode="infer")
-    model = StageModel(chain, Layout.of(cluster, range(parts), 0.0), options, cluster)
+    model = StageModel(chain, DeviceOrder.of(cluster, range(parts), 0.0), options, cluster)
     return chain_dp(model, range(n + 1))[0]
 
 
 def prove(graph, cluster, options, costs, traced):
     """A lower bound on the bottleneck of every op-level DAG split: the solver's last step run
     whatever the plan's distance to the bound, with a 60 s limit; None if it does not finish."""
-    with mock.patch.object(solver_module, "OPS_GAP", 0.0), mock.patch.object(solver_module, "OPS_TIME_S", 60.0):
+    with mock.patch("autosplit.solver.driver.OPS_GAP", 0.0), mock.patch("autosplit.solver.cpsat.OPS_TIME_S", 60.0):
         plan = solve(graph, cluster, dataclasses.replace(options, time_limit_s=60.0), costs=costs,
                      parameters=traced.parameters)
     return plan.solver.bound_s if plan.solver.status == "OPTIMAL" else None
@@ -225,7 +224,7 @@ class _pricer:
         blocks = graph.coarsen()
         times = {d.name: AnalyticCostModel().times(costs, d) for d in cluster.devices}
         self.chain = build_chain(graph, blocks, costs, traced.parameters, times, options, fastest_link(cluster))
-        self.model = StageModel(self.chain, Layout.of(cluster, range(len(cluster)), options.memory_headroom),
+        self.model = StageModel(self.chain, DeviceOrder.of(cluster, range(len(cluster)), options.memory_headroom),
                                 options, cluster)
         self.graph = graph
         self.bound = lower_bound_s(self.model)
@@ -356,8 +355,8 @@ def orders() -> None:
         found = search_orders(chain, cluster, len(cluster), options, cuts) if len(counts) > 1 else None
         search_s = time.perf_counter() - start
         # What pricing every order one by one would cost: the chain DP on one order, times the orders.
-        layout = Layout.of(cluster, range(len(cluster)), options.memory_headroom)
-        model_one = StageModel(chain, layout, options, cluster)
+        order = DeviceOrder.of(cluster, range(len(cluster)), options.memory_headroom)
+        model_one = StageModel(chain, order, options, cluster)
         start = time.perf_counter()
         chain_dp(model_one, cuts)
         one_s = time.perf_counter() - start

@@ -143,12 +143,10 @@ def test_a_request_the_model_cannot_meet_or_a_broken_factory_is_an_input_error(t
 
 
 def test_a_failure_inside_autosplit_is_reported_as_a_bug(tmp_path, monkeypatch, capsys):
-    import autosplit.solver
-
     def broken(*args, **kwargs):
         raise ValueError("cut positions out of order")
 
-    monkeypatch.setattr(autosplit.solver, "chain_dp", broken)
+    monkeypatch.setattr("autosplit.solver.orders.chain_dp", broken)  # the first DP of every solve
     model = _factory(tmp_path, "mlp", """
         import torch
         from torch import nn

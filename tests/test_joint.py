@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from autosplit.graph import INPUT, OUTPUT, OpGraph  # noqa: E402
-from autosplit.joint import (RECOMPUTE, BlockSums, Mesh, block_sums, meshes, recompute_costs,  # noqa: E402
+from autosplit.solver.joint import (RECOMPUTE, BlockSums, Mesh, block_sums, meshes, recompute_costs,  # noqa: E402
                              scale_costs, screen, solve_joint)
 from autosplit.plan import Plan  # noqa: E402
 from autosplit.solver import SolverOptions  # noqa: E402

@@ -16,13 +16,12 @@ from torch import nn
 
 import models
 import autosplit
-import autosplit.solver as solver_module
 from autosplit import ConfigError, OpGraph, capture, presets, spec
+from autosplit.errors import InfeasibleError
 from autosplit.plan import Plan
 from autosplit.solver import (
     Chain,
-    InfeasibleError,
-    Layout,
+    DeviceOrder,
     SolverOptions,
     StageModel,
     assignment_from_cuts,
@@ -84,7 +83,7 @@ def test_chain_dp_equals_brute_force(case):
     times, cross, stages = case
     chain = synthetic_chain(times, cross)
     cluster = Cluster.parse(f"{stages}xh100")
-    model = StageModel(chain, Layout.of(cluster, range(stages), 0.1), SolverOptions(), cluster)
+    model = StageModel(chain, DeviceOrder.of(cluster, range(stages), 0.1), SolverOptions(), cluster)
     found = chain_dp(model, range(chain.n + 1))
     assert found is not None
     assert found[0] == pytest.approx(brute_force(model, chain.n, stages), rel=1e-9)
@@ -96,10 +95,10 @@ def test_chain_dp_respects_memory():
     # 1.5G parameters per op: 24 GiB of bf16-mixed AdamW state, 6 GiB more in the optimizer step
     chain = synthetic_chain([1.0] * 6, [0.0] * 5, params=[1.5 * 2**30] * 6)
     cluster = Cluster.parse("3xh100")
-    model = StageModel(chain, Layout.of(cluster, range(3), 0.1), SolverOptions(), cluster)
+    model = StageModel(chain, DeviceOrder.of(cluster, range(3), 0.1), SolverOptions(), cluster)
     bottleneck, cuts = chain_dp(model, range(7))
     assert cuts == [2, 4]  # two ops (about 63 GiB at the step) fit in 72 GiB, three would not
-    tight = StageModel(chain, Layout.of(cluster, range(3), 0.5), SolverOptions(), cluster)
+    tight = StageModel(chain, DeviceOrder.of(cluster, range(3), 0.5), SolverOptions(), cluster)
     assert chain_dp(tight, range(7)) is None  # 40 GiB usable: one op each is 3 stages for 6 ops
 
 
@@ -108,7 +107,7 @@ def test_chain_dp_checks_memory_where_the_fastest_split_does_not_fit_and_stops_a
     # bf16-mixed AdamW state and step: over the 72 GiB usable. 2 | 2 (2 s and 4 s) fits.
     chain = synthetic_chain([1.0, 1.0, 1.0, 3.0], [0.0] * 3, params=[1.5 * 2**30] * 3 + [0.0])
     cluster = Cluster.parse("2xh100")
-    model = StageModel(chain, Layout.of(cluster, range(2), 0.1), SolverOptions(), cluster)
+    model = StageModel(chain, DeviceOrder.of(cluster, range(2), 0.1), SolverOptions(), cluster)
     found = chain_dp(model, range(5))
     assert found == (pytest.approx(4.0), [2]) and found[0] == pytest.approx(brute_force(model, 4, 2), rel=1e-12)
     assert chain_dp(model, range(5), upper_s=found[0]) == found
@@ -129,7 +128,7 @@ def block_model(graph, costs, traced, cluster, options):
     blocks = graph.coarsen()
     times = {d.name: AnalyticCostModel().times(costs, d) for d in cluster.devices}
     chain = build_chain(graph, blocks, costs, traced.parameters, times, options, fastest_link(cluster))
-    return blocks, chain, StageModel(chain, Layout.of(cluster, range(options.stages or len(cluster)), 0.1),
+    return blocks, chain, StageModel(chain, DeviceOrder.of(cluster, range(options.stages or len(cluster)), 0.1),
                                      options, cluster)
 
 
@@ -243,7 +242,7 @@ def test_stage_ranges_on_mixed_devices_hold_for_every_split_and_count_what_a_slo
         assert inside and all(first[k] <= a[k] <= last[k] for a in inside for k in range(chain.n))
         widths[bound] = int((last - first).sum())
     # Counted as H100s, the L4s would leave the ranges wider.
-    monkeypatch.setattr(solver_module, "stage_shares", lambda model, bound_s: np.ones(len(model.layout)))
+    monkeypatch.setattr("autosplit.solver.dp.stage_shares", lambda model, bound_s: np.ones(len(model.device_order)))
     first, last = stage_ranges(model, graph, best)
     assert widths[best] < int((last - first).sum())
 
@@ -257,7 +256,7 @@ def test_chain_dp_within_stage_ranges_finds_the_same_optimum(case):
     times, cross, stages, above = case
     chain = synthetic_chain(times, cross)
     cluster = Cluster.parse(f"{stages}xh100")
-    model = StageModel(chain, Layout.of(cluster, range(stages), 0.1), SolverOptions(), cluster)
+    model = StageModel(chain, DeviceOrder.of(cluster, range(stages), 0.1), SolverOptions(), cluster)
     graph = OpGraph.__new__(OpGraph)  # a bare chain: op k feeds op k + 1
     graph.dag = nx.DiGraph([(f"op{k}", f"op{k + 1}") for k in range(chain.n - 1)])
     everywhere = chain_dp(model, range(chain.n + 1))
@@ -277,7 +276,7 @@ def test_the_plan_is_proven_optimal_among_all_op_level_splits():
     _, chain, model = block_model(graph, costs, traced, cluster, options)
     starts = [k for k in range(chain.n) if k == 0 or k not in chain.forbidden]
     single = StageModel(dataclasses.replace(chain, block_starts=starts, block_names=[chain.ops[k] for k in starts]),
-                        model.layout, options, cluster)
+                        model.device_order, options, cluster)
     full = cp_sat_blocks(single, graph, None, dataclasses.replace(options, time_limit_s=30))
     assert full is not None and full.status == "OPTIMAL"
     bounds = starts + [chain.n]
@@ -449,8 +448,6 @@ def test_unpriced_notes_name_a_few_ops_and_count_the_rest():
 
 
 def test_the_traffic_bound_says_when_it_falls_back_to_the_work_bound(monkeypatch):
-    import autosplit.solver as solver
-
     traced, graph, costs = priced(Skips(depth=4), spec((256, 256)))
     cluster = Cluster.parse("3xh100")
     _, _, model = block_model(graph, costs, traced, cluster, SolverOptions())
@@ -467,7 +464,7 @@ def test_the_traffic_bound_says_when_it_falls_back_to_the_work_bound(monkeypatch
         def solve(self, source, sink):
             return 3
 
-    monkeypatch.setattr(solver.max_flow, "SimpleMaxFlow", NoFlow)
+    monkeypatch.setattr("autosplit.solver.bounds.max_flow.SimpleMaxFlow", NoFlow)
     assert traffic_bound_s(model, graph, incumbent, notes=notes) == lower_bound_s(model)
     assert notes == ["the traffic bound fell back to the work bound: max flow status 3 on hop 0"]
 
@@ -562,13 +559,11 @@ def test_a_plan_prints_as_a_table_with_a_summary():
 
 
 def test_splits_not_contiguous_in_the_chain_order_are_found_around_the_cuts(monkeypatch):
-    import autosplit.solver as solver_module
-
     model, args, _ = models.gpt2()
     traced, graph, costs = priced(model, *args)
     cluster, options = Cluster.parse("3xh100"), SolverOptions()
     windowed = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
-    monkeypatch.setattr(solver_module, "OPS_GAP", math.inf)  # the solver without its last step
+    monkeypatch.setattr("autosplit.solver.driver.OPS_GAP", math.inf)  # the solver without its last step
     contiguous = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
     assert windowed.solver.method.endswith("cp-sat ops")
     assert windowed.bottleneck_s < contiguous.bottleneck_s * (1 - 1e-6)
@@ -586,10 +581,10 @@ def test_too_many_op_stage_choices_move_only_the_ops_near_the_cuts_and_prove_not
     traced, graph, costs = priced(model, *args)
     cluster, options = Cluster.parse("3xh100"), SolverOptions()
     whole = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
-    monkeypatch.setattr(solver_module, "OPS_GAP", math.inf)  # the solver without its last step
+    monkeypatch.setattr("autosplit.solver.driver.OPS_GAP", math.inf)  # the solver without its last step
     contiguous = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
-    monkeypatch.setattr(solver_module, "OPS_GAP", 0.01)
-    monkeypatch.setattr(solver_module, "OPS_CHOICES_PER_S", 1)  # a model of 0.5 op-stage choices at most
+    monkeypatch.setattr("autosplit.solver.driver.OPS_GAP", 0.01)
+    monkeypatch.setattr("autosplit.solver.cpsat.OPS_CHOICES_PER_S", 1)  # a model of 0.5 op-stage choices at most
     windowed = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
     assert whole.solver.status == "OPTIMAL" and not whole.solver.notes
     assert windowed.bottleneck_s <= contiguous.bottleneck_s and windowed.solver.method.endswith("cp-sat ops")
@@ -630,7 +625,7 @@ def test_the_order_search_picks_the_order_that_pricing_every_order_picks(monkeyp
         cluster = Cluster.parse(text)
         every = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
         with monkeypatch.context() as patch:
-            patch.setattr(solver_module, "ORDERS_PRICED", 0)
+            patch.setattr("autosplit.solver.orders.ORDERS_PRICED", 0)
             searched = solve(graph, cluster, options, costs=costs, parameters=traced.parameters)
         assert [s.devices for s in searched.stages] == [s.devices for s in every.stages], text
         assert searched.bottleneck_s == every.bottleneck_s
@@ -666,7 +661,7 @@ def test_sixteen_devices_of_four_kinds_plan_with_the_order_report(tmp_path):
 def test_an_order_search_too_large_to_run_says_the_order_is_not_proven(monkeypatch):
     model = widths_model([64] * 9)
     traced, graph, costs = priced(model, spec((32, 64)))
-    monkeypatch.setattr(solver_module, "ORDER_SEARCH_MAX_CELLS", 0)
+    monkeypatch.setattr("autosplit.solver.orders.ORDER_SEARCH_MAX_CELLS", 0)
     plan = solve(graph, Cluster.parse("2x2xh100+2x1xl4"), SolverOptions(time_limit_s=0.5), costs=costs,
                  parameters=traced.parameters)
     assert plan.solver.orders_total == 180 and 1 <= plan.solver.orders_tried <= 3 and plan.solver.order_gap is None
@@ -688,7 +683,7 @@ def test_the_order_search_is_exact_on_random_chains_with_memory_limits(text, n, 
     options = SolverOptions(mode="infer", stages=stages)
     best, first = math.inf, None  # every order priced; ties go to the first in device_orders
     for order in device_orders(cluster, stages):
-        found = chain_dp(StageModel(chain, Layout.of(cluster, order, 0.1), options, cluster), range(n + 1))
+        found = chain_dp(StageModel(chain, DeviceOrder.of(cluster, order, 0.1), options, cluster), range(n + 1))
         if found is not None and found[0] < best * (1 - 1e-9):
             best, first = found[0], order
     searched = search_orders(chain, cluster, stages, options, range(n + 1))
@@ -781,7 +776,7 @@ def test_recheck_schedule_reprices_memory_and_refuses_what_no_longer_fits():
 def test_interleaved_pricing_of_a_tiny_chain_matches_the_hand_figures():
     """Four ops, one per stage, stages 0 and 2 on device 0 and stages 1 and 3 on device 1 (v = 2,
     D = 2), 4 microbatches, no traffic."""
-    from autosplit.interleaved import DevicePricing, looped_layout
+    from autosplit.interleaved import DevicePricing, looped_order
     from autosplit.schedule import pipeline_times
 
     prefix = lambda v: np.concatenate([[0.0], np.cumsum(v)])  # noqa: E731
@@ -789,8 +784,8 @@ def test_interleaved_pricing_of_a_tiny_chain_matches_the_hand_figures():
                                 activation_bytes=prefix([1e5, 2e5, 3e5, 4e5]), cross_count=np.zeros(5))
     cluster = Cluster.parse("2xh100")
     options = SolverOptions(schedule="interleaved-1f1b", stages_per_device=2, microbatches=4)
-    model = StageModel(chain, looped_layout(cluster, [0, 1], 2, 0.1), options, cluster)
-    assert model.layout.ranks == (0, 1, 0, 1) and model.devices == [(0, 2), (1, 3)]
+    model = StageModel(chain, looped_order(cluster, [0, 1], 2, 0.1), options, cluster)
+    assert model.device_order.ranks == (0, 1, 0, 1) and model.devices == [(0, 2), (1, 3)]
     # Each stage's peak in flight under ScheduleInterleaved1F1B's order (device 0 runs F0 F0 F2 F2,
     # F0 B2, F0 B2, F2 B0, F2 B0, B2 B2 B0 B0; device 1: F1 F1 F3 B3 F3 B3 F1 B1 F1 B1 F3 B3 F3 B3 B1 B1).
     assert model.in_flight == [4, 3, 2, 1]
@@ -799,7 +794,7 @@ def test_interleaved_pricing_of_a_tiny_chain_matches_the_hand_figures():
     stage_s = pricing.stage_times([0, 1, 2, 3, 4])
     assert stage_s == pytest.approx([3e-3, 1e-3, 1e-3, 3e-3])
     assert pricing.device_times(stage_s) == pytest.approx([4e-3, 4e-3])
-    bottleneck, step, bubble = pipeline_times(stage_s, model.layout.ranks, 4)
+    bottleneck, step, bubble = pipeline_times(stage_s, model.device_order.ranks, 4)
     assert (bottleneck, step, bubble) == pytest.approx((4e-3, 4 * 4e-3 + 1 * 3e-3, 3e-3 / 19e-3))
     assert pipeline_times([1.0] * 8, [0, 1, 2, 3] * 2, 8)[2] == pytest.approx(3 / (2 * 8 + 3))  # (D−1)/(vm+D−1)
     # Memory: every stage's state, and the activations at the device's worst moment. Device 0 holds
@@ -840,15 +835,15 @@ def test_an_interleaved_plan_lists_each_stage_with_its_device_and_prices_the_dev
     nodes = [n for s in plan.stages for n in s.nodes if graph.infos[n].op not in ("placeholder", "output")]
     assert set(nodes) == {n for n in graph.order if graph.infos[n].op not in ("placeholder", "output")}
     # The best contiguous split by the slowest device, found by trying every one
-    from autosplit.interleaved import DevicePricing, looped_layout
-    from autosplit.solver import _bottleneck
+    from autosplit.interleaved import DevicePricing, looped_order
+    from autosplit.solver.stage_model import _bottleneck
 
     cluster = Cluster.parse("2xh100")
     options = SolverOptions(schedule="interleaved-1f1b", stages_per_device=2, microbatches=4)
     full = build_chain(graph, graph.coarsen(), costs, traced.parameters,
                        {d.name: AnalyticCostModel().times(costs, d) for d in cluster.devices}, options,
                        fastest_link(cluster), traced.buffers)
-    looped = StageModel(full, looped_layout(cluster, [0, 1], 2, 0.1), options, cluster)
+    looped = StageModel(full, looped_order(cluster, [0, 1], 2, 0.1), options, cluster)
     pricing = DevicePricing(looped, graph)
     best = math.inf
     for cuts in itertools.combinations(sorted(set(range(1, full.n)) - full.forbidden), 3):

@@ -46,8 +46,8 @@ accumulated over several steps without ``zero_grad`` stay as they were. :meth:`D
 returns that sum. A loss that sums over its samples would need no division; it is not supported.
 
 Data parallel. A world of k × S ranks runs k replicas of the plan's S stages (the plan must be
-made for them: ``Plan.data_parallel`` = k, which prices what FSDP2 keeps per rank). Rank layout,
-row-major over the mesh ``(dp, pp)`` = (k, S):
+made for them: ``Plan.data_parallel`` = k, which prices what FSDP2 keeps per rank). Ranks are
+numbered row-major over the mesh ``(dp, pp)`` = (k, S):
 
     rank = replica × S + stage        e.g. k = 2, S = 2: ranks 0, 1 are replica 0's stages 0, 1;
                                                          ranks 2, 3 are replica 1's stages 0, 1

@@ -50,6 +50,8 @@ import numpy as np
 from autosplit.errors import ConfigError, InfeasibleError
 from autosplit.graph import INPUT, OUTPUT, WEIGHT, OpGraph
 from autosplit.plan import Plan
+from autosplit.solver.driver import solve
+from autosplit.solver.options import SolverOptions
 from cost_models import AnalyticCostModel, Cluster, OpCost, sharded_data_parallel_s
 from cost_models.analytic import OpTime
 from cost_models.memory import TRAINING_PRECISIONS, microbatches_in_flight, peak_terms
@@ -449,7 +451,7 @@ def unsharded(costs: Mapping[str, OpCost], parameters: Mapping[str, Any]) -> Sha
     return Sharding(tp=1, costs=costs, parameters=parameters, collectives_s={}, placements={})
 
 
-def sharding_for(traced: Any, cluster: Cluster, costs: Mapping[str, OpCost], options: Any,
+def sharding_for(traced: Any, cluster: Cluster, costs: Mapping[str, OpCost], options: SolverOptions,
                  cost_model: AnalyticCostModel | None = None) -> ShardingFn:
     """The layouts of ``traced``'s nodes on a tp group of ``cluster``'s first tp ranks, chosen by
     ``autosplit.sharding.choose_layouts`` (memoized per tp and memory weight): per-rank costs,
@@ -506,7 +508,7 @@ def microbatch_sizes(per_replica: int, traced: int) -> list[int]:
     return [b for b in _divisors(per_replica) if b <= 16 * traced and (b % traced == 0 or traced % b == 0)]
 
 
-def solve_joint(graph: OpGraph, cluster: Cluster, options: Any, *, costs: Mapping[str, OpCost],
+def solve_joint(graph: OpGraph, cluster: Cluster, options: SolverOptions, *, costs: Mapping[str, OpCost],
                 parameters: Mapping[str, Any], buffers: Mapping[str, Any] | None = None,
                 cost_model: AnalyticCostModel | None = None, sharding: ShardingFn | None = None) -> Plan:
     """The fastest step for ``options.global_batch`` over every mesh, layout, microbatch size and
@@ -525,8 +527,6 @@ def solve_joint(graph: OpGraph, cluster: Cluster, options: Any, *, costs: Mappin
         InfeasibleError: no mesh, microbatch size and recomputation fits; says what came closest.
         ConfigError: a fixed choice the cluster or the batch cannot meet.
     """
-    from autosplit.solver import SolverOptions, solve
-
     start = time.perf_counter()
     G = options.global_batch
     traced_b = options.samples_per_microbatch
@@ -595,8 +595,7 @@ def solve_joint(graph: OpGraph, cluster: Cluster, options: Any, *, costs: Mappin
     best: Plan | None = None
     tried = []
     for candidate, shard in _distinct(screened, CANDIDATES_SOLVED):
-        plan = _solve_candidate(graph, blocks, chain, cluster, options, candidate, shard, buffers, base, solve,
-                                SolverOptions)
+        plan = _solve_candidate(graph, blocks, chain, cluster, options, candidate, shard, buffers, base)
         if plan is None:
             continue
         tried.append((candidate, plan))
@@ -626,7 +625,7 @@ def _distinct(screened: Sequence[tuple[Screened, Sharding]], count: int) -> list
     return found
 
 
-def _data_parallel_s(groups: Cluster, mesh: Mesh, options: Any, sums: BlockSums, starts: Sequence[int]) -> float:
+def _data_parallel_s(groups: Cluster, mesh: Mesh, options: SolverOptions, sums: BlockSums, starts: Sequence[int]) -> float:
     """FSDP2's all-gather and reduce-scatter per step for the largest stage, over its replicas."""
     if mesh.dp == 1 or options.mode != "train":
         return 0.0
@@ -637,9 +636,9 @@ def _data_parallel_s(groups: Cluster, mesh: Mesh, options: Any, sums: BlockSums,
     return float(sharded_data_parallel_s(groups, group, params * p.weight_bytes, params * p.grad_bytes))
 
 
-def _solve_candidate(graph: OpGraph, blocks: OpGraph, chain: Sequence[str], cluster: Cluster, options: Any,
-                     candidate: Screened, shard: Sharding, buffers: Mapping[str, Any] | None, base: Any,
-                     solve: Callable[..., Plan], options_type: type) -> Plan | None:
+def _solve_candidate(graph: OpGraph, blocks: OpGraph, chain: Sequence[str], cluster: Cluster, options: SolverOptions,
+                     candidate: Screened, shard: Sharding, buffers: Mapping[str, Any] | None,
+                     base: Any) -> Plan | None:
     """``solve`` on the cluster of tp groups with the candidate's mesh, microbatches and each
     block's recomputation; the plan relabelled with every group's devices and the layouts."""
     mesh = candidate.mesh
@@ -648,13 +647,14 @@ def _solve_candidate(graph: OpGraph, blocks: OpGraph, chain: Sequence[str], clus
     policy_of_block = {chain[k]: candidate.policies[s] for s in range(mesh.pp) for k in range(bounds[s], bounds[s + 1])}
     costs = recompute_costs(scale_costs(shard.costs, factor), blocks, policy_of_block)
     collectives = {k: (f * factor, w * factor) for k, (f, w) in shard.collectives_s.items()}
-    inner = options_type(**{**dataclasses.asdict(options), "no_split": options.no_split, "pin": options.pin,
+    inner = SolverOptions(**{**dataclasses.asdict(options), "no_split": options.no_split, "pin": options.pin,
                             "stages": mesh.pp, "microbatches": candidate.microbatches, "data_parallel": mesh.dp,
                             "samples_per_microbatch": candidate.microbatch_size, "global_batch": None,
                             "tensor_parallel": None, "recompute": None})
     try:
         plan = solve(scale_graph(graph, factor), group_cluster(cluster, mesh.tp), inner, costs=costs,
-                     parameters=shard.parameters, buffers=buffers, cost_model=CollectiveTimes(base, collectives))
+                     parameters=shard.parameters, buffers=buffers, cost_model=CollectiveTimes(base, collectives),
+                     device_order=range(mesh.pp))
     except InfeasibleError as e:
         logger.info("joint: %s with %d microbatches of %d does not fit op by op: %s", mesh, candidate.microbatches,
                     candidate.microbatch_size, e)
@@ -662,7 +662,7 @@ def _solve_candidate(graph: OpGraph, blocks: OpGraph, chain: Sequence[str], clus
     return _relabel(plan, cluster, options, candidate, shard, policy_of_block, blocks)
 
 
-def _relabel(plan: Plan, cluster: Cluster, options: Any, candidate: Screened, shard: Sharding,
+def _relabel(plan: Plan, cluster: Cluster, options: SolverOptions, candidate: Screened, shard: Sharding,
              policy_of_block: Mapping[str, str], blocks: OpGraph) -> Plan:
     """The plan on the real devices: stage s of replica 0 on ranks s·tp .. s·tp + tp − 1."""
     tp = candidate.mesh.tp
