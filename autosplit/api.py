@@ -127,6 +127,10 @@ def autosplit(model: nn.Module, *, devices: int | Sequence[str | torch.device] =
         >>> sm(x).sum().backward()
     """
     require_module(model, "autosplit")
+    if options.get("global_batch") is not None:
+        raise ValueError("autosplit() runs the batches it is given, one process over its devices, a pipeline of whole "
+                         "layers: plan a global batch (mesh, tensor layouts, microbatch size) with "
+                         "autosplit.plan(..., global_batch=N) instead")
     if microbatches is None:
         microbatches = plan.microbatches if plan is not None else 1
     if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:

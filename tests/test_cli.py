@@ -280,3 +280,24 @@ def test_plan_interleaved_shows_each_stage_with_its_device_and_draws_the_schedul
                                               stages_per_device=2)
     assert main(["plan", model, "--cluster", "2xh100", "--stages-per-device", "2"]) == 1
     assert "needs schedule='interleaved-1f1b'" in capsys.readouterr().err
+
+
+def test_plan_a_global_batch_prints_the_mesh_and_the_layouts(tmp_path, capsys):
+    import models
+
+    from autosplit.plan import Plan
+
+    path = tmp_path / "config.json"
+    models.tiny_llama_config(num_hidden_layers=4, hidden_size=2048, intermediate_size=4096, num_attention_heads=16,
+                             num_key_value_heads=4, max_position_embeddings=1024).to_json_file(str(path))
+    saved = tmp_path / "plan.json"
+    assert main(["plan", str(path), "--cluster", "2x2xh100", "--seq", "1024", "--global-batch", "16",
+                 "--tensor-parallel", "2", "--layouts", "--json", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"mesh +dp=\d × pp=\d × tp=2; global batch 16 = ", out)
+    assert "h100-sxm:0, h100-sxm:1" in out and "tensor layouts on groups of 2" in out
+    assert "self_attn.q_proj" in out and "S(0)" in out
+    plan = Plan.load(saved)
+    assert plan.tensor_parallel == 2 and plan.global_batch == 16
+    assert main(["plan", str(path), "--devices", "2", "--gpu", "h100", "--seq", "32", "--tensor-parallel", "2"]) == 1
+    assert "global_batch" in capsys.readouterr().err

@@ -24,19 +24,25 @@ from cost_models.memory import microbatches_in_flight, peak_terms  # noqa: E402
 SEQ = 128
 
 
-def _llama(layers: int = 4, hidden: int = 256, batch: int = 1):
+def _llama(layers: int = 4, hidden: int = 256, batch: int = 1, seq: int = SEQ):
     config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                                       num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
-                                      max_position_embeddings=SEQ, use_cache=False)
+                                      max_position_embeddings=seq, use_cache=False)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    traced = capture(model, (spec((batch, SEQ), dtype=torch.long),))
+    traced = capture(model, (spec((batch, seq), dtype=torch.long),))
     return traced, price_graph(traced.graph_module, training=True)
 
 
 @pytest.fixture(scope="module")
 def llama():
     return _llama()
+
+
+@pytest.fixture(scope="module")
+def wide_llama():
+    """Layers wide enough (4096, sequences of 2048) that splitting them over NVLinked GPUs pays."""
+    return _llama(layers=4, hidden=4096, seq=2048)
 
 
 def test_scaled_costs_match_pricing_at_twice_the_batch():
@@ -154,3 +160,49 @@ def test_joint_plans_refuse_to_run_where_a_runtime_cannot(llama):
         plan.require_pipeline_only("autosplit() in one process")
     with pytest.raises(ValueError, match="global_batch"):
         SolverOptions(tensor_parallel=2)
+
+
+def _solve(traced, costs, cluster: str, **options):
+    from autosplit.api import solve_traced
+
+    return solve_traced(traced, Cluster.parse(cluster), SolverOptions(time_limit_s=2, **options), costs)
+
+
+def test_tensor_parallel_plans_carry_head_split_layouts_and_round_trip(wide_llama, tmp_path):
+    traced, costs = wide_llama
+    plan = _solve(traced, costs, "4xh100", global_batch=8, tensor_parallel=2)
+    assert plan.tensor_parallel == 2 and plan.mesh["tp"] == 2
+    assert all(len(stage.devices) == 2 for stage in plan.stages)
+    linear = {v["module"]: v for v in plan.layouts.values() if v["op"] == "aten.linear.default"}
+    q, o = linear["model.layers.0.self_attn.q_proj"], linear["model.layers.0.self_attn.o_proj"]
+    assert q["inputs"][1] == "S(0)" and o["inputs"][1] == "S(1)", (q, o)  # column-parallel q, row-parallel o
+    assert Plan.load(plan.save(tmp_path / "plan.json")) == plan
+    again = _solve(traced, costs, "4xh100", global_batch=8, tensor_parallel=2)
+    assert _solve(traced, costs, "2x4xh100", global_batch=8).tensor_parallel > 1  # chosen where it pays
+    assert again.to_dict() | {"solver": None} == plan.to_dict() | {"solver": None}
+
+
+def test_tensor_parallel_stays_inside_hosts_and_stages_cross_them(wide_llama):
+    traced, costs = wide_llama
+    plan = _solve(traced, costs, "2x4xh100", global_batch=16, tensor_parallel=4, stages=2)
+    assert plan.mesh == {"dp": 1, "pp": 2, "tp": 4}
+    hosts = [{int(d.rpartition(":")[2]) // 4 for d in stage.devices} for stage in plan.stages]
+    assert hosts == [{0}, {1}]  # each stage's group on one host, the pipeline's cut between hosts
+
+
+def test_a_layer_too_large_for_one_device_is_sharded_instead_of_refused():
+    from autosplit.api import solve_traced
+    from autosplit.errors import InfeasibleError
+    from autosplit.solver import solve
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 70_000), torch.nn.Linear(70_000, 70_000),
+                                    torch.nn.Linear(70_000, 64))
+    traced = capture(model, (spec((8, 64)),), tracer="export")
+    costs = price_graph(traced.graph_module, training=True)
+    with pytest.raises(InfeasibleError):  # 4.9 B parameters with AdamW: 78 GB on one 80 GB H100
+        solve(OpGraph.from_traced(traced), Cluster.parse("2xh100"), SolverOptions(), costs=costs,
+              parameters=traced.parameters)
+    plan = solve_traced(traced, Cluster.parse("2xh100"), SolverOptions(global_batch=8, time_limit_s=2), costs)
+    assert plan.tensor_parallel == 2
+    assert max(stage.memory_bytes for stage in plan.stages) <= plan.stages[0].memory_capacity_bytes

@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -67,7 +67,11 @@ SAVED_BY_SELECTIVE = ("matmul", "attention", "conv")
 """Op classes whose outputs selective recomputation keeps (the expensive ones to recompute)."""
 
 CANDIDATES_SOLVED = 3
-"""Screened candidates solved exactly, best first."""
+"""At most this many screened candidates (of distinct meshes) are solved exactly, best first."""
+
+SOLVED_WITHIN = 0.02
+"""Candidates screened within this share of the best step are solved exactly too: the screen's
+block-level cuts and memory are close to, not the same as, the exact solver's."""
 
 MEMORY_LEAN_WEIGHT_S_PER_BYTE = 1e-9
 """Price of a byte kept per rank when layouts are chosen for memory (about 1 s per GB: memory
@@ -137,7 +141,10 @@ def scale_costs(costs: Mapping[str, OpCost], factor: float) -> dict[str, OpCost]
 def _scaled(cost: OpCost, f: float, costs: Mapping[str, OpCost], weights: set[str]) -> OpCost:
     if cost.weight:
         return cost
-    weight_read = sum(costs[r].output_bytes for r in cost.reads if r in weights)
+    return _scaled_with(cost, f, sum(costs[r].output_bytes for r in cost.reads if r in weights), weights)
+
+
+def _scaled_with(cost: OpCost, f: float, weight_read: int, weights: Collection[str] = ()) -> OpCost:
     return dataclasses.replace(
         cost,
         fwd_flops=int(cost.fwd_flops * f),
@@ -153,6 +160,26 @@ def _scaled(cost: OpCost, f: float, costs: Mapping[str, OpCost], weights: set[st
         cpu_fwd_workspace_bytes=int(cost.cpu_fwd_workspace_bytes * f),
         cpu_bwd_workspace_bytes=int(cost.cpu_bwd_workspace_bytes * f),
     )
+
+
+def scaled_times(costs: Mapping[str, OpCost], factor: float, device: Any, cost_model: Any) -> dict[str, OpTime]:
+    """``cost_model.times`` of ``scale_costs(costs, factor)``, pricing each distinct scaled op once
+    (a 70B graph has ~6,000 nodes and ~100 distinct costs per rank)."""
+    weights = {name for name, cost in costs.items() if cost.weight}
+    memo: dict[tuple, OpTime] = {}
+    found = {}
+    for name, cost in costs.items():
+        read = 0 if cost.weight else sum(costs[r].output_bytes for r in cost.reads if r in weights)
+        key = (cost.op_class, cost.dtype, cost.fwd_flops, cost.bwd_flops, cost.fwd_bytes, cost.bwd_bytes,
+               cost.fwd_kernels, cost.bwd_kernels, cost.weight_grad_bytes, cost.weight, read)
+        if key not in memo:
+            bare = OpCost(op_class=cost.op_class, dtype=cost.dtype, fwd_flops=cost.fwd_flops, bwd_flops=cost.bwd_flops,
+                          fwd_bytes=cost.fwd_bytes, bwd_bytes=cost.bwd_bytes, fwd_kernels=cost.fwd_kernels,
+                          bwd_kernels=cost.bwd_kernels, weight_grad_bytes=cost.weight_grad_bytes, weight=cost.weight)
+            scaled = bare if cost.weight or factor == 1 else _scaled_with(bare, factor, read)
+            memo[key] = cost_model.time(scaled, device)
+        found[name] = memo[key]
+    return found
 
 
 def scale_graph(graph: OpGraph, factor: float) -> OpGraph:
@@ -310,11 +337,12 @@ class BlockSums:
 
 
 def block_sums(blocks: OpGraph, chain: Sequence[str], costs: Mapping[str, OpCost], times: Mapping[str, OpTime],
-               parameters: Mapping[str, Any], train: bool) -> BlockSums:
-    """``BlockSums`` of the blocks in ``chain`` order, from per-rank costs and times."""
+               parameters: Mapping[str, Any], train: bool, factor: float = 1.0) -> BlockSums:
+    """``BlockSums`` of the blocks in ``chain`` order, from per-rank costs (at the traced batch;
+    activations scaled by ``factor`` as ``scale_costs`` scales them) and times (at the batch
+    priced)."""
     n = len(chain)
     index = {b: k for k, b in enumerate(chain)}
-    member_block = {m: index[b] for b in chain for m in blocks[b]["members"]}
     time_s = {r: np.zeros(n) for r in RECOMPUTE}
     saved = {r: np.zeros(n) for r in RECOMPUTE}
     peak = {r: np.zeros(n) for r in RECOMPUTE}
@@ -341,12 +369,12 @@ def block_sums(blocks: OpGraph, chain: Sequence[str], costs: Mapping[str, OpCost
             keyed.update({key: v for key, v in costs[m].saved.items() if not _is_weight(costs, key)})
         inside = set(members)
         matmul = {m for m in members if costs[m].op_class in SAVED_BY_SELECTIVE}
-        whole = float(sum(keyed.values()))
+        whole = float(sum(keyed.values())) * factor
         saved["none"][k] = whole
-        saved["selective"][k] = float(sum(v for key, v in keyed.items()
-                                          if _producer(key) not in inside or _producer(key) in matmul))
-        saved["full"][k] = float(sum(v for key, v in keyed.items() if _producer(key) not in inside))
-        grads = max((costs[m].bwd_workspace_bytes + costs[m].grad_bytes for m in members), default=0)
+        saved["selective"][k] = factor * float(sum(v for key, v in keyed.items()
+                                                   if _producer(key) not in inside or _producer(key) in matmul))
+        saved["full"][k] = factor * float(sum(v for key, v in keyed.items() if _producer(key) not in inside))
+        grads = factor * max((costs[m].bwd_workspace_bytes + costs[m].grad_bytes for m in members), default=0)
         for r in RECOMPUTE:
             peak[r][k] = grads + (whole - saved[r][k])
     cross = np.zeros(n + 1)
@@ -355,7 +383,7 @@ def block_sums(blocks: OpGraph, chain: Sequence[str], costs: Mapping[str, OpCost
             continue
         for tensor in data["tensors"].values():
             if not tensor.weight:
-                cross[index[u] + 1:index[v] + 1] += tensor.nbytes * (2 if train else 1)
+                cross[index[u] + 1:index[v] + 1] += tensor.nbytes * factor * (2 if train else 1)
     return BlockSums(time_s, saved, peak, params, cross)
 
 
@@ -465,12 +493,15 @@ def sharding_for(traced: Any, cluster: Cluster, costs: Mapping[str, OpCost], opt
 
     def sharding(tp: int, weight: float) -> Sharding:
         if (tp, weight) not in found:
+            start = time.perf_counter()
             if tp not in candidates:
                 candidates[tp] = node_layouts(traced.graph_module, tp)
             choice = choose_layouts(traced, costs, cluster, list(range(tp)), cost_model=cost_model, training=train,
                                     memory_weight_s_per_byte=weight, time_limit_s=options.time_limit_s,
                                     layouts=candidates[tp])
             found[tp, weight] = _as_sharding(traced, choice, tp)
+            logger.info("joint: layouts for tp=%d (memory weight %g s/B) in %.2f s", tp, weight,
+                        time.perf_counter() - start)
         return found[tp, weight]
 
     return sharding
@@ -529,7 +560,6 @@ def solve_joint(graph: OpGraph, cluster: Cluster, options: SolverOptions, *, cos
     """
     start = time.perf_counter()
     G = options.global_batch
-    traced_b = options.samples_per_microbatch
     train = options.mode == "train"
     base = cost_model or AnalyticCostModel()
     blocks = graph.coarsen()
@@ -547,41 +577,24 @@ def solve_joint(graph: OpGraph, cluster: Cluster, options: SolverOptions, *, cos
     capacity = device.memory_bytes * (1 - options.memory_headroom)
     gpu = device.kind == "gpu"
     screened: list[tuple[Screened, Sharding]] = []
-    shardings: dict[tuple[int, bool], Sharding] = {}
+    context = dict(blocks=blocks, chain=chain, options=options, device=device, base=base, capacity=capacity,
+                   gpu=gpu, rules=rules, policies=policies, train=train)
+    misfits: dict[int, list[tuple[Mesh, float]]] = {}
     for tp in sorted({mesh.tp for mesh in found}):
-        groups = group_cluster(cluster, tp)
-        for lean in ((False, True) if tp > 1 and sharding is not None else (False,)):
-            if tp == 1:
-                shard = unsharded(costs, parameters)
-            elif sharding is None:
-                continue
-            else:
-                shard = sharding(tp, MEMORY_LEAN_WEIGHT_S_PER_BYTE if lean else 0.0)
-            shardings[tp, lean] = shard
-            for b in sorted({b for mesh in found if mesh.tp == tp for b in microbatch_sizes(G // mesh.dp, traced_b)}):
-                factor = b / traced_b
-                scaled = scale_costs(shard.costs, factor)
-                times = CollectiveTimes(base, {k: (f * factor, w * factor) for k, (f, w) in shard.collectives_s.items()}
-                                        ).times(scaled, device)
-                sums = block_sums(blocks, chain, scaled, times, shard.parameters, train)
-                for mesh in found:
-                    if mesh.tp != tp or (G // mesh.dp) % b:
-                        continue
-                    m = G // mesh.dp // b
-                    if options.microbatches > 1 and m != options.microbatches:
-                        continue
-                    link = groups.link(0, 1) if len(groups) > 1 else None
-                    hop_s = 1 / link.bandwidth_bytes_per_s if link else 0.0
-                    result = screen(sums, stages=mesh.pp, microbatches=m, capacity_bytes=capacity,
-                                    hop_s_per_byte=hop_s, hop_latency_s=link.latency_s if link else 0.0, gpu=gpu,
-                                    rules=dict(rules, data_parallel=mesh.dp), schedule=options.schedule,
-                                    policies=policies)
-                    if result is None:
-                        continue
-                    bottleneck, chosen, starts, peak = result
-                    dp_s = _data_parallel_s(groups, mesh, options, sums, starts)
-                    step = (m + mesh.pp - 1) * bottleneck + dp_s
-                    screened.append((Screened(mesh, b, m, lean, step, bottleneck, chosen, starts, peak), shard))
+        tp_meshes = [mesh for mesh in found if mesh.tp == tp]
+        if tp > 1 and sharding is None:
+            continue
+        shard = unsharded(costs, parameters) if tp == 1 else sharding(tp, 0.0)
+        fits, misfits[tp] = _screen_meshes(shard, False, tp_meshes, cluster, **context)
+        screened += fits
+    # Layouts chosen for memory (slower per rank, never faster) for the meshes that did not fit
+    # with the fastest layouts, where even a perfect balance of the fastest could beat the best.
+    best_s = min((c.step_s for c, _ in screened), default=math.inf)
+    for tp, missed in misfits.items():
+        hopeful = [mesh for mesh, bound_s in missed if bound_s < best_s]
+        if tp > 1 and hopeful:
+            screened += _screen_meshes(sharding(tp, MEMORY_LEAN_WEIGHT_S_PER_BYTE), True, hopeful, cluster,
+                                       **context)[0]
     if not screened:
         raise InfeasibleError(f"no mesh of {len(cluster)} × {device.name} fits a global batch of {G} at "
                               f"{options.precision} with {options.optimizer}: every dp × pp × tp "
@@ -594,7 +607,7 @@ def solve_joint(graph: OpGraph, cluster: Cluster, options: SolverOptions, *, cos
                 screened[0][0].microbatches, screened[0][0].step_s)
     best: Plan | None = None
     tried = []
-    for candidate, shard in _distinct(screened, CANDIDATES_SOLVED):
+    for candidate, shard in _distinct(screened, CANDIDATES_SOLVED, screened[0][0].step_s * (1 + SOLVED_WITHIN)):
         plan = _solve_candidate(graph, blocks, chain, cluster, options, candidate, shard, buffers, base)
         if plan is None:
             continue
@@ -606,17 +619,64 @@ def solve_joint(graph: OpGraph, cluster: Cluster, options: SolverOptions, *, cos
                               "once priced op by op; use more devices or a smaller global batch")
     notes = [f"mesh {c.mesh}, microbatches {c.microbatches} × {c.microbatch_size}: step {_ms(p.step_s)}"
              for c, p in tried if p is not best]
+    solved = {c.mesh for c, _ in tried}
+    notes += [f"mesh {c.mesh}, microbatches {c.microbatches} × {c.microbatch_size}: step {_ms(c.step_s)} (screened)"
+              for c, _ in _distinct(screened, CANDIDATES_SOLVED + len(solved), math.inf) if c.mesh not in solved]
     report = dataclasses.replace(best.solver, wall_s=time.perf_counter() - start,
                                  method=f"joint search ({len(screened)} candidates screened) + {best.solver.method}",
                                  notes=(*best.solver.notes, *notes))
     return dataclasses.replace(best, solver=report)
 
 
-def _distinct(screened: Sequence[tuple[Screened, Sharding]], count: int) -> list[tuple[Screened, Sharding]]:
-    """The best candidate of each of the ``count`` best meshes (the runners-up show what the
-    others would give)."""
+def _screen_meshes(shard: Sharding, lean: bool, meshes_: Sequence[Mesh], cluster: Cluster, *, blocks: OpGraph,
+                   chain: Sequence[str], options: SolverOptions, device: Any, base: Any, capacity: float, gpu: bool,
+                   rules: Mapping[str, Any], policies: Sequence[str], train: bool
+                   ) -> tuple[list[tuple[Screened, Sharding]], list[tuple[Mesh, float]]]:
+    """``screen`` every mesh of one tp (all with ``shard``'s layouts) at every microbatch size;
+    returns the candidates, and the meshes that fit at no microbatch size with a lower bound on
+    their step with any layouts at least as slow: (m + pp − 1) × total work ÷ pp."""
+    G, traced_b = options.global_batch, options.samples_per_microbatch
+    groups = group_cluster(cluster, shard.tp)
+    link = groups.link(0, 1) if len(groups) > 1 else None
+    found: list[tuple[Screened, Sharding]] = []
+    fitting: set[Mesh] = set()
+    bound_s: dict[Mesh, float] = {}
+    for b in sorted({b for mesh in meshes_ for b in microbatch_sizes(G // mesh.dp, traced_b)}):
+        factor = b / traced_b
+        times = scaled_times(shard.costs, factor, device, base)
+        for name, (fwd_s, bwd_s) in shard.collectives_s.items():
+            if name in times and (fwd_s or bwd_s):
+                times[name] = OpTime(times[name].fwd_s + fwd_s * factor, times[name].bwd_s + bwd_s * factor)
+        sums = block_sums(blocks, chain, shard.costs, times, shard.parameters, train, factor)
+        for mesh in meshes_:
+            if (G // mesh.dp) % b:
+                continue
+            m = G // mesh.dp // b
+            if options.microbatches > 1 and m != options.microbatches:
+                continue
+            least = (m + mesh.pp - 1) * float(sums.time_s["none"].sum()) / mesh.pp
+            bound_s[mesh] = min(bound_s.get(mesh, math.inf), least)
+            result = screen(sums, stages=mesh.pp, microbatches=m, capacity_bytes=capacity,
+                            hop_s_per_byte=1 / link.bandwidth_bytes_per_s if link else 0.0,
+                            hop_latency_s=link.latency_s if link else 0.0, gpu=gpu,
+                            rules=dict(rules, data_parallel=mesh.dp), schedule=options.schedule, policies=policies)
+            if result is None:
+                continue
+            fitting.add(mesh)
+            bottleneck, chosen, starts, peak = result
+            step = (m + mesh.pp - 1) * bottleneck + _data_parallel_s(groups, mesh, options, sums, starts)
+            found.append((Screened(mesh, b, m, lean, step, bottleneck, chosen, starts, peak), shard))
+    return found, [(mesh, bound_s.get(mesh, math.inf)) for mesh in meshes_ if mesh not in fitting]
+
+
+def _distinct(screened: Sequence[tuple[Screened, Sharding]], count: int, within_s: float
+              ) -> list[tuple[Screened, Sharding]]:
+    """The best candidate of each of the ``count`` best meshes whose screened step is at most
+    ``within_s`` (the first always)."""
     seen, found = set(), []
     for candidate, shard in screened:
+        if found and candidate.step_s > within_s:
+            break
         if candidate.mesh not in seen:
             seen.add(candidate.mesh)
             found.append((candidate, shard))
@@ -675,7 +735,16 @@ def _relabel(plan: Plan, cluster: Cluster, options: SolverOptions, candidate: Sc
         stages.append(dataclasses.replace(stage, devices=devices, recompute="+".join(recomputed) or "none"))
     options_out = dict(plan.options, global_batch=options.global_batch, tensor_parallel=tp,
                        recompute=options.recompute)
-    return dataclasses.replace(plan, stages=tuple(stages), cluster=str(cluster), tensor_parallel=tp,
+    notes = list(plan.solver.notes)
+    if tp > 1 and not any(p["output"] != "R" or any(i != "R" for i in p["inputs"]) for p in shard.placements.values()):
+        notes.append(f"every node is replicated on the groups of {tp}: splitting any op costs more than it saves, so "
+                     f"each group computes the same; a smaller tensor_parallel does the same work on fewer devices")
+    unsplit = shard.summary.get("notes", {})
+    if unsplit:
+        first = sorted(unsplit)[0]
+        notes.append(f"{len(unsplit)} node{'s' if len(unsplit) > 1 else ''} can only be replicated on the groups of {tp} "
+                     f"(e.g. {first}: {unsplit[first]})")
+    return dataclasses.replace(plan, stages=tuple(stages), solver=dataclasses.replace(plan.solver, notes=tuple(notes)), cluster=str(cluster), tensor_parallel=tp,
                                microbatch_size=candidate.microbatch_size, global_batch=options.global_batch,
                                layouts=dict(shard.placements), options=options_out)
 
