@@ -227,7 +227,8 @@ def test_the_sharding_package_plans_only():
                 top = name.split(".")[0]
                 assert name.startswith(allowed) or top not in ("autosplit", "cost_models") and \
                     top in ("contextlib", "functools", "logging", "operator", "re", "dataclasses", "typing",
-                            "collections", "hashlib", "time", "math", "torch"), f"{path.name} imports {name}"
+                            "collections", "hashlib", "time", "math", "torch", "gc", "heapq", "weakref"), \
+                    f"{path.name} imports {name}"
 
 
 def test_enumerating_layouts_leaves_no_process_group():
@@ -467,3 +468,21 @@ def test_a_memory_weight_gives_a_leaner_choice(llama_traced):
     sequence_split = [n for n in traced.graph.nodes if "rsqrt" in str(n.target)
                       and lean.layouts[n.name].inputs == ("S(1)",)]
     assert sequence_split, "norms should run split along the sequence"
+
+
+def test_per_graph_caches_give_the_same_choice_and_let_the_graph_go():
+    """choose_layouts and node_layouts remember each graph's structure between calls; a second
+    call chooses the same, and the remembered structure does not keep the graph alive."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    traced = capture(model, (torch.randn(4, 8),), tracer="export")
+    costs = price_graph(traced.graph_module)
+    first = choose_layouts(traced, costs, CLUSTER, [0, 1])
+    again = choose_layouts(traced, costs, CLUSTER, [0, 1], layouts=node_layouts(traced.graph_module, 2))
+    assert again.to_json() == first.to_json()
+    graph = weakref.ref(traced.graph)
+    del traced, first, again
+    gc.collect()
+    assert graph() is None

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -49,7 +50,7 @@ from autosplit.sharding.eliminate import eliminate
 from autosplit.sharding.placements import REPLICATE, validate
 from autosplit.sharding.price import (CollectiveTimes, GraphFacts, ShardingCost, compute_s, gradient_placement,
                                       gradient_target, per_rank_cost, price_with, transition, weight_bytes)
-from autosplit.sharding.strategies import Layout, NodeLayouts, node_layouts
+from autosplit.sharding.strategies import Layout, NodeLayouts, collector_paused, node_layouts
 from autosplit.trace import Traced
 from cost_models.analytic import AnalyticCostModel
 from cost_models.cluster import Cluster
@@ -110,6 +111,7 @@ class ShardingChoice:
         }
 
 
+@collector_paused()
 def choose_layouts(traced: Traced, costs: Mapping[str, OpCost], cluster: Cluster, ranks: Sequence[int], *,
                    device: Any = None, cost_model: AnalyticCostModel | None = None, training: bool = True,
                    memory_weight_s_per_byte: float = 0.0, output_placement: str = REPLICATE,
@@ -220,11 +222,12 @@ def _producer_groups(facts: GraphFacts, classes: Mapping[str, Any]) -> list[tupl
     same classes through the same slots — and how many it stands for."""
     count: dict[tuple, int] = defaultdict(int)
     first: dict[tuple, str] = {}
+    text = {name: str(cls) for name, cls in classes.items()}
     for name in facts.nodes:
-        readers = tuple(sorted((str(classes[v]), slot, index) for v, slot, index in facts.readers.get(name, [])))
+        readers = tuple(sorted((text[v], slot, index) for v, slot, index in facts.readers.get(name, [])))
         if not readers:
             continue
-        key = (str(classes[name]), readers, name if classes[name] == name else None)
+        key = (text[name], readers, name if classes[name] == name else None)
         count[key] += 1
         first.setdefault(key, name)
     return [(first[key], n) for key, n in sorted(count.items(), key=lambda kv: str(kv[0]))]
@@ -337,7 +340,22 @@ def _cp_sat(unary: Mapping[Any, list[float]], groups: list[tuple[str, int]], cla
 
 
 def _classes(traced: Traced) -> dict[str, Any]:
-    """Node -> (template, position) for the nodes of repeated identical blocks."""
+    """Node -> (template, position) for the nodes of repeated identical blocks (a new dict the
+    caller may change; the blocks are found once per captured graph)."""
+    graph = traced.graph
+    found = _CLASSES.get(graph)
+    if found is None or found[0] != len(graph.nodes):
+        found = (len(graph.nodes), _find_classes(traced))
+        _CLASSES[graph] = found
+    return dict(found[1])
+
+
+_CLASSES: "weakref.WeakKeyDictionary[fx.Graph, tuple[int, dict[str, Any]]]" = weakref.WeakKeyDictionary()
+"""Captured graph -> (its node count when seen, its classes): coarsening a 6,000-node graph
+takes a few tenths of a second, and a planner asks for every tp and memory weight."""
+
+
+def _find_classes(traced: Traced) -> dict[str, Any]:
     graph = OpGraph.from_traced(traced)
     blocks = graph.coarsen()
     nodes = {n.name: n for n in traced.graph.nodes}

@@ -15,6 +15,7 @@ entries; past ``max_entries`` it gives up (returns None) and the caller solves a
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Mapping, Sequence
 
@@ -52,10 +53,20 @@ def eliminate(domains: Mapping[int, int], factors: Sequence[Factor], *,
             scope.update(tables[i][0])
         return tuple(sorted(scope))
 
+    def table_size(u: int) -> int:
+        return math.prod(domains[w] for w in merged_scope(u))
+
+    # The next variable is the least (table size, id); a variable's size changes only when a
+    # neighbour is eliminated, so sizes sit in a heap and an entry whose size is out of date
+    # is skipped when it comes up.
+    size_of = {u: table_size(u) for u in remaining}
+    queue = [(size, u) for u, size in size_of.items()]
+    heapq.heapify(queue)
     while remaining:
-        v = min(remaining, key=lambda u: (math.prod(domains[w] for w in merged_scope(u)), u))
+        size, v = heapq.heappop(queue)
+        if v not in remaining or size != size_of[v]:
+            continue
         scope = merged_scope(v)
-        size = math.prod(domains[w] for w in scope)
         if size > max_entries:
             return None
         total = np.zeros(tuple(domains[w] for w in scope))
@@ -78,6 +89,9 @@ def eliminate(domains: Mapping[int, int], factors: Sequence[Factor], *,
             for w in rest:
                 touching[w].add(len(tables))
             tables.append((rest, reduced))
+            for w in rest:
+                size_of[w] = table_size(w)
+                heapq.heappush(queue, (size_of[w], w))
         else:
             constant += float(reduced)
     best: dict[int, int] = {}

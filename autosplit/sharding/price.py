@@ -35,8 +35,9 @@ Sizes are the whole tensor's (``collectives`` divides them as each collective do
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch.fx as fx
@@ -159,29 +160,74 @@ class ShardingCost:
 
 
 class GraphFacts:
-    """What pricing needs of a graph: each node's input slots, readers and tensor sizes."""
+    """What pricing needs of a graph: each node's input slots, readers and tensor sizes.
+
+    The parts that depend only on the graph are gathered once per graph and shared by every
+    GraphFacts of it (a captured graph is not edited after capture): a planner that prices
+    tp = 2, 4, 8 under several memory weights walks the graph once."""
 
     def __init__(self, gm: fx.GraphModule, costs: Mapping[str, OpCost], *, training: bool = True):
         self.graph = gm.graph
+        shared = _graph_structure(gm.graph)
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.costs = costs
         self.training = training
-        self.slots: dict[str, list[Slot]] = {}
-        self.readers: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
+        self.slots: dict[str, list[Slot]] = shared.slots
+        self.readers: dict[str, list[tuple[str, int, int]]] = shared.readers
         """producer -> [(consumer, slot index, producer's output index)]"""
-        self.output_bytes: dict[str, list[int]] = {}
-        self.weights = {n.name: n.target for n in gm.graph.nodes if n.op == "get_attr"}
-        needs = needs_grad_of(gm) if training else {}
+        self.output_bytes: dict[str, list[int]] = shared.output_bytes
+        self.weights: dict[str, Any] = shared.weights
+        self.inputs_of: dict[str, list[tuple[int, bool, str]]] = shared.inputs_of
+        """node -> [(bytes, read from a weight, producer)] for each tensor input slot"""
+        needs = needs_grad_of(gm) if training else {}  # not shared: a weight's requires_grad may change
         self.has_grad = {name: bool(needs.get(name)) for name in self.nodes}
-        for node in gm.graph.nodes:
-            self.output_bytes[node.name] = [t.numel() * t.element_size() for t in tensor_outputs(node)]
-            self.slots[node.name] = slots = tensor_inputs(node)
-            for i, slot in enumerate(slots):
-                self.readers[slot.producer].append((node.name, i, slot.index))
 
     def slot_bytes(self, slot: Slot) -> int:
         sizes = self.output_bytes.get(slot.producer, [])
         return sizes[slot.index] if slot.index < len(sizes) else 0
+
+
+@dataclass
+class _Structure:
+    """The graph-only facts behind :class:`GraphFacts` (names and sizes: nothing that keeps
+    the graph alive)."""
+
+    slots: dict[str, list[Slot]]
+    readers: dict[str, list[tuple[str, int, int]]]
+    output_bytes: dict[str, list[int]]
+    weights: dict[str, Any]
+    inputs_of: dict[str, list[tuple[int, bool, str]]]
+    n_nodes: int
+
+
+_STRUCTURES: "weakref.WeakKeyDictionary[fx.Graph, _Structure]" = weakref.WeakKeyDictionary()
+
+
+def _graph_structure(graph: fx.Graph) -> _Structure:
+    """The graph-only facts of ``graph``, gathered on first use (rebuilt if its node count changed)."""
+    found = _STRUCTURES.get(graph)
+    if found is not None and found.n_nodes == len(graph.nodes):
+        return found
+    nodes = {n.name: n for n in graph.nodes}
+    slots: dict[str, list[Slot]] = {}
+    readers: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
+    output_bytes: dict[str, list[int]] = {}
+    weights = {n.name: n.target for n in graph.nodes if n.op == "get_attr"}
+    for node in graph.nodes:
+        output_bytes[node.name] = [t.numel() * t.element_size() for t in tensor_outputs(node)]
+        slots[node.name] = node_slots = tensor_inputs(node)
+        for i, slot in enumerate(node_slots):
+            readers[slot.producer].append((node.name, i, slot.index))
+    inputs_of = {}
+    for name, node_slots in slots.items():
+        row = []
+        for s in node_slots:
+            sizes = output_bytes.get(s.producer, [])
+            row.append((sizes[s.index] if s.index < len(sizes) else 0, s.producer in weights, s.producer))
+        inputs_of[name] = row
+    found = _Structure(slots, dict(readers), output_bytes, weights, inputs_of, len(nodes))
+    _STRUCTURES[graph] = found
+    return found
 
 
 def per_rank_cost(facts: GraphFacts, name: str, layout: Layout, tp: int) -> OpCost:
@@ -189,36 +235,57 @@ def per_rank_cost(facts: GraphFacts, name: str, layout: Layout, tp: int) -> OpCo
     cost = facts.costs.get(name)
     if cost is None:
         return OpCost()
-    share = lambda p: 1 / tp if is_shard(p) else 1.0  # noqa: E731
-    slots = facts.slots[name]
     f = layout.compute_fraction
-    ins = [(facts.slot_bytes(s), share(layout.inputs[i]) if i < len(layout.inputs) else 1.0, s.producer in facts.weights)
-           for i, s in enumerate(slots)]
-    outs = [(b, share(layout.outputs[i]) if i < len(layout.outputs) else 1.0)
-            for i, b in enumerate(facts.output_bytes[name])]
+    placements = layout.inputs
     gather = cost.op_class in ("embedding", "indexing")  # reads rows of its table, not all of it
-    moved = [(b, s) for b, s, w in ins if not (gather and w)] + outs
-    total = sum(b for b, _ in moved)
-    byte_share = sum(b * s for b, s in moved) / total if total else f
-    weights = [(b, s) for b, s, w in ins if w]
-    weight_total = sum(b for b, _ in weights)
-    weight_share = sum(b * s for b, s in weights) / weight_total if weight_total else 1.0
-    by_input = {s.producer: share(layout.inputs[i]) for i, s in enumerate(slots) if i < len(layout.inputs)}
-    out_share = outs[0][1] if outs else 1.0
-    saved = {}
-    for key, nbytes in cost.saved.items():
-        scale = by_input.get(key, out_share if key == name else f)
-        saved[key] = int(nbytes * scale)
-    return replace(
+    # Sums run in the order of the lists they replace (inputs, then outputs), so the floating
+    # point results are the same bit for bit.
+    moved_total, moved_scaled = 0, 0
+    weight_total, weight_scaled = 0, 0
+    by_input: dict[str, float] = {}
+    for i, (nbytes, weight, producer) in enumerate(facts.inputs_of[name]):
+        s = (1 / tp if is_shard(placements[i]) else 1.0) if i < len(placements) else 1.0
+        if i < len(placements):
+            by_input[producer] = s
+        if not (gather and weight):
+            moved_total += nbytes
+            moved_scaled += nbytes * s
+        if weight:
+            weight_total += nbytes
+            weight_scaled += nbytes * s
+    outputs = layout.outputs
+    out_scaled = 0
+    out_share = 1.0
+    for i, nbytes in enumerate(facts.output_bytes[name]):
+        s = (1 / tp if is_shard(outputs[i]) else 1.0) if i < len(outputs) else 1.0
+        if i == 0:
+            out_share = s
+        moved_total += nbytes
+        moved_scaled += nbytes * s
+        out_scaled += nbytes * s
+    byte_share = moved_scaled / moved_total if moved_total else f
+    weight_share = weight_scaled / weight_total if weight_total else 1.0
+    saved = {key: int(nbytes * by_input.get(key, out_share if key == name else f))
+             for key, nbytes in cost.saved.items()}
+    return _with(
         cost,
         fwd_flops=int(cost.fwd_flops * f), bwd_flops=int(cost.bwd_flops * f),
         fwd_bytes=int(cost.fwd_bytes * byte_share), bwd_bytes=int(cost.bwd_bytes * byte_share),
-        output_bytes=int(sum(b * s for b, s in outs)), saved=saved,
+        output_bytes=int(out_scaled), saved=saved,
         grad_bytes=int(cost.grad_bytes * out_share), weight_grad_bytes=int(cost.weight_grad_bytes * weight_share),
         fwd_workspace_bytes=int(cost.fwd_workspace_bytes * f), bwd_workspace_bytes=int(cost.bwd_workspace_bytes * f),
         cpu_fwd_workspace_bytes=int(cost.cpu_fwd_workspace_bytes * f),
         cpu_bwd_workspace_bytes=int(cost.cpu_bwd_workspace_bytes * f),
     )
+
+
+def _with(cost: OpCost, **changes: Any) -> OpCost:
+    """``dataclasses.replace(cost, **changes)`` without re-running the dataclass's ``__init__``
+    field by field (OpCost has no ``__post_init__``), for the per-node loop of a 6,000-node graph."""
+    new = object.__new__(OpCost)
+    new.__dict__.update(cost.__dict__)
+    new.__dict__.update(changes)
+    return new
 
 
 def weight_bytes(facts: GraphFacts, name: str, layout: Layout, tp: int) -> int:
