@@ -365,9 +365,19 @@ def solve_captured(traced: Traced, devices: int | Sequence[str | torch.device], 
         cluster = Cluster.from_devices([str(d) for d in resolve_devices(devices)])
     elif isinstance(cluster, str):
         cluster = Cluster.parse(cluster)
+    if options.get("global_batch") is not None and "samples_per_microbatch" not in options:
+        options = dict(options, samples_per_microbatch=traced_batch(traced))
     solver_options = SolverOptions(mode=mode, microbatches=microbatches, **options)
     plan = solve_traced(traced, cluster, solver_options, price_graph(traced.graph_module, training=mode == "train"))
     return with_capture_notes(plan, traced)
+
+
+def traced_batch(traced: Traced) -> int:
+    """The batch the graph was captured at: dimension 0 of its first tensor input (1 without one)."""
+    for leaf in pytree.tree_leaves((traced.example_args, traced.example_kwargs)):
+        if isinstance(leaf, TensorSpec) and len(leaf.shape):
+            return int(leaf.shape[0])
+    return 1
 
 
 def solve_traced(traced: Traced, cluster: Cluster, options: SolverOptions, costs: Mapping[str, Any]) -> Plan:

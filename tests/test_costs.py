@@ -217,31 +217,31 @@ def test_efficiency_validation():
     assert Efficiency(compute={"matmul": 0.9}).compute["conv"] == 0.6
 
 
-def test_calibrated_linear_times_are_within_2x_of_measured_on_this_cpu(tmp_path):
+def test_calibration_recovers_a_known_model_from_profiled_linear_ops(tmp_path):
+    """Calibration fits the times it is given: samples made by a model with other efficiencies and
+    overheads (on the costs of real linear layers, profiled here for their structure) are fitted
+    back within 2%. How close the fit comes to this CPU's measured times is a benchmark figure
+    (benchmarks/bench_costs.py), not a unit test: this machine's speed varies with its load."""
+    from cost_models.analytic import Efficiency
+
     cpu = cpu_device()
-    profiler = ProfiledCostModel("cpu", repeats=9, cache_dir=str(tmp_path), progress=False)
-    graphs = []
+    profiler = ProfiledCostModel("cpu", repeats=2, cache_dir=str(tmp_path), progress=False)
+    truth = AnalyticCostModel(efficiency=Efficiency(compute={**Efficiency().compute, "matmul": 0.31},
+                                                    kernel_overhead_s=7e-6, backward_kernel_overhead_s=11e-6))
+    samples = []
     for d in (128, 256, 512, 1024, 2048):
         traced = capture(nn.Linear(d, d), (torch.randn(128, d, requires_grad=True),))
-        graphs.append((traced.graph_module, price_graph(traced.graph_module)))
-    def measure():
-        samples = []
-        for gm, costs in graphs:
-            samples += [Sample(costs[n], cpu, t.fwd_s, t.bwd_s) for n, t in profiler.measure(gm).items()]
-        return samples
-
-    def within_2x(samples):
-        calibrated = AnalyticCostModel().calibrate(samples)
-        ratios = [(calibrated.time(s.cost, cpu).fwd_s / s.fwd_s, calibrated.time(s.cost, cpu).bwd_s / s.bwd_s)
-                  for s in samples]
-        return all(0.5 < r < 2.0 for pair in ratios for r in pair), ratios
-
-    ok, ratios = within_2x(measure())
-    if not ok:  # a load spike from another process on this shared machine: measure once more
-        profiler = ProfiledCostModel("cpu", repeats=9, cache_dir="", progress=False)
-        ok, ratios = within_2x(measure())
-    assert ok, ratios
-    assert all(s.cost.bwd_flops == 2 * s.cost.fwd_flops for s in measure())  # input and weight grads
+        costs = price_graph(traced.graph_module)
+        measured = profiler.measure(traced.graph_module)
+        assert all(t.fwd_s > 0 and t.bwd_s > 0 for n, t in measured.items() if costs[n].fwd_flops)
+        for n in measured:
+            known = truth.time(costs[n], cpu)
+            samples.append(Sample(costs[n], cpu, known.fwd_s, known.bwd_s))
+    assert all(s.cost.bwd_flops == 2 * s.cost.fwd_flops for s in samples)  # input and weight grads
+    calibrated = AnalyticCostModel().calibrate(samples)
+    for s in samples:
+        fitted = calibrated.time(s.cost, cpu)
+        assert fitted.fwd_s == pytest.approx(s.fwd_s, rel=0.02) and fitted.bwd_s == pytest.approx(s.bwd_s, rel=0.02)
 
 
 def test_profiles_are_cached_on_disk(tmp_path, monkeypatch):

@@ -206,3 +206,19 @@ def test_a_layer_too_large_for_one_device_is_sharded_instead_of_refused():
     plan = solve_traced(traced, Cluster.parse("2xh100"), SolverOptions(global_batch=8, time_limit_s=2), costs)
     assert plan.tensor_parallel == 2
     assert max(stage.memory_bytes for stage in plan.stages) <= plan.stages[0].memory_capacity_bytes
+
+
+def test_the_api_plans_a_global_batch_from_the_traced_batch_and_autosplit_refuses_one():
+    import autosplit
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=SEQ,
+                                      use_cache=False)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    inputs = (spec((2, SEQ), dtype=torch.long),)  # traced at 2 samples: the costs scale from 2
+    plan = autosplit.plan(model, cluster="2xa100-80gb", example_inputs=inputs, global_batch=8, time_limit_s=2)
+    assert plan.global_batch == 8 == plan.mesh["dp"] * plan.microbatches * plan.microbatch_size
+    assert plan.options["samples_per_microbatch"] == plan.microbatch_size
+    with pytest.raises(ValueError, match="autosplit.plan"):
+        autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=inputs, global_batch=8)
