@@ -40,7 +40,8 @@ OPS_GAP = 0.01
 
 def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None, *,
           costs: Mapping[str, OpCost], parameters: Mapping[str, Any], buffers: Mapping[str, Any] | None = None,
-          cost_model: AnalyticCostModel | None = None, device_order: Sequence[int] | None = None) -> Plan:
+          cost_model: AnalyticCostModel | None = None, device_order: Sequence[int] | None = None,
+          near_cuts: Sequence[str] | None = None) -> Plan:
     """Split ``graph`` into pipeline stages over ``cluster`` (the method: ``autosplit.solver``).
 
     Args:
@@ -53,6 +54,8 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
         cost_model: turns costs into seconds per device type; default: the analytic roofline.
         device_order: stage s runs on device ``device_order[s]`` of the first replica, as a
             mesh places it (``autosplit.solver.joint``); default: the best order is searched.
+        near_cuts: with ``device_order``, the blocks where a coarser search started each stage
+            after the first: the block-level DP looks near them first.
 
     Raises:
         InfeasibleError: no split fits the devices' memory; says what would.
@@ -95,7 +98,9 @@ def solve(graph: OpGraph, cluster: Cluster, options: SolverOptions | None = None
         if chosen is None:
             raise looped.infeasible(chain, graph, cluster, stages, options)
     else:
-        chosen = choose_order(chain, cluster, stages, options, block_cuts, fixed=device_order)
+        starts = dict(zip(chain.block_names, chain.block_starts))
+        near = None if near_cuts is None else [starts[b] for b in near_cuts if b in starts]
+        chosen = choose_order(chain, cluster, stages, options, block_cuts, fixed=device_order, near=near)
         if chosen is None:
             raise _infeasible(chain, cluster, stages, options)
     model, dp_cuts = chosen.model, chosen.cuts

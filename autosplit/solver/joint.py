@@ -337,26 +337,53 @@ class BlockSums:
 
 
 def block_sums(blocks: OpGraph, chain: Sequence[str], costs: Mapping[str, OpCost], times: Mapping[str, OpTime],
-               parameters: Mapping[str, Any], train: bool, factor: float = 1.0) -> BlockSums:
+               parameters: Mapping[str, Any], train: bool, factor: float = 1.0,
+               memory: BlockMemory | None = None) -> BlockSums:
     """``BlockSums`` of the blocks in ``chain`` order, from per-rank costs (at the traced batch;
     activations scaled by ``factor`` as ``scale_costs`` scales them) and times (at the batch
-    priced)."""
+    priced). ``memory``: ``block_memory`` of the same costs, computed once for every batch."""
+    memory = memory or block_memory(blocks, chain, costs, parameters, train)
     n = len(chain)
-    index = {b: k for k, b in enumerate(chain)}
     time_s = {r: np.zeros(n) for r in RECOMPUTE}
-    saved = {r: np.zeros(n) for r in RECOMPUTE}
-    peak = {r: np.zeros(n) for r in RECOMPUTE}
-    params = np.zeros(n)
-    seen: set[str] = set()
     for k, block in enumerate(chain):
         members = blocks[block]["members"]
         fwd = sum(times[m].fwd_s for m in members)
         bwd = sum(times[m].bwd_s for m in members) if train else 0.0
-        rerun_selective = sum(times[m].fwd_s for m in members
-                              if not costs[m].weight and costs[m].op_class not in SAVED_BY_SELECTIVE)
+        rerun = sum(times[m].fwd_s for m in memory.rerun_selective[k]) if train else 0.0
         time_s["none"][k] = fwd + bwd
-        time_s["selective"][k] = fwd + bwd + (rerun_selective if train else 0.0)
+        time_s["selective"][k] = fwd + bwd + rerun
         time_s["full"][k] = fwd + bwd + (fwd if train else 0.0)
+    saved = {r: v * factor for r, v in memory.saved_bytes.items()}
+    peak = {r: memory.grad_bytes * factor + (saved["none"] - saved[r]) for r in RECOMPUTE}
+    return BlockSums(time_s, saved, peak, memory.params, memory.cross_bytes * factor)
+
+
+@dataclass
+class BlockMemory:
+    """What ``block_sums`` needs of the costs apart from times, at the traced batch."""
+
+    saved_bytes: dict[str, np.ndarray]
+    grad_bytes: np.ndarray
+    params: np.ndarray
+    cross_bytes: np.ndarray
+    rerun_selective: list[list[str]]
+    """Per block, the ops selective recomputation runs again."""
+
+
+def block_memory(blocks: OpGraph, chain: Sequence[str], costs: Mapping[str, OpCost], parameters: Mapping[str, Any],
+                 train: bool) -> BlockMemory:
+    """Per block: bytes kept for backward under each policy, the largest gradient and temporary
+    of its backward, parameters stored (first reader), and activation bytes crossing each cut."""
+    n = len(chain)
+    index = {b: k for k, b in enumerate(chain)}
+    saved = {r: np.zeros(n) for r in RECOMPUTE}
+    grads = np.zeros(n)
+    params = np.zeros(n)
+    rerun: list[list[str]] = []
+    seen: set[str] = set()
+    for k, block in enumerate(chain):
+        members = blocks[block]["members"]
+        rerun.append([m for m in members if not costs[m].weight and costs[m].op_class not in SAVED_BY_SELECTIVE])
         for m in members:
             for name in blocks.infos[m].reads if blocks.infos[m].op == "get_attr" else ():
                 if name not in seen and name in parameters:
@@ -369,22 +396,19 @@ def block_sums(blocks: OpGraph, chain: Sequence[str], costs: Mapping[str, OpCost
             keyed.update({key: v for key, v in costs[m].saved.items() if not _is_weight(costs, key)})
         inside = set(members)
         matmul = {m for m in members if costs[m].op_class in SAVED_BY_SELECTIVE}
-        whole = float(sum(keyed.values())) * factor
-        saved["none"][k] = whole
-        saved["selective"][k] = factor * float(sum(v for key, v in keyed.items()
-                                                   if _producer(key) not in inside or _producer(key) in matmul))
-        saved["full"][k] = factor * float(sum(v for key, v in keyed.items() if _producer(key) not in inside))
-        grads = factor * max((costs[m].bwd_workspace_bytes + costs[m].grad_bytes for m in members), default=0)
-        for r in RECOMPUTE:
-            peak[r][k] = grads + (whole - saved[r][k])
+        saved["none"][k] = float(sum(keyed.values()))
+        saved["selective"][k] = float(sum(v for key, v in keyed.items()
+                                          if _producer(key) not in inside or _producer(key) in matmul))
+        saved["full"][k] = float(sum(v for key, v in keyed.items() if _producer(key) not in inside))
+        grads[k] = max((costs[m].bwd_workspace_bytes + costs[m].grad_bytes for m in members), default=0)
     cross = np.zeros(n + 1)
     for u, v, data in blocks.dag.edges(data=True):
         if u not in index or v not in index:
             continue
         for tensor in data["tensors"].values():
             if not tensor.weight:
-                cross[index[u] + 1:index[v] + 1] += tensor.nbytes * factor * (2 if train else 1)
-    return BlockSums(time_s, saved, peak, params, cross)
+                cross[index[u] + 1:index[v] + 1] += tensor.nbytes * (2 if train else 1)
+    return BlockMemory(saved, grads, params, cross, rerun)
 
 
 @dataclass(frozen=True)
@@ -639,6 +663,7 @@ def _screen_meshes(shard: Sharding, lean: bool, meshes_: Sequence[Mesh], cluster
     groups = group_cluster(cluster, shard.tp)
     link = groups.link(0, 1) if len(groups) > 1 else None
     found: list[tuple[Screened, Sharding]] = []
+    memory = block_memory(blocks, chain, shard.costs, shard.parameters, train)
     fitting: set[Mesh] = set()
     bound_s: dict[Mesh, float] = {}
     for b in sorted({b for mesh in meshes_ for b in microbatch_sizes(G // mesh.dp, traced_b)}):
@@ -647,7 +672,7 @@ def _screen_meshes(shard: Sharding, lean: bool, meshes_: Sequence[Mesh], cluster
         for name, (fwd_s, bwd_s) in shard.collectives_s.items():
             if name in times and (fwd_s or bwd_s):
                 times[name] = OpTime(times[name].fwd_s + fwd_s * factor, times[name].bwd_s + bwd_s * factor)
-        sums = block_sums(blocks, chain, shard.costs, times, shard.parameters, train, factor)
+        sums = block_sums(blocks, chain, shard.costs, times, shard.parameters, train, factor, memory)
         for mesh in meshes_:
             if (G // mesh.dp) % b:
                 continue
@@ -714,7 +739,7 @@ def _solve_candidate(graph: OpGraph, blocks: OpGraph, chain: Sequence[str], clus
     try:
         plan = solve(scale_graph(graph, factor), group_cluster(cluster, mesh.tp), inner, costs=costs,
                      parameters=shard.parameters, buffers=buffers, cost_model=CollectiveTimes(base, collectives),
-                     device_order=range(mesh.pp))
+                     device_order=range(mesh.pp), near_cuts=[chain[k] for k in candidate.starts[1:]])
     except InfeasibleError as e:
         logger.info("joint: %s with %d microbatches of %d does not fit op by op: %s", mesh, candidate.microbatches,
                     candidate.microbatch_size, e)

@@ -134,8 +134,14 @@ class OrderChoice:
     None when no bound is known."""
 
 
+NEAR_BLOCKS = 2
+"""With a fixed order and cuts from a coarser search, the block-level DP looks this many block
+cuts either side of each."""
+
+
 def choose_order(chain: Chain, cluster: Cluster, stages: int, options: SolverOptions,
-                 block_cuts: Sequence[int], fixed: Sequence[int] | None = None) -> OrderChoice | None:
+                 block_cuts: Sequence[int], fixed: Sequence[int] | None = None,
+                 near: Sequence[int] | None = None) -> OrderChoice | None:
     """The device order along the pipeline whose block-level split is best, with its split.
 
     Up to ``ORDERS_PRICED`` distinct orders, each is priced with ``chain_dp`` (on ops where no block
@@ -143,7 +149,9 @@ def choose_order(chain: Chain, cluster: Cluster, stages: int, options: SolverOpt
     then priced with ``chain_dp``; where that search is too large, the cluster's order and its
     orders by speed are priced, unproven. Ties go to the first order in ``device_orders``.
     ``fixed`` gives the order instead (stage s on device ``fixed[s]``, as a mesh places them):
-    it alone is priced. Returns None when no order has a split that fits.
+    it alone is priced, with ``near`` (cut positions found by a coarser search) its DP looks only
+    at the block cuts within ``NEAR_BLOCKS`` blocks of them, then at all if none fits there.
+    Returns None when no order has a split that fits.
     """
     if stages > len(cluster):
         raise ValueError(f"{stages} stages need at least {stages} devices; the cluster {cluster} has {len(cluster)}")
@@ -172,7 +180,20 @@ def choose_order(chain: Chain, cluster: Cluster, stages: int, options: SolverOpt
         if len(fixed) != stages:
             raise ValueError(f"the fixed device order {list(fixed)} must name one device per stage ({stages})")
         orders, total = [tuple(fixed)], 1
-        best = best_of(orders)
+        best = None
+        if near is not None:
+            cuts = sorted(block_cuts)
+            at = {c: k for k, c in enumerate(cuts)}
+            keep = {cuts[j] for c in near if c in at
+                    for j in range(max(0, at[c] - NEAR_BLOCKS), min(len(cuts), at[c] + NEAR_BLOCKS + 1))}
+            window = sorted(keep | {cuts[0], cuts[-1]})
+            found = chain_dp(StageModel(chain, DeviceOrder.of(cluster, fixed, options.memory_headroom), options,
+                                        cluster), window)
+            if found is not None:
+                best = (found[0], StageModel(chain, DeviceOrder.of(cluster, fixed, options.memory_headroom), options,
+                                             cluster), found[1])
+        if best is None:
+            best = best_of(orders)
     elif total <= ORDERS_PRICED:
         orders = list(device_orders(cluster, stages))
         best = best_of(orders)
