@@ -236,7 +236,7 @@ class Plan:
     def layout_table(self):
         """Each module's tensor layout as a rich table: per module (repeated layers folded into
         one row, their index shown as ``*``), each op's input and output placements on its
-        stage's devices."""
+        stage's devices (a weight's row is its own placement)."""
         import re
 
         from rich.markup import escape
@@ -247,9 +247,14 @@ class Plan:
         for column in ("module", "op", "inputs", "output", "count"):
             table.add_column(column, justify="right" if column == "count" else "left")
         rows: dict[tuple[str, str, str, str], int] = {}
+        def fold(name: str) -> str:
+            return re.sub(r"\.\d+(?=\.|$)", ".*", name)
+
         for layout in self.layouts.values():
-            module = re.sub(r"\.\d+(?=\.|$)", ".*", layout.get("module", "")) or "<root>"
-            key = (module, layout.get("op", ""), " ".join(layout.get("inputs", ())), layout.get("output", ""))
+            if not layout.get("output"):  # checks with no value of their own
+                continue
+            key = (fold(layout.get("module", "")) or "<root>", fold(layout.get("op", "")),
+                   " ".join(layout.get("inputs", ())), layout.get("output", ""))
             rows[key] = rows.get(key, 0) + 1
         for (module, op, inputs, output), count in rows.items():
             if inputs.replace("R", "").strip() or output not in ("R", ""):  # all-replicated ops are left out
