@@ -46,7 +46,7 @@ def wide_llama():
 
 
 def test_scaled_costs_match_pricing_at_twice_the_batch():
-    (t1, c1), (t2, c2) = _llama(layers=1, batch=1), _llama(layers=1, batch=2)
+    (_, c1), (_, c2) = _llama(layers=1, batch=1), _llama(layers=1, batch=2)
     scaled = scale_costs(c1, 2)
     for field in ("fwd_flops", "bwd_flops", "grad_bytes"):  # exact: every op's work is linear in the batch
         assert sum(getattr(c, field) for c in scaled.values()) == sum(getattr(c, field) for c in c2.values())

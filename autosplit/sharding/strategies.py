@@ -665,8 +665,7 @@ def _mask_placement(mask: torch.Tensor, placement: str, options: list[str]) -> s
 
 def _attention_strategy(op_schema):
     """DTensor strategy for the CPU flash kernel: the CUDA flash kernel's placements for q, k, v,
-    the output and the log-sum-exp, with the mask as :func:`_mask_placement` places it."""
-    from torch.distributed.tensor._op_schema import OpStrategy
+    the output and the log-sum-exp, with the mask as :func:`_add_mask` places it."""
     from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
     from torch.distributed.tensor.placement_types import Replicate, Shard
 
@@ -676,13 +675,23 @@ def _attention_strategy(op_schema):
     for dim in (1, 0):
         row: list = [Shard(dim)] * 5
         rows.append(row)
-    if isinstance(mask, OpStrategy):
-        shape = mask.strategies[0].output_spec.shape
-        for row in rows:
-            p = row[0]
-            d = p.dim - (4 - len(shape)) if isinstance(p, Shard) else -1
-            row.append(Shard(d) if d >= 0 and shape[d] != 1 else Replicate())
+    _add_mask(rows, mask)
     return expand_to_full_mesh_op_strategy(mesh, op_schema, rows, input_index=2)
+
+
+def _add_mask(rows: list, mask: Any) -> None:
+    """Append the attention mask's placement to every row: split like q's batch or heads where
+    the mask has that dimension, else replicated (it broadcasts)."""
+    from torch.distributed.tensor._op_schema import OpStrategy
+    from torch.distributed.tensor.placement_types import Replicate, Shard
+
+    if not isinstance(mask, OpStrategy):
+        return
+    shape = mask.strategies[0].output_spec.shape
+    for row in rows:
+        p = row[0]
+        d = p.dim - (4 - len(shape)) if isinstance(p, Shard) else -1
+        row.append(Shard(d) if d >= 0 and shape[d] != 1 else Replicate())
 
 
 def _attention_backward_strategy(op_schema):
@@ -697,12 +706,7 @@ def _attention_backward_strategy(op_schema):
     rows = [[Replicate()] * (3 + n_tensors)]
     for dim in (1, 0):
         rows.append([Shard(dim)] * (3 + n_tensors))
-    if isinstance(mask, OpStrategy):
-        shape = mask.strategies[0].output_spec.shape
-        for row in rows:
-            p = row[0]
-            d = p.dim - (4 - len(shape)) if isinstance(p, Shard) else -1
-            row.append(Shard(d) if d >= 0 and shape[d] != 1 else Replicate())
+    _add_mask(rows, mask)
     return expand_to_full_mesh_op_strategy(mesh, op_schema, rows, input_index=3)
 
 
