@@ -1,8 +1,9 @@
 """Joint plans: the mesh (pipeline × tensor × data parallel), the cuts, every node's tensor
 layout, activation recomputation and the microbatches, chosen together for a global batch.
 
-    plan = solve_joint(graph, Cluster.parse("4x8xh100"), SolverOptions(global_batch=256),
-                       costs=costs, parameters=traced.parameters, sharding=sharding_of(traced))
+    cluster, options = Cluster.parse("4x8xh100"), SolverOptions(global_batch=256)
+    plan = solve_joint(graph, cluster, options, costs=costs, parameters=traced.parameters,
+                       sharding=sharding_for(traced, cluster, costs, options))
 
 The problem. ``global_batch`` = G samples per optimizer step run on N devices. Choose a mesh
 dp × pp × tp = N (tp devices run each stage tensor-parallel, pp stages form a pipeline, dp
@@ -16,24 +17,28 @@ weights, gradients and optimizer state and the activations its microbatches keep
 Ranks. Rank r = ((k · pp) + s) · tp + i runs tensor-parallel shard i of stage s of replica k:
 a tp group is tp consecutive ranks (inside a host when tp divides the host's devices, on its
 fast links), stages follow each other along the hosts, and replica k takes the k-th run of
-pp · tp ranks — the order the distributed runtime launches (``autosplit.distributed``).
+pp · tp ranks — with tp = 1, the order the distributed runtime numbers its ranks in
+(``autosplit.distributed``: rank k × stages + s runs stage s of replica k).
 
 How it is solved, coarse to fine:
 
 1. Tensor layouts depend on tp alone: for each tp, ``sharding(tp, weight)`` chooses every node's
    layout on the group (DTensor's own strategies, priced on the group's links; repeated layers
-   share one decision) for speed (weight 0) and for memory (a price per byte), and returns the
-   per-rank costs, parameter shards and the collectives each node waits for.
+   share one decision) for speed (weight 0), and returns the per-rank costs, parameter shards
+   and the collectives each node waits for. For the meshes that fit with no microbatch size
+   and could still beat the best step, layouts chosen for memory too (a price per byte).
 2. Each (tp, layouts, b) is screened by an exact DP over block-level cuts on the tp groups
    (``screen``): stage s of pp picks, among the recomputation policies, the fastest whose
    memory fits with the microbatches 1F1B keeps in flight on it (pp − s), so recomputation is
    chosen per stage. Costs at microbatch size b are the traced costs scaled (``scale_costs``).
-3. The best screened candidates are solved exactly by ``solve`` on the cluster of tp groups
-   (op-level cuts, the CP-SAT proof, the exact memory model), each block recomputing what its
-   stage chose, and the shortest step wins.
+3. The best screened candidate, and those of other meshes within ``SOLVED_WITHIN`` of it, are
+   solved exactly by ``solve`` on the cluster of tp groups in the mesh's device order (op-level
+   cuts, the CP-SAT proof, the exact memory model), each block recomputing what its stage chose,
+   and the shortest step wins.
 
-Every candidate's step is priced by the same cost model; the plan says which mesh it chose, why
-(step and memory of the runner-up meshes in ``SolverReport.notes``), and is deterministic.
+Every candidate's step is priced by the same cost model; the plan says which mesh it chose and
+what the runner-up meshes would take (``SolverReport.notes``), and is deterministic. The schedule
+is ``options.schedule`` (1F1B by default: the step of GPipe with fewer microbatches in flight).
 """
 
 from __future__ import annotations
@@ -102,20 +107,25 @@ ShardingFn = Callable[[int, float], Sharding]
 # --------------------------------------------------------------------------- pricing transforms
 
 
-class CollectiveTimes:
-    """A cost model that adds each node's collective seconds to its compute (forward, backward)."""
+def add_collectives(times: dict[str, OpTime], collectives_s: Mapping[str, tuple[float, float]],
+                    factor: float = 1.0) -> dict[str, OpTime]:
+    """``times`` with each node's collective seconds (forward, backward) added, scaled by
+    ``factor`` (the microbatch size over the traced one: collectives carry activations)."""
+    for name, (fwd_s, bwd_s) in collectives_s.items():
+        if name in times and (fwd_s or bwd_s):
+            t = times[name]
+            times[name] = OpTime(t.fwd_s + fwd_s * factor, t.bwd_s + bwd_s * factor)
+    return times
 
-    def __init__(self, base: Any, collectives_s: Mapping[str, tuple[float, float]]):
-        self.base = base
-        self.collectives_s = collectives_s
+
+class WithCollectives:
+    """A cost model whose op times include the tensor-parallel collectives each op waits for."""
+
+    def __init__(self, base: Any, collectives_s: Mapping[str, tuple[float, float]], factor: float = 1.0):
+        self.base, self.collectives_s, self.factor = base, collectives_s, factor
 
     def times(self, costs: Mapping[str, OpCost], device: Any) -> dict[str, OpTime]:
-        found = self.base.times(costs, device)
-        for name, (fwd_s, bwd_s) in self.collectives_s.items():
-            if name in found and (fwd_s or bwd_s):
-                t = found[name]
-                found[name] = OpTime(t.fwd_s + fwd_s, t.bwd_s + bwd_s)
-        return found
+        return add_collectives(self.base.times(costs, device), self.collectives_s, self.factor)
 
 
 def scale_costs(costs: Mapping[str, OpCost], factor: float) -> dict[str, OpCost]:
@@ -668,10 +678,7 @@ def _screen_meshes(shard: Sharding, lean: bool, meshes_: Sequence[Mesh], cluster
     bound_s: dict[Mesh, float] = {}
     for b in sorted({b for mesh in meshes_ for b in microbatch_sizes(G // mesh.dp, traced_b)}):
         factor = b / traced_b
-        times = scaled_times(shard.costs, factor, device, base)
-        for name, (fwd_s, bwd_s) in shard.collectives_s.items():
-            if name in times and (fwd_s or bwd_s):
-                times[name] = OpTime(times[name].fwd_s + fwd_s * factor, times[name].bwd_s + bwd_s * factor)
+        times = add_collectives(scaled_times(shard.costs, factor, device, base), shard.collectives_s, factor)
         sums = block_sums(blocks, chain, shard.costs, times, shard.parameters, train, factor, memory)
         for mesh in meshes_:
             if (G // mesh.dp) % b:
@@ -731,14 +738,13 @@ def _solve_candidate(graph: OpGraph, blocks: OpGraph, chain: Sequence[str], clus
     bounds = [*candidate.starts, len(chain)]
     policy_of_block = {chain[k]: candidate.policies[s] for s in range(mesh.pp) for k in range(bounds[s], bounds[s + 1])}
     costs = recompute_costs(scale_costs(shard.costs, factor), blocks, policy_of_block)
-    collectives = {k: (f * factor, w * factor) for k, (f, w) in shard.collectives_s.items()}
     inner = SolverOptions(**{**dataclasses.asdict(options), "no_split": options.no_split, "pin": options.pin,
                             "stages": mesh.pp, "microbatches": candidate.microbatches, "data_parallel": mesh.dp,
                             "samples_per_microbatch": candidate.microbatch_size, "global_batch": None,
                             "tensor_parallel": None, "recompute": None})
     try:
         plan = solve(scale_graph(graph, factor), group_cluster(cluster, mesh.tp), inner, costs=costs,
-                     parameters=shard.parameters, buffers=buffers, cost_model=CollectiveTimes(base, collectives),
+                     parameters=shard.parameters, buffers=buffers, cost_model=WithCollectives(base, shard.collectives_s, factor),
                      device_order=range(mesh.pp), near_cuts=[chain[k] for k in candidate.starts[1:]])
     except InfeasibleError as e:
         logger.info("joint: %s with %d microbatches of %d does not fit op by op: %s", mesh, candidate.microbatches,
