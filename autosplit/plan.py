@@ -225,6 +225,10 @@ class Plan:
     def _mesh_lines(self) -> list[str]:
         """The mesh, the batch and the recomputation, for plans made for a global batch."""
         if self.global_batch is None:
+            if self.mode == "train" and self.bubble_fraction > 0.5:
+                return [f"bubble       the devices idle {self.bubble_fraction:.0%} of the step with {self.microbatches} "
+                        f"microbatch{'es' if self.microbatches != 1 else ''}: give the global batch "
+                        "(global_batch=, --global-batch) and the microbatches, mesh and recomputation are chosen"]
             return []
         mesh = self.mesh
         recompute = ", ".join(f"{s.index}: {s.recompute}" for s in self.stages) if len(
@@ -280,6 +284,8 @@ class Plan:
         """What the data-parallel replicas add to a step, for plans with several."""
         if self.data_parallel == 1:
             return []
+        if self.mode != "train":
+            return [f"replicas     {self.data_parallel}, each on its own share of the batch (no gradients to reduce)"]
         slowest = max(self.stages, key=lambda stage: stage.data_parallel_s)
         return [f"replicas     {self.data_parallel} (FSDP2 over each stage's replicas): all-gather and reduce-scatter "
                 f"{_seconds(slowest.data_parallel_s)} per step on stage {slowest.index}, in the step time"]

@@ -222,3 +222,13 @@ def test_the_api_plans_a_global_batch_from_the_traced_batch_and_autosplit_refuse
     assert plan.options["samples_per_microbatch"] == plan.microbatch_size
     with pytest.raises(ValueError, match="autosplit.plan"):
         autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=inputs, global_batch=8)
+
+
+def test_fixed_sizes_the_cluster_or_batch_cannot_meet_are_refused_with_what_fits(llama):
+    from autosplit.errors import ConfigError
+
+    traced, costs = llama
+    with pytest.raises(ConfigError, match="must divide the 4 devices .*use one of 1, 2, 4"):
+        _solve(traced, costs, "2x2xh100", global_batch=8, tensor_parallel=3)
+    with pytest.raises(ConfigError, match="dp must divide the global batch \\(5\\)"):
+        _solve(traced, costs, "2x2xh100", global_batch=5, data_parallel=2)

@@ -279,7 +279,8 @@ def group_cluster(cluster: Cluster, tp: int) -> Cluster:
     """The cluster of tp groups: one device per group (its first rank), on that rank's host; a
     group's devices must be alike."""
     if len(cluster) % tp:
-        raise ConfigError(f"tensor_parallel={tp} must divide the {len(cluster)} devices of {cluster}")
+        raise ConfigError(f"tensor_parallel={tp} must divide the {len(cluster)} devices of {cluster}: use one of "
+                          f"{', '.join(map(str, _divisors(len(cluster))))}")
     for g in range(0, len(cluster), tp):
         names = {d.name for d in cluster.devices[g:g + tp]}
         if len(names) > 1:
@@ -599,11 +600,17 @@ def solve_joint(graph: OpGraph, cluster: Cluster, options: SolverOptions, *, cos
     blocks = graph.coarsen()
     chain = [b for b in blocks.order if blocks[b]["kind"] not in (INPUT, OUTPUT)]
     fixed_dp = options.data_parallel if options.data_parallel > 1 else None
-    found = meshes(cluster, G, len(chain), tp=options.tensor_parallel, dp=fixed_dp, pp=options.stages)
+    tp = options.tensor_parallel
+    if tp is not None:
+        group_cluster(cluster, tp)  # refuses a tp that does not divide the devices into alike groups
+    found = meshes(cluster, G, len(chain), tp=tp, dp=fixed_dp, pp=options.stages)
     if not found:
-        raise ConfigError(f"no mesh of {len(cluster)} devices fits the fixed choices (tensor_parallel="
-                          f"{options.tensor_parallel}, data_parallel={fixed_dp}, stages={options.stages}) with a global "
-                          f"batch of {G} and {len(chain)} blocks: let the solver choose them, or change the batch")
+        fixed = ", ".join(f"{k}={v}" for k, v in (("tensor_parallel", tp), ("data_parallel", fixed_dp),
+                                                   ("stages", options.stages)) if v is not None)
+        raise ConfigError(f"no mesh dp × pp × tp of the {len(cluster)} devices of {cluster} meets "
+                          f"{fixed or 'the batch'}: dp must divide the global batch ({G}), pp be at most the "
+                          f"{len(chain)} blocks, tp a power of two dividing a host's devices; let the solver choose "
+                          "the fixed sizes, or change the global batch")
     policies = (options.recompute,) if options.recompute else RECOMPUTE
     rules = dict(mode=options.mode, precision=options.precision, optimizer=options.optimizer,
                  weight_dtype=options.weight_dtype, shared_weights=options.shared_weights)
