@@ -590,7 +590,7 @@ def solve_joint(graph: OpGraph, cluster: Cluster, options: SolverOptions, *, cos
         sharding: the layouts for a tp group (``autosplit.sharding``); without it only tp = 1.
 
     Raises:
-        InfeasibleError: no mesh, microbatch size and recomputation fits; says what came closest.
+        InfeasibleError: no mesh, microbatch size and recomputation fits; names the meshes tried.
         ConfigError: a fixed choice the cluster or the batch cannot meet.
     """
     start = time.perf_counter()
@@ -600,12 +600,12 @@ def solve_joint(graph: OpGraph, cluster: Cluster, options: SolverOptions, *, cos
     blocks = graph.coarsen()
     chain = [b for b in blocks.order if blocks[b]["kind"] not in (INPUT, OUTPUT)]
     fixed_dp = options.data_parallel if options.data_parallel > 1 else None
-    tp = options.tensor_parallel
-    if tp is not None:
-        group_cluster(cluster, tp)  # refuses a tp that does not divide the devices into alike groups
-    found = meshes(cluster, G, len(chain), tp=tp, dp=fixed_dp, pp=options.stages)
+    fixed_tp = options.tensor_parallel
+    if fixed_tp is not None:
+        group_cluster(cluster, fixed_tp)  # refuses a tp that does not divide the devices into alike groups
+    found = meshes(cluster, G, len(chain), tp=fixed_tp, dp=fixed_dp, pp=options.stages)
     if not found:
-        fixed = ", ".join(f"{k}={v}" for k, v in (("tensor_parallel", tp), ("data_parallel", fixed_dp),
+        fixed = ", ".join(f"{k}={v}" for k, v in (("tensor_parallel", fixed_tp), ("data_parallel", fixed_dp),
                                                    ("stages", options.stages)) if v is not None)
         raise ConfigError(f"no mesh dp × pp × tp of the {len(cluster)} devices of {cluster} meets "
                           f"{fixed or 'the batch'}: dp must divide the global batch ({G}), pp be at most the "
