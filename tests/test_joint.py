@@ -232,3 +232,22 @@ def test_fixed_sizes_the_cluster_or_batch_cannot_meet_are_refused_with_what_fits
         _solve(traced, costs, "2x2xh100", global_batch=8, tensor_parallel=3)
     with pytest.raises(ConfigError, match="dp must divide the global batch \\(5\\)"):
         _solve(traced, costs, "2x2xh100", global_batch=5, data_parallel=2)
+
+
+def test_the_one_process_split_refuses_a_plan_it_cannot_run_before_moving_anything():
+    import copy
+
+    import autosplit
+    from checks import assert_unchanged
+    from models import MLP
+
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(4, 16)
+    plan = autosplit.plan(model, devices=["cpu", "cpu"], example_inputs=(x,), global_batch=8, tensor_parallel=1,
+                          stages=2, recompute="full", time_limit_s=2)
+    assert plan.mesh == {"dp": 1, "pp": 2, "tp": 1}
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="recomputes activations .*autosplit\\(\\) in one process"):
+        autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,), plan=plan)
+    assert_unchanged(model, before)
