@@ -114,7 +114,8 @@ def comm_counts(mode) -> dict[str, int]:
 
 def run_alongside(rank: int, case: str, layouts) -> dict:
     """Build the case's model, run it tensor-parallel and as a deepcopy, compare output and every
-    gradient (whole), and return the forward's collectives as counted."""
+    gradient (whole), and return the collectives counted forward and backward, and each weight's
+    placement."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
 
@@ -134,14 +135,18 @@ def run_alongside(rank: int, case: str, layouts) -> dict:
         want = reference(*args)
         got_t, want_t = (out.logits, want.logits) if case == "llama" else (out, want)
         assert_same(got_t, want_t, name=f"{case} output, rank {rank}")
-        got_t.float().square().mean().backward()
+        with CommDebugMode() as backward:
+            got_t.float().square().mean().backward()
     want_t.float().square().mean().backward()
+    for name, b in tp.named_buffers():
+        assert_same(b.full_tensor(), reference.get_buffer(name), name=f"buffer {name}, rank {rank}")
     for name, p in tp.named_parameters():
         assert p.grad is not None, f"{name} has no gradient"
         assert p.grad.placements == p.placements, f"{name}.grad is {p.grad.placements}, the weight {p.placements}"
         assert_same(p.grad.full_tensor(), wanted[name].grad, name=f"{name}.grad, rank {rank}")
-    return {"forward": comm_counts(forward),
-            "placements": {n: from_placement(p.placements[0], p.ndim) for n, p in tp.named_parameters()}}
+    return {"forward": comm_counts(forward), "backward": comm_counts(backward),
+            "placements": {n: from_placement(t.placements[0], t.ndim)
+                           for n, t in [*tp.named_parameters(), *tp.named_buffers()]}}
 
 
 @pytest.fixture(scope="module")
@@ -161,10 +166,11 @@ def test_mlp_runs_column_then_row_with_one_forward_all_reduce(ranks):
     results = ranks.run(run_alongside, "mlp", choice.layouts)
     for result in results:
         assert result["forward"] == {"all_reduce": 1}
+        assert result["backward"] == {}  # x needs no gradient: nothing to all-reduce for it
         assert result["placements"] == weights
 
 
-def test_llama_runs_as_its_layouts_say_with_the_priced_forward_collectives(ranks):
+def test_llama_runs_as_its_layouts_say_with_the_priced_collectives(ranks):
     choice, weights = choose("llama")
     for proj in ("q_proj", "k_proj", "v_proj"):
         assert weights[f"model.layers.0.self_attn.{proj}.weight"] == "S(0)", proj
@@ -172,3 +178,24 @@ def test_llama_runs_as_its_layouts_say_with_the_priced_forward_collectives(ranks
     results = ranks.run(run_alongside, "llama", choice.layouts)
     for result in results:
         assert result["forward"] == as_on_cpu(choice.collective_counts["forward"])
+        assert result["backward"] == as_on_cpu(choice.collective_counts["backward"])
+        assert result["placements"] == weights
+
+
+def test_a_mesh_or_layouts_that_do_not_fit_the_graph_are_refused():
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from autosplit.distributed.tensor_parallel import TensorParallelModule
+
+    choice, _ = choose("mlp")
+    _, _, traced = mlp_case()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        with pytest.raises(ValueError, match="must be 1-D"):
+            TensorParallelModule(traced, choice.layouts, DeviceMesh("cpu", [[0, 1], [2, 3]]))
+        partial = {n: l for n, l in choice.layouts.items() if "linear" not in n}
+        with pytest.raises(ValueError, match="no layout for 2 nodes"):
+            TensorParallelModule(traced, partial, DeviceMesh("cpu", [0, 1]))
+    finally:
+        dist.destroy_process_group()
