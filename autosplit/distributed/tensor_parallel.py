@@ -89,21 +89,11 @@ class TensorParallelModule(nn.Module):
         self._attr_of: dict[str, str] = {}  # get_attr node -> the weight's name
         for node in gm.graph.nodes:
             if node.op == "get_attr":
+                if node.target not in self._attr_of.values():
+                    weight = gm.get_parameter(node.target) if _is_parameter(gm, node.target) \
+                        else gm.get_buffer(node.target)
+                    self._distribute(node.target, weight, self.layouts[node.name].outputs[0])
                 self._attr_of[node.name] = node.target
-                if not self._has(node.target):
-                    self._distribute(node.target, gm.get_parameter(node.target) if _is_parameter(gm, node.target)
-                                     else gm.get_buffer(node.target), self.layouts[node.name].outputs[0])
-
-    def _has(self, name: str) -> bool:
-        try:
-            self.get_parameter(name)
-            return True
-        except AttributeError:
-            try:
-                self.get_buffer(name)
-                return True
-            except AttributeError:
-                return False
 
     def _distribute(self, name: str, tensor: torch.Tensor, placement: str) -> None:
         """Register ``tensor`` under ``name`` (dotted, as in the model) as a DTensor in ``placement``."""
@@ -200,8 +190,8 @@ class _LayoutInterpreter(fx.Interpreter):
         if n.op == "call_function" and n.target is operator.getitem:
             return super().run_node(n)  # an element of a multi-output op: it has that element's placement
         layout = self.layouts[n.name]
-        if n.op == "call_function" and not layout.outputs and n.target is torch.ops.aten._assert_tensor_metadata.default:
-            return None  # export's check of a value's dtype and device: no DTensor rule, nothing computed
+        if n.op == "call_function" and not layout.outputs and not n.users:
+            return None  # a check, e.g. export's _assert_tensor_metadata: no DTensor rule, nothing computed
         slots = iter(zip(tensor_inputs(n), layout.inputs, strict=True))
 
         def fetch(arg: fx.Node) -> Any:
