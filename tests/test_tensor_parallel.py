@@ -132,6 +132,7 @@ def run_alongside(rank: int, case: str, layouts) -> dict:
     with cpu_attention_strategy():
         with CommDebugMode() as forward:
             out = tp(*args)
+        assert tp.unplanned == []
         want = reference(*args)
         got_t, want_t = (out.logits, want.logits) if case == "llama" else (out, want)
         assert_same(got_t, want_t, name=f"{case} output, rank {rank}")

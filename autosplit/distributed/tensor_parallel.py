@@ -18,7 +18,8 @@ module applies it with DTensor and nothing else:
    readers of ``x`` in ``S(1)`` share one all-gather, as the pricing assumes). A plain tensor (a
    graph input, or the output of a factory op such as ``arange``) enters as ``Replicate`` first.
    Running the ATen op on DTensors then picks DTensor's strategy for those input placements,
-   which is the one the planner priced.
+   which is the one the planner priced; a node whose output comes out in another placement is
+   listed in ``unplanned``.
 3. The graph's outputs are returned whole (``full_tensor``), in the model's output structure.
 
 Running example, an MLP ``down(gelu(up(x)))`` on 2 ranks: ``up.weight`` is ``S(0)`` (each rank
@@ -86,6 +87,9 @@ class TensorParallelModule(nn.Module):
         self.graph_module = [gm]  # a list: not a submodule, so its (whole) weights are not ours
         self.layouts = dict(layouts)
         self.mesh = mesh
+        self.unplanned: list[str] = []
+        """The nodes whose output DTensor placed otherwise than their layout says, in the last
+        forward (empty when the run followed the plan)."""
         self._attr_of: dict[str, str] = {}  # get_attr node -> the weight's name
         for node in gm.graph.nodes:
             if node.op == "get_attr":
@@ -116,6 +120,7 @@ class TensorParallelModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         gm = self.graph_module[0]
         flat = _flat_inputs(gm, args, kwargs)
+        self.unplanned = []
         outputs = _LayoutInterpreter(self).run(*flat, enable_io_processing=False)
         whole = pytree.tree_map_only(torch.Tensor, lambda o: o.full_tensor() if _is_dtensor(o) else o, outputs)
         return gm.graph._codegen.process_outputs(whole)
@@ -205,7 +210,11 @@ class _LayoutInterpreter(fx.Interpreter):
         kwargs = pytree.tree_map_only(fx.Node, fetch, n.kwargs)
         if n.op == "output":
             return args[0]
-        return getattr(self, n.op)(n.target, args, kwargs)
+        out = getattr(self, n.op)(n.target, args, kwargs)
+        got = tuple(from_placement(t.placements[0], t.ndim) for t in pytree.tree_leaves(out) if _is_dtensor(t))
+        if got and got != layout.outputs[:len(got)]:
+            self.module.unplanned.append(f"{n.name} ({n.target}): planned {layout.outputs}, DTensor gave {got}")
+        return out
 
     def _placed(self, producer: str, value: torch.Tensor, placement: str) -> Any:
         """``value`` in ``placement``, redistributed once per producer and placement."""
