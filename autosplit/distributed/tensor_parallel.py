@@ -27,9 +27,10 @@ holds half of the rows), ``x`` enters ``R``, ``linear(x, up.weight)`` gives ``S(
 it, ``linear(h, down.weight)`` with ``down.weight`` in ``S(1)`` gives ``P`` (partial sums), and
 the output node wants ``R``: one all-reduce, the only collective of the forward.
 
-Not handled yet: layouts whose node is replicate-only because DTensor has no strategy for its op
-(such a node would fail here with DTensor's own error), in-place writes to buffers, and random
-ops (dropout draws different masks on each rank).
+Not handled or not tested yet: nodes the planner could only replicate because DTensor has no
+strategy for their op (DTensor refuses to run them on DTensors), in-place writes to buffers,
+random ops (dropout would draw a different mask on each rank), and meshes of more than one
+dimension.
 """
 
 from __future__ import annotations
@@ -214,6 +215,7 @@ class _LayoutInterpreter(fx.Interpreter):
         got = tuple(from_placement(t.placements[0], t.ndim) for t in pytree.tree_leaves(out) if _is_dtensor(t))
         if got and got != layout.outputs[:len(got)]:
             self.module.unplanned.append(f"{n.name} ({n.target}): planned {layout.outputs}, DTensor gave {got}")
+            logger.debug("unplanned placement: %s", self.module.unplanned[-1])
         return out
 
     def _placed(self, producer: str, value: torch.Tensor, placement: str) -> Any:
