@@ -13,7 +13,9 @@ rank loads one plan file; :func:`build` refuses ranks that disagree.
 ``runtime.py`` sets up the process groups, checks that the ranks agree, and runs the schedule;
 ``materialize.py`` gives a model built on ``meta`` memory for one rank's stage and initializes it;
 ``checkpoint.py`` saves and loads per rank under the model's own names (any plan, or unsplit);
-``memory.py`` reports a rank's memory beside the plan's figure for its stage.
+``memory.py`` reports a rank's memory beside the plan's figure for its stage;
+``tensor_parallel.py`` runs a captured graph on a tensor-parallel mesh as
+``autosplit.sharding.choose_layouts`` laid it out (:class:`TensorParallelModule`).
 """
 
 from autosplit.distributed.checkpoint import load, save
@@ -21,7 +23,8 @@ from autosplit.distributed.materialize import materialize
 from autosplit.distributed.memory import MemoryReport
 from autosplit.distributed.runtime import (DistributedPipeline, build, init_process_group, plan_and_broadcast,
                                            plan_digest)
+from autosplit.distributed.tensor_parallel import TensorParallelModule
 from autosplit.errors import DistributedError
 
-__all__ = ["DistributedError", "DistributedPipeline", "MemoryReport", "build", "init_process_group", "load",
-           "materialize", "plan_and_broadcast", "plan_digest", "save"]
+__all__ = ["DistributedError", "DistributedPipeline", "MemoryReport", "TensorParallelModule", "build",
+           "init_process_group", "load", "materialize", "plan_and_broadcast", "plan_digest", "save"]

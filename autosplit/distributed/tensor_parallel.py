@@ -1,0 +1,236 @@
+"""Run a captured graph on a tensor-parallel group exactly as its chosen layouts say.
+
+    choice = choose_layouts(traced, price_graph(traced.graph_module), cluster, ranks=[0, 1])
+    tp = TensorParallelModule(traced, choice.layouts, init_device_mesh("cpu", (2,)))
+    with cpu_attention_strategy():          # on CPU meshes, for SDPA; around backward too
+        loss = loss_fn(tp(ids), target)
+        loss.backward()
+
+The plan (``autosplit.sharding``) gives every node of the graph a :class:`Layout`: the
+placement each tensor input must have when the op runs, and the placement of each output. This
+module applies it with DTensor and nothing else:
+
+1. Every weight (a ``get_attr`` node) is distributed once, at construction, in its node's output
+   placement and registered under the model's own name as an ``nn.Parameter`` holding a DTensor
+   (buffers as DTensor buffers), so autograd and any optimizer see the shards.
+2. ``forward`` runs the graph with an ``fx.Interpreter``. Before each op, each tensor input is
+   redistributed to the placement the op's layout names (once per producer and placement: two
+   readers of ``x`` in ``S(1)`` share one all-gather, as the pricing assumes). A plain tensor (a
+   graph input, or the output of a factory op such as ``arange``) enters as ``Replicate`` first.
+   Running the ATen op on DTensors then picks DTensor's strategy for those input placements,
+   which is the one the planner priced; a node whose output comes out in another placement is
+   listed in ``unplanned``.
+3. The graph's outputs are returned whole (``full_tensor``), in the model's output structure.
+
+Running example, an MLP ``down(gelu(up(x)))`` on 2 ranks: ``up.weight`` is ``S(0)`` (each rank
+holds half of the rows), ``x`` enters ``R``, ``linear(x, up.weight)`` gives ``S(2)``, gelu keeps
+it, ``linear(h, down.weight)`` with ``down.weight`` in ``S(1)`` gives ``P`` (partial sums), and
+the output node wants ``R``: one all-reduce, the only collective of the forward.
+
+Not handled or not tested yet: nodes the planner could only replicate because DTensor has no
+strategy for their op (DTensor refuses to run them on DTensors), in-place writes to buffers,
+random ops (dropout would draw a different mask on each rank), and meshes of more than one
+dimension.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import operator
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
+from torch import nn
+
+from autosplit.sharding.placements import from_placement, is_partial, to_placement
+from autosplit.sharding.strategies import Layout, tensor_inputs
+from autosplit.trace import Traced
+
+logger = logging.getLogger(__name__)
+
+REPLICATE = "R"
+
+
+class TensorParallelModule(nn.Module):
+    """A captured model whose weights are sharded over a 1-D mesh and whose forward runs each op
+    in its planned layout.
+
+    Args:
+        traced: the captured model (``autosplit.capture(..., tracer="export")``).
+        layouts: the layout of every node by name (``choose_layouts(...).layouts``).
+        mesh: a 1-D ``DeviceMesh`` whose size is the layouts' tensor-parallel degree.
+
+    Every rank of the mesh must build the module from the same weights and layouts and call it
+    with the same inputs. On a CPU mesh, run forward and backward inside
+    ``autosplit.sharding.cpu_attention_strategy()`` when the model uses SDPA.
+
+    Example:
+        >>> tp = TensorParallelModule(traced, choice.layouts, mesh)
+        >>> out = tp(ids)                                # the model's output, whole on every rank
+        >>> tp.get_parameter("lm_head.weight").placements
+        (Shard(dim=0),)
+    """
+
+    def __init__(self, traced: Traced, layouts: Mapping[str, Layout], mesh):
+        super().__init__()
+        if mesh.ndim != 1:
+            raise ValueError(f"the tensor-parallel mesh must be 1-D, e.g. init_device_mesh('cpu', (2,)); "
+                             f"got {mesh.ndim} dimensions {tuple(mesh.shape)}")
+        gm = traced.graph_module
+        missing = [n.name for n in gm.graph.nodes if n.name not in layouts]
+        if missing:
+            raise ValueError(f"the layouts name no layout for {len(missing)} nodes of the graph, e.g. "
+                             f"{missing[:3]}: choose them for this graph (choose_layouts(traced, ...))")
+        self.graph_module = [gm]  # a list: not a submodule, so its (whole) weights are not ours
+        self.layouts = dict(layouts)
+        self.mesh = mesh
+        self.unplanned: list[str] = []
+        """The nodes whose output DTensor placed otherwise than their layout says, in the last
+        forward (empty when the run followed the plan)."""
+        self._attr_of: dict[str, str] = {}  # get_attr node -> the weight's name
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                if node.target not in self._attr_of.values():
+                    weight = gm.get_parameter(node.target) if _is_parameter(gm, node.target) \
+                        else gm.get_buffer(node.target)
+                    self._distribute(node.target, weight, self.layouts[node.name].outputs[0])
+                self._attr_of[node.name] = node.target
+
+    def _distribute(self, name: str, tensor: torch.Tensor, placement: str) -> None:
+        """Register ``tensor`` under ``name`` (dotted, as in the model) as a DTensor in ``placement``."""
+        from torch.distributed.tensor import distribute_tensor
+
+        owner = self
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        value = distribute_tensor(tensor.detach(), self.mesh, [_stored(placement)])
+        if isinstance(tensor, nn.Parameter):
+            param = nn.Parameter(value, requires_grad=tensor.requires_grad)
+            param.register_post_accumulate_grad_hook(_keep_gradient_in_placement)
+            owner.register_parameter(leaf, param)
+        else:
+            owner.register_buffer(leaf, value)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        gm = self.graph_module[0]
+        flat = _flat_inputs(gm, args, kwargs)
+        self.unplanned = []
+        outputs = _LayoutInterpreter(self).run(*flat, enable_io_processing=False)
+        whole = pytree.tree_map_only(torch.Tensor, lambda o: o.full_tensor() if _is_dtensor(o) else o, outputs)
+        return gm.graph._codegen.process_outputs(whole)
+
+
+def _keep_gradient_in_placement(param: nn.Parameter) -> None:
+    """Give a weight's gradient the weight's own placement (an op's backward may leave it partial
+    or otherwise split), so an optimizer adds like to like."""
+    if param.grad is not None and param.grad.placements != param.placements:
+        param.grad = param.grad.redistribute(param.device_mesh, param.placements)
+
+
+def _stored(placement: str):
+    """The placement a weight is stored in: a partial weight is stored whole (``R``); the
+    interpreter makes the planned partial from it where an op reads it."""
+    return to_placement(REPLICATE if is_partial(placement) else placement)
+
+
+def _is_parameter(gm: fx.GraphModule, name: str) -> bool:
+    try:
+        gm.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _is_dtensor(value: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
+    """The graph's placeholder values for a call of the model, as the graph module's own forward
+    flattens them (its positional and keyword arguments by the captured input structure)."""
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        return list(args)
+    try:
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"the tensor-parallel model takes the captured model's arguments "
+                        f"{info.orig_args}: {e}") from e
+    values = [bound.arguments[name] for name in info.orig_args]
+    spec = info.in_spec
+    if spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple and spec.child(1).type is dict:
+        count = spec.child(0).num_children
+        return fx_pytree.tree_flatten_spec((values[:count], dict(zip(spec.child(1).context, values[count:]))), spec)
+    return fx_pytree.tree_flatten_spec(values, spec)
+
+
+class _LayoutInterpreter(fx.Interpreter):
+    """Runs the graph on DTensors, each op's tensor inputs redistributed to its layout first."""
+
+    def __init__(self, module: TensorParallelModule):
+        super().__init__(module.graph_module[0], garbage_collect_values=True)
+        self.module = module
+        self.mesh = module.mesh
+        self.layouts = module.layouts
+        self.moved: dict[tuple[str, str], Any] = {}  # (producer, placement) -> the redistributed value
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "placeholder":
+            return super().run_node(n)
+        if n.op == "get_attr":
+            name = self.module._attr_of[n.name]
+            try:
+                return self.module.get_parameter(name)
+            except AttributeError:
+                return self.module.get_buffer(name)
+        if n.op == "call_function" and n.target is operator.getitem:
+            return super().run_node(n)  # an element of a multi-output op: it has that element's placement
+        layout = self.layouts[n.name]
+        if n.op == "call_function" and not layout.outputs and not n.users:
+            return None  # a check, e.g. export's _assert_tensor_metadata: no DTensor rule, nothing computed
+        slots = iter(zip(tensor_inputs(n), layout.inputs, strict=True))
+
+        def fetch(arg: fx.Node) -> Any:
+            value = self.env[arg]
+            if not isinstance(value, torch.Tensor):
+                return value
+            slot, placement = next(slots)
+            return self._placed(f"{slot.producer}:{slot.index}", value, placement)
+
+        args = pytree.tree_map_only(fx.Node, fetch, n.args)
+        kwargs = pytree.tree_map_only(fx.Node, fetch, n.kwargs)
+        if n.op == "output":
+            return args[0]
+        out = getattr(self, n.op)(n.target, args, kwargs)
+        got = tuple(from_placement(t.placements[0], t.ndim) for t in pytree.tree_leaves(out) if _is_dtensor(t))
+        if got and got != layout.outputs[:len(got)]:
+            self.module.unplanned.append(f"{n.name} ({n.target}): planned {layout.outputs}, DTensor gave {got}")
+            logger.debug("unplanned placement: %s", self.module.unplanned[-1])
+        return out
+
+    def _placed(self, producer: str, value: torch.Tensor, placement: str) -> Any:
+        """``value`` in ``placement``, redistributed once per producer and placement."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        key = (producer, placement)
+        if key in self.moved:
+            return self.moved[key]
+        if not isinstance(value, DTensor):  # a graph input or a factory op's output: the same on every rank
+            value = DTensor.from_local(value, self.mesh, [Replicate()], run_check=False)
+        have = from_placement(value.placements[0], value.ndim)
+        if have != placement and not (is_partial(placement) and have == REPLICATE):
+            # R -> P is left to the op: DTensor makes a partial from a replicated input itself
+            # (its public redistribute refuses it), with no collective.
+            value = value.redistribute(self.mesh, [to_placement(placement)])
+        self.moved[key] = value
+        return value
