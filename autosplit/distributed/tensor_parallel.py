@@ -46,13 +46,11 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch import nn
 
-from autosplit.sharding.placements import from_placement, is_partial, to_placement
+from autosplit.sharding.placements import REPLICATE, from_placement, is_partial, to_placement
 from autosplit.sharding.strategies import Layout, tensor_inputs
 from autosplit.trace import Traced
 
 logger = logging.getLogger(__name__)
-
-REPLICATE = "R"
 
 
 class TensorParallelModule(nn.Module):

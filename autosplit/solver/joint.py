@@ -96,8 +96,8 @@ class Sharding:
     """Seconds each node waits for collectives on the group, forward and backward."""
     placements: Mapping[str, Any]
     """Each node's layout as JSON-able DTensor placements (``autosplit.sharding``)."""
-    summary: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    """Collectives by kind and the like, for the report."""
+    replicated_only: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Nodes that can only be replicated on the group, and why (no DTensor rule for their op)."""
 
 
 ShardingFn = Callable[[int, float], Sharding]
@@ -431,13 +431,10 @@ class Screened:
     microbatches: int
     memory_lean: bool
     step_s: float
-    bottleneck_s: float
     policies: tuple[str, ...]
     """Per stage, what its blocks recompute."""
     starts: tuple[int, ...]
     """Per stage, the position of its first block in the chain."""
-    peak_bytes: float
-    """The fullest stage's memory per device."""
 
 
 def screen(sums: BlockSums, *, stages: int, microbatches: int, capacity_bytes: float, hop_s_per_byte: float,
@@ -563,9 +560,8 @@ def _as_sharding(traced: Any, choice: Any, tp: int) -> Sharding:
         info = traced.nodes.get(name)
         placements[name] = {"module": info.module_path if info else "", "op": info.target if info else "",
                             "inputs": list(layout.inputs), "output": " ".join(layout.outputs)}
-    counts = {direction: dict(kinds) for direction, kinds in choice.collective_counts.items()}
     return Sharding(tp=tp, costs=choice.per_rank, parameters=parameters, collectives_s=dict(choice.collective_s),
-                    placements=placements, summary=dict(collectives=counts, notes=dict(choice.notes)))
+                    placements=placements, replicated_only=dict(choice.notes))
 
 
 def microbatch_sizes(per_replica: int, traced: int) -> list[int]:
@@ -702,9 +698,9 @@ def _screen_meshes(shard: Sharding, lean: bool, meshes_: Sequence[Mesh], cluster
             if result is None:
                 continue
             fitting.add(mesh)
-            bottleneck, chosen, starts, peak = result
+            bottleneck, chosen, starts, _ = result
             step = (m + mesh.pp - 1) * bottleneck + _data_parallel_s(groups, mesh, options, sums, starts)
-            found.append((Screened(mesh, b, m, lean, step, bottleneck, chosen, starts, peak), shard))
+            found.append((Screened(mesh, b, m, lean, step, chosen, starts), shard))
     return found, [(mesh, bound_s.get(mesh, math.inf)) for mesh in meshes_ if mesh not in fitting]
 
 
@@ -777,12 +773,13 @@ def _relabel(plan: Plan, cluster: Cluster, options: SolverOptions, candidate: Sc
     if tp > 1 and not any(p["output"] != "R" or any(i != "R" for i in p["inputs"]) for p in shard.placements.values()):
         notes.append(f"every node is replicated on the groups of {tp}: splitting any op costs more than it saves, so "
                      f"each group computes the same; a smaller tensor_parallel does the same work on fewer devices")
-    unsplit = shard.summary.get("notes", {})
+    unsplit = shard.replicated_only
     if unsplit:
         first = sorted(unsplit)[0]
         notes.append(f"{len(unsplit)} node{'s' if len(unsplit) > 1 else ''} can only be replicated on the groups of {tp} "
                      f"(e.g. {first}: {unsplit[first]})")
-    return dataclasses.replace(plan, stages=tuple(stages), solver=dataclasses.replace(plan.solver, notes=tuple(notes)), cluster=str(cluster), tensor_parallel=tp,
+    return dataclasses.replace(plan, stages=tuple(stages), solver=dataclasses.replace(plan.solver, notes=tuple(notes)),
+                               cluster=str(cluster), tensor_parallel=tp,
                                microbatch_size=candidate.microbatch_size, global_batch=options.global_batch,
                                layouts=dict(shard.placements), options=options_out)
 
