@@ -172,6 +172,14 @@ class Plan:
     format_version: int = FORMAT_VERSION
 
     @property
+    def traced_batch(self) -> int | None:
+        """Samples per microbatch in the graph the plan was made from (its ``fingerprint``), when
+        the plan runs microbatches of another size (``microbatch_size``: the joint search prices
+        the traced graph scaled to it); None when the two are the same."""
+        traced = self.options.get("traced_batch")
+        return traced if traced is not None and traced != self.microbatch_size else None
+
+    @property
     def mesh(self) -> dict[str, int]:
         """Sizes of the device mesh: ``{"dp": replicas, "pp": devices along the pipeline, "tp":
         devices per stage}``, whose product is the cluster's devices."""

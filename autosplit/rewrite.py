@@ -378,17 +378,20 @@ class SplitGraph:
 
 def split_graph(model: nn.Module, traced: Traced, plan: Plan, devices: Sequence[torch.device],
                 output_device: torch.device | str | None = None, written_flags: Collection[str] = (),
-                microbatches: int = 1) -> SplitGraph:
+                microbatches: int = 1, check_plan: bool = True) -> SplitGraph:
     """Rewrite ``traced`` for ``plan`` on ``devices`` (one per stage) without moving anything: the
     graph both the one-process split and the per-rank stages of the distributed runtime are cut
     from. See :func:`split_module` for ``written_flags``. Weights may still be on ``meta``: the
     distributed runtime materializes only those of its rank's stage, after this rewrite.
+    ``check_plan=False`` skips the fingerprint check, for a caller that checked the plan against
+    a capture of the same model at the plan's traced batch (``Plan.traced_batch``).
 
     Raises:
         PlanMismatchError: the plan was made for another graph.
         MicrobatchError: the graph writes weights in place and runs per microbatch.
     """
-    check_fingerprint(traced, plan)
+    if check_plan:
+        check_fingerprint(traced, plan)
     _check_microbatched_writes(traced, microbatches)
     gm = traced.graph_module
     stage_of = _stages_of_nodes(gm, plan)

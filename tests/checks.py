@@ -127,15 +127,21 @@ def assert_unchanged(model: nn.Module, before: nn.Module) -> None:
         assert torch.equal(got, want), f"{name} changed"
 
 
-def train_alongside(pipe, reference, batches, loss_fn, steps, *, whole=lambda t: t, label=""):
+def train_alongside(pipe, reference, batches, loss_fn, steps, *, whole=lambda t: t, label="", eps=1e-8):
     """Train a rank of a distributed pipeline and the model in one process (a deepcopy) side by
     side, with AdamW on the same batches (``batches(step)`` gives args, kwargs and target): each
     step's loss equals the model's on the last rank and is None elsewhere, every gradient of the
     first step and every weight after ``steps`` steps equal the model's (``whole`` turns a
-    sharded tensor into the whole one). Returns the rank's weights after the steps, whole, by name."""
+    sharded tensor into the whole one). Returns the rank's weights after the steps, whole, by name.
+
+    ``eps``: AdamW's. Adam divides each gradient by its own size, so a gradient that is zero in
+    exact arithmetic (an attention key's bias: softmax ignores it) and rounding noise in practice
+    moves its weight by the full learning rate in a direction the rounding chose; a split that
+    sums in another order (tensor parallelism) then moves it the other way. An ``eps`` above that
+    noise keeps such weights still in both, and changes nothing else measurably."""
     wanted = dict(reference.named_parameters())
-    opt = torch.optim.AdamW(pipe.parameters(), lr=1e-2)
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(pipe.parameters(), lr=1e-2, eps=eps)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, eps=eps)
     for step in range(steps):
         args, kwargs, target = batches(step)
         loss = pipe.step(*args, target=target, **kwargs)

@@ -81,6 +81,7 @@ optimizer; ``p.full_tensor()`` gathers one whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -91,6 +92,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -101,10 +103,12 @@ from torch.distributed.tensor import DTensor
 from autosplit.api import capture_microbatch, solve_captured
 from autosplit.distributed.failures import FailureChannel
 from autosplit.distributed.materialize import materialize_tensors
-from autosplit.distributed.stages import StageChain, Wire, shared_weights, stage_chain, stage_tensors
+from autosplit.distributed.stages import Receive, Send, StageChain, Wire, shared_weights, stage_chain, stage_tensors
+from autosplit.distributed.tensor_parallel import parallelize_stage
 from autosplit.errors import DistributedError, InputSignatureError, MicrobatchError
 from autosplit.plan import Plan
-from autosplit.rewrite import move_state, refuse_batch_statistics, transfer
+from autosplit.rewrite import check_fingerprint, move_state, refuse_batch_statistics, transfer
+from autosplit.sharding import cpu_attention_strategy
 from autosplit.trace import TensorSpec, Traced, require_module
 from cost_models.memory import INTERLEAVED, interleaved_rounds
 
@@ -148,8 +152,11 @@ class DistributedPipeline:
         """The index of this rank's data-parallel replica (rank = replica × stages + stage)."""
         self.data_parallel = mesh.size(0) if mesh is not None else 1
         """How many replicas of the pipeline run, each on its share of every batch."""
+        self.tensor_parallel = plan.tensor_parallel
+        """How many ranks run each stage together, each op in the plan's layout."""
         self.mesh = mesh
-        """The ranks as a DeviceMesh with dims ``("dp", "pp")``; None for one replica."""
+        """The ranks as a DeviceMesh with dims ``("dp", "pp")``, or ``("dp", "pp", "tp")`` for a
+        tensor-parallel plan; None for one replica of a pipeline-only plan."""
         self.device = device
         self.modules = [chain.modules[s] for s in self.stages]
         """The stages' graph modules: each takes what the previous stage sends, returns what it sends."""
@@ -254,9 +261,12 @@ class DistributedPipeline:
         for _, p, _ in self._shared:
             p.grad = None
         losses: list[torch.Tensor] = []
-        self._schedule.step(*(first if self.is_first else ()),
-                            target=transfer(target, self.device) if self.is_last else None,
-                            losses=losses if self.is_last else None, return_outputs=False)
+        # CPU attention has no DTensor rule of its own: the one the planner priced it by
+        with cpu_attention_strategy() if self.tensor_parallel > 1 and self.device.type == "cpu" \
+                else contextlib.nullcontext():
+            self._schedule.step(*(first if self.is_first else ()),
+                                target=transfer(target, self.device) if self.is_last else None,
+                                losses=losses if self.is_last else None, return_outputs=False)
         self._sum_shared_gradients(set_aside)
         if not self.is_last:
             return None
@@ -420,7 +430,7 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
     if plan.schedule not in SCHEDULES:
         raise ValueError(f"the plan's schedule is {plan.schedule!r}, and the distributed runtime runs "
                          f"{', '.join(map(repr, SCHEDULES))}: plan again with one of them")
-    plan.require_pipeline_only("autosplit.distributed")
+    require_runnable(plan)
     if plan.reads_weights_across_stages and plan.shared_weights != "copies":
         raise ValueError("the plan prices each weight read on several stages (a tied embedding and head) as sent once "
                          "per call from the stage storing it, as autosplit() runs it in one process; here every rank "
@@ -442,8 +452,10 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
     check_same_plan(plan)
     replicas = replica_count(plan, world, data_parallel)
     stages = stages_of_ranks(plan, world, data_parallel)[rank]
-    stage, replica = stages[0], rank // len(plan.device_stages())
-    mesh = pipeline_mesh(device, replicas, len(plan.stages), timeout_s) if replicas > 1 else None
+    tp = plan.tensor_parallel
+    stage, replica = stages[0], rank // (len(plan.device_stages()) * tp)
+    mesh = pipeline_mesh(device, replicas, len(plan.device_stages()), timeout_s, tp) \
+        if replicas > 1 or tp > 1 else None
     seed = _seed_of_rank_0()
 
     error = None
@@ -451,13 +463,16 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
         captured = capture_microbatch(model, args, kwargs, microbatches=plan.microbatches * replicas,
                                       batch_dims=batch_dims, training=plan.mode == "train", tracer=tracer,
                                       leaf_modules=leaf_modules)
-        refuse_replicated_writes(captured.traced, replicas)
-        chain = stage_chain(model, captured, plan, device)
+        checked = check_traced_batch(model, plan, args, kwargs, replicas, batch_dims, tracer, leaf_modules)
+        refuse_replicated_writes(captured.traced, replicas * tp)
+        chain = stage_chain(model, captured, plan, device, check_plan=not checked)
         held = _held_tensors(model, chain, stages)
         materialize_tensors(model, [t for t in held.values() if t.is_meta], device, seed=seed, init_fn=init_fn,
                             checkpoint_follows=checkpoint is not None)
         move_state([(t, device) for t in held.values()])
-        if mesh is not None:
+        if tp > 1:
+            held = parallelize_stages(model, chain, captured.traced, plan, stages, mesh["tp"], held)
+        if replicas > 1:
             held = shard_stage(model, chain.modules[stage], mesh, held)
     except Exception as e:  # every rank must learn of it, or the others would wait for this one
         error = e
@@ -465,16 +480,19 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
 
     failures = FailureChannel.create(stage, len(plan.stages), timeout_s,
                                      group=mesh.get_group("pp") if mesh is not None else None)
-    if mesh is not None:
-        failures.add_group(mesh.get_group("dp"))
+    for dim in ("dp", "tp") if mesh is not None else ():
+        if dim in mesh.mesh_dim_names and mesh[dim].size() > 1:
+            failures.add_group(mesh.get_group(dim))
     shared = _shared_weight_groups(model, chain, plan, replicas, timeout_s)
     for group in {id(group): group for _, _, group in shared}.values():
         failures.add_group(group)
     dims = [captured.batch_dims.get(name) if plan.microbatches * replicas > 1 else None
             for name in chain.input_arguments]
     first_dims = [dims[i] for i in chain.first_inputs]
-    pipeline_stages = [PipelineStage(chain.modules[s], s, len(plan.stages), device, input_args=chain.received[s],
-                                     output_args=chain.sent[s], group=failures.group) for s in stages]
+    pipeline_stages = [PipelineStage(chain.modules[s], s, len(plan.stages), device,
+                                     input_args=_local_metas(chain.modules[s], chain.received[s], Receive),
+                                     output_args=_local_metas(chain.modules[s], chain.sent[s], Send),
+                                     group=failures.group) for s in stages]
     schedule = SCHEDULES[plan.schedule](
         pipeline_stages if plan.schedule == INTERLEAVED else pipeline_stages[0], plan.microbatches,
         loss_fn=MicrobatchLoss(loss_fn, chain.output, plan.microbatches),
@@ -613,7 +631,8 @@ def stages_of_ranks(plan: Plan, world_size: int, data_parallel: int | None = Non
     if devices != looped:
         raise DistributedError(f"the plan puts stages {devices} on its devices, and the runtime runs stages r, r + "
                                f"{width}, ... on rank r: plan again with this autosplit")
-    return [looped[rank % width] for rank in range(world_size)]
+    tp = plan.tensor_parallel  # rank = (replica × width + position) × tp + i
+    return [looped[(rank // tp) % width] for rank in range(world_size)]
 
 
 def replica_count(plan: Plan, world_size: int, data_parallel: int | None = None) -> int:
@@ -625,8 +644,10 @@ def replica_count(plan: Plan, world_size: int, data_parallel: int | None = None)
             ``data_parallel`` × stages, or the plan was made for another number of replicas;
             says what would fit.
     """
-    count = len(plan.device_stages())  # ranks per replica: one per device the plan uses
+    tp = plan.tensor_parallel
+    count = len(plan.device_stages()) * tp  # ranks per replica: one per device the plan uses
     ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+    stages = f"{count} stages" if tp == 1 else f"{count // tp} stages × {tp} tensor-parallel ranks"
     if plan.stages_per_device > 1 and world_size != count:
         raise DistributedError(
             f"the plan has {len(plan.stages)} stages on {count} devices ({plan.stages_per_device} per device, "
@@ -639,21 +660,21 @@ def replica_count(plan: Plan, world_size: int, data_parallel: int | None = None)
         plans = ", ".join(f"{d} stage{'s' if d != 1 else ''} × {world_size // d} "
                           f"replica{'s' if d != world_size else ''}" for d in divisors)
         raise DistributedError(
-            f"the plan has {count} stages, one per rank of each data-parallel replica, but {ranks} run, not a "
+            f"the plan has {stages}, one per rank of each data-parallel replica, but {ranks} run, not a "
             f"multiple of {count}: launch {launch} processes (torchrun --nproc-per-node={fits[0]} ...), or plan for "
             f"this world ({plans}: plan_and_broadcast(model, ..., data_parallel=replicas) plans world ÷ replicas "
             f"stages)")
     replicas = world_size // count
     if data_parallel is not None and data_parallel != replicas:
         raise DistributedError(
-            f"data_parallel={data_parallel} replicas of the plan's {count} stages need {data_parallel * count} ranks, "
+            f"data_parallel={data_parallel} replicas of the plan's {stages} need {data_parallel * count} ranks, "
             f"but {ranks} run: launch {data_parallel * count} processes (torchrun "
             f"--nproc-per-node={data_parallel * count} ...), or pass data_parallel={replicas} (or leave it out)")
     if plan.data_parallel != replicas:
         planned = plan.data_parallel * count
         raise DistributedError(
             f"the plan was made for {plan.data_parallel} data-parallel replica{'s' if plan.data_parallel != 1 else ''} "
-            f"of {count} stages ({planned} ranks), and its memory counts what each rank keeps for that many, but "
+            f"of {stages} ({planned} ranks), and its memory counts what each rank keeps for that many, but "
             f"{ranks} run ({replicas} replica{'s' if replicas != 1 else ''}): launch {planned} processes (torchrun "
             f"--nproc-per-node={planned} ...), or plan for {replicas} replicas (plan_and_broadcast(model, ..., "
             f"data_parallel={replicas}), or SolverOptions(data_parallel={replicas}) on a cluster of all "
@@ -661,11 +682,14 @@ def replica_count(plan: Plan, world_size: int, data_parallel: int | None = None)
     return replicas
 
 
-def pipeline_mesh(device: torch.device, replicas: int, stages: int, timeout_s: float = DEFAULT_TIMEOUT_S
-                  ) -> DeviceMesh:
+def pipeline_mesh(device: torch.device, replicas: int, stages: int, timeout_s: float = DEFAULT_TIMEOUT_S,
+                  tensor_parallel: int = 1) -> DeviceMesh:
     """The world as a DeviceMesh of shape (replicas, stages) with dims ``("dp", "pp")``: rank =
-    replica × stages + stage. Its process groups (``mesh.get_group("dp")``: a stage's replicas;
-    ``"pp"``: a replica's stages) wait ``timeout_s`` for their peers, like the world's."""
+    replica × stages + stage; or, for a tensor-parallel plan, of shape (replicas, stages, tp)
+    with dims ``("dp", "pp", "tp")``: rank = (replica × stages + stage) × tp + i, so a stage's
+    group is tp consecutive ranks (one host's devices, as the plan places them). Its process
+    groups (``mesh.get_group("dp")``: a stage's replicas; ``"pp"``: a replica's stages, at one
+    position of their groups; ``"tp"``: a stage's group) wait ``timeout_s`` for their peers."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     if backend == "nccl":
@@ -674,8 +698,10 @@ def pipeline_mesh(device: torch.device, replicas: int, stages: int, timeout_s: f
     else:
         options = dist.ProcessGroupGloo._Options()
         options._timeout = timeout
-    return init_device_mesh(device.type, (replicas, stages), mesh_dim_names=("dp", "pp"),
-                            backend_override={"dp": (backend, options), "pp": (backend, options)})
+    shape, names = ((replicas, stages), ("dp", "pp")) if tensor_parallel == 1 else \
+        ((replicas, stages, tensor_parallel), ("dp", "pp", "tp"))
+    return init_device_mesh(device.type, shape, mesh_dim_names=names,
+                            backend_override={name: (backend, options) for name in names})
 
 
 def refuse_replicated_writes(traced: Traced, replicas: int) -> None:
@@ -774,23 +800,94 @@ def _held_tensors(model: nn.Module, chain: StageChain, stages: Sequence[int]) ->
 
 def _shared_weight_groups(model: nn.Module, chain: StageChain, plan: Plan, replicas: int, timeout_s: float
                           ) -> list[tuple[str, nn.Parameter, Any]]:
-    """A process group for every set of ranks of one replica that read a common weight, made
-    in the same order on every rank (``new_group`` is collective); this rank's shared weights
-    with their groups."""
-    count = len(plan.device_stages())  # ranks per replica
+    """A process group for every set of ranks of one replica that read a common weight (with
+    tensor parallelism, the ranks at one position of their stages' groups: each holds the same
+    shard of its copy), made in the same order on every rank (``new_group`` is collective); this
+    rank's shared weights with their groups."""
+    tp = plan.tensor_parallel
+    count = len(plan.device_stages()) * tp  # ranks per replica
     stages_of = stages_of_ranks(plan, count * replicas, replicas)
     shared = shared_weights(chain, model)
     rank = dist.get_rank()
     groups: dict[tuple[int, ...], Any] = {}
     mine = []
     for replica in range(replicas):
-        rank_of = {stage: r for r in range(replica * count, (replica + 1) * count) for stage in stages_of[r]}
-        ranks_of = {name: tuple(sorted({rank_of[s] for s in stages})) for name, stages in shared.items()}
-        for ranks in sorted({ranks for ranks in ranks_of.values() if len(ranks) > 1}):
-            groups[ranks] = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
-        mine += [(name, ranks) for name, ranks in ranks_of.items() if len(ranks) > 1 and rank in ranks]
+        for i in range(tp):
+            rank_of = {stage: r for r in range(replica * count + i, (replica + 1) * count, tp) for stage in stages_of[r]}
+            ranks_of = {name: tuple(sorted({rank_of[s] for s in stages})) for name, stages in shared.items()}
+            for ranks in sorted({ranks for ranks in ranks_of.values() if len(ranks) > 1}):
+                groups[ranks] = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
+            mine += [(name, ranks) for name, ranks in ranks_of.items() if len(ranks) > 1 and rank in ranks]
     parameters = dict(model.named_parameters())
     return [(name, parameters[name], groups[ranks]) for name, ranks in mine]
+
+
+def require_runnable(plan: Plan) -> None:
+    """Refuse, before any process group starts, a plan this runtime cannot run as priced."""
+    recomputes = sorted({s.recompute for s in plan.stages} - {"none"})
+    if recomputes:
+        plan.require_pipeline_only("autosplit.distributed (which does not recompute activations yet)")
+    if plan.tensor_parallel > 1 and plan.stages_per_device > 1:
+        raise ValueError(f"the plan runs {plan.stages_per_device} stages per device group ({plan.schedule}) on "
+                         f"groups of {plan.tensor_parallel}, which autosplit.distributed does not run: plan with "
+                         "stages_per_device=1, or tensor_parallel=1")
+
+
+def check_traced_batch(model: nn.Module, plan: Plan, args: tuple, kwargs: dict, replicas: int,
+                       batch_dims: Mapping[str, int | None] | None, tracer: str,
+                       leaf_modules: Sequence[type[nn.Module] | str]) -> bool:
+    """Check the plan against the model captured at the plan's traced batch, when it runs
+    microbatches of another size (``Plan.traced_batch``: a joint plan made from one traced
+    microbatch, priced at the size it chose); True when it did, so that the capture at the
+    run's microbatch is not checked against the plan's fingerprint again.
+
+    Raises:
+        PlanMismatchError: the plan was made for another graph.
+        MicrobatchError: the batch is not a multiple of the traced batch.
+    """
+    traced_batch = plan.traced_batch
+    if traced_batch is None or plan.microbatch_size is None:
+        return False
+    samples = plan.microbatches * replicas * plan.microbatch_size
+    if samples % traced_batch:
+        raise MicrobatchError(f"the plan was made from a capture of {traced_batch} samples and runs {samples} per "
+                              f"step, which is not a multiple of it: plan again with example inputs of a size that "
+                              f"divides {samples}")
+    checked = capture_microbatch(model, args, kwargs, microbatches=samples // traced_batch, batch_dims=batch_dims,
+                                 training=plan.mode == "train", tracer=tracer, leaf_modules=leaf_modules)
+    check_fingerprint(checked.traced, plan)
+    return True
+
+
+def parallelize_stages(model: nn.Module, chain: StageChain, traced: Traced, plan: Plan, stages: Sequence[int],
+                       mesh: DeviceMesh, held: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Lay this rank's stages out on their tensor-parallel group (``mesh``) as the plan says
+    (:func:`autosplit.distributed.tensor_parallel.parallelize_stage`), and put the DTensor
+    weights in the model wherever it held the originals (a tied weight stays tied, and no whole
+    copy is left behind). Returns the rank's tensors by id, as ``held``, with the DTensors in
+    place of the originals."""
+    replaced: dict[int, torch.Tensor] = {}
+    for s in stages:
+        replaced.update(parallelize_stage(chain.modules[s], traced, plan.layouts, mesh, last=s == len(plan.stages) - 1))
+    for owner in model.modules():
+        for name, t in [*owner.named_parameters(recurse=False, remove_duplicate=False),
+                        *owner.named_buffers(recurse=False, remove_duplicate=False)]:
+            if id(t) in replaced and replaced[id(t)] is not t:
+                value = replaced[id(t)]
+                if isinstance(value, nn.Parameter):
+                    owner._parameters[name] = value
+                else:
+                    owner._buffers[name] = value
+    return {id(replaced.get(key, t)): replaced.get(key, t) for key, t in held.items()}
+
+
+def _local_metas(module: fx.GraphModule, metas: tuple[torch.Tensor, ...], kind: type) -> tuple[torch.Tensor, ...]:
+    """What one rank of a stage receives or sends (``kind``: ``Receive``, ``Send``): the whole
+    tensors' metas, or each rank's shards' on a tensor-parallel stage."""
+    for m in module.modules():
+        if isinstance(m, kind) and m.layout is not None:
+            return m.layout.local_metas(metas)
+    return metas
 
 
 def _example_batch(example_inputs: Any, example_kwargs: dict[str, Any] | None) -> tuple[tuple, dict]:

@@ -153,11 +153,15 @@ class Send(nn.Module):
         self.wires = list(wires)
         self.device = device
         self.out_spec = out_spec
+        self.layout: Any = None
+        """On a tensor-parallel stage, how its tensors cross as shards
+        (:class:`autosplit.distributed.tensor_parallel.WireLayout`); None otherwise."""
 
     def forward(self, *values: Any) -> tuple[torch.Tensor, ...]:
         if self.out_spec is not None:
             values = (pytree.tree_unflatten(list(values[0]), self.out_spec),)
-        return tuple(t for wire, value in zip(self.wires, values, strict=True) for t in wire.encode(value, self.device))
+        sent = tuple(t for wire, value in zip(self.wires, values, strict=True) for t in wire.encode(value, self.device))
+        return sent if self.layout is None else self.layout.to_local(sent)
 
 
 class Receive(nn.Module):
@@ -166,8 +170,12 @@ class Receive(nn.Module):
     def __init__(self, wires: Sequence[Wire]):
         super().__init__()
         self.wires = list(wires)
+        self.layout: Any = None
+        """On a tensor-parallel stage, how its tensors cross as shards; None otherwise."""
 
     def forward(self, *tensors: torch.Tensor) -> tuple[Any, ...]:
+        if self.layout is not None:
+            tensors = self.layout.from_local(tensors)
         values, start = [], 0
         for wire in self.wires:
             values.append(wire.decode(tensors[start:start + len(wire.metas)]))
@@ -203,8 +211,10 @@ class StageChain:
     """The stage that stores each parameter and buffer, as the plan says."""
 
 
-def stage_chain(model: nn.Module, captured: CapturedMicrobatch, plan: Plan, device: torch.device) -> StageChain:
+def stage_chain(model: nn.Module, captured: CapturedMicrobatch, plan: Plan, device: torch.device, *,
+                check_plan: bool = True) -> StageChain:
     """Build every stage of ``plan`` as a graph module on ``device`` (see the module docstring).
+    ``check_plan``: as for :func:`autosplit.rewrite.split_graph`.
 
     Raises:
         PlanMismatchError: the plan was made for another graph.
@@ -213,7 +223,7 @@ def stage_chain(model: nn.Module, captured: CapturedMicrobatch, plan: Plan, devi
     traced = captured.traced
     count = len(plan.stages)
     rewritten = split_graph(model, traced, plan, [device] * count, device, captured.written_flags,
-                            plan.microbatches)
+                            plan.microbatches, check_plan=check_plan)
     gm = rewritten.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     input_values = [n.meta.get("val") for n in placeholders]

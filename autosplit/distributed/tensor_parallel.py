@@ -38,7 +38,7 @@ from __future__ import annotations
 import inspect
 import logging
 import operator
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -46,8 +46,10 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch import nn
 
-from autosplit.sharding.placements import REPLICATE, from_placement, is_partial, to_placement
-from autosplit.sharding.strategies import Layout, tensor_inputs
+from autosplit.errors import DistributedError
+from autosplit.sharding.placements import (REPLICATE, from_placement, is_partial, is_shard, shard_dim,
+                                          to_placement)
+from autosplit.sharding.strategies import Layout, tensor_inputs, tensor_outputs
 from autosplit.trace import Traced
 
 logger = logging.getLogger(__name__)
@@ -232,3 +234,234 @@ class _LayoutInterpreter(fx.Interpreter):
             value = value.redistribute(self.mesh, [to_placement(placement)])
         self.moved[key] = value
         return value
+
+
+# --------------------------------------------------------------------------- pipeline stages
+
+
+class Placer(nn.Module):
+    """``placer(value, "S(1)")``: ``value`` as a DTensor in that placement on the stage's
+    tensor-parallel mesh, as the op reading it is laid out. The call nodes a stage graph gets
+    from :func:`parallelize_stage` are the Plan's layout changes, one per value and placement."""
+
+    def __init__(self, mesh):
+        super().__init__()
+        self.mesh = mesh
+
+    def forward(self, value: Any, placement: str) -> Any:
+        return place(value, self.mesh, placement)
+
+
+def place(value: Any, mesh, placement: str) -> Any:
+    """``value`` in ``placement`` on ``mesh``: a plain tensor (a stage's input, a factory op's
+    output: the same on every rank) enters as ``Replicate``; ``R`` → ``P`` is left to the op
+    reading it (DTensor makes a partial from a replicated input itself, with no collective, and
+    its public ``redistribute`` refuses it)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(value, torch.Tensor):
+        return value
+    if not isinstance(value, DTensor):
+        value = DTensor.from_local(value, mesh, [Replicate()], run_check=False)
+    have = from_placement(value.placements[0], value.ndim)
+    if have != placement and not (is_partial(placement) and have == REPLICATE):
+        value = value.redistribute(mesh, [to_placement(placement)])
+    return value
+
+
+class WireLayout:
+    """The placements of the tensors a stage sends (or receives) on its tensor-parallel group:
+    each rank sends its own shard to the rank of the same group position on the next stage,
+    which takes it back as a DTensor of the same placement. Nothing is gathered at a boundary
+    (the next stage's ops redistribute as their layouts say, as the Plan prices); the last
+    stage's output is made whole (``"whole"``) for the loss, the same on every rank of its group.
+
+    ``placements``: per sent tensor, its placement (``"R"``, ``"S(d)"``, ``"P"``), ``"whole"``,
+    or None for a number or size sent as a tensor."""
+
+    def __init__(self, mesh, placements: Sequence[str | None]):
+        self.mesh = mesh
+        self.placements = list(placements)
+
+    def local_metas(self, metas: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Meta tensors of what each rank sends (its shards), from the whole values' metas."""
+        tp = self.mesh.size()
+        found = []
+        for meta, placement in zip(metas, self.placements, strict=True):
+            shape = list(meta.shape)
+            if placement is not None and is_shard(placement):
+                shape[shard_dim(placement)] //= tp
+            found.append(torch.empty(shape, dtype=meta.dtype, device="meta").requires_grad_(meta.requires_grad))
+        return tuple(found)
+
+    def to_local(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """What this rank sends of each tensor (the sender's side)."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        sent = []
+        for t, placement in zip(tensors, self.placements, strict=True):
+            if placement is None:
+                sent.append(t)
+                continue
+            if placement == WHOLE:
+                sent.append(t.full_tensor() if isinstance(t, DTensor) else t)
+                continue
+            if not isinstance(t, DTensor) and is_partial(placement):
+                raise DistributedError(f"a stage sends a tensor the plan lays out as a partial sum ({placement}), "
+                                       "but every rank of its group computed it whole: plan again with this autosplit")
+            t = place(t, self.mesh, placement)
+            # the gradient of a partial sum is the same on every rank: it comes back replicated
+            grads = [Replicate()] if is_partial(placement) else None
+            sent.append(t.to_local(grad_placements=grads).contiguous())
+        return tuple(sent)
+
+    def from_local(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The DTensors the received shards make (the receiver's side)."""
+        from torch.distributed.tensor import DTensor
+
+        return tuple(t if placement is None else DTensor.from_local(t, self.mesh, [to_placement(placement)],
+                                                                     run_check=False)
+                     for t, placement in zip(tensors, self.placements, strict=True))
+
+
+WHOLE = "whole"
+"""A sent tensor made whole on every rank (the model's output, for the loss)."""
+
+
+def parallelize_stage(module: fx.GraphModule, traced: Traced, layouts: Mapping[str, Mapping[str, Any]], mesh, *,
+                      last: bool) -> dict[int, nn.Parameter | torch.Tensor]:
+    """Make a pipeline stage's graph module (``autosplit.distributed.stages``) run on a
+    tensor-parallel ``mesh`` in the Plan's layouts (``Plan.layouts``), in place:
+
+    1. Every weight the stage fetches (``get_attr``) becomes a DTensor in its node's placement
+       (a parameter stays an ``nn.Parameter``, its gradient kept in that placement).
+    2. Before each op, each tensor input passes through the stage's :class:`Placer` to the
+       placement the op's layout names: one node per value and placement, the Plan's layout
+       changes (explicit ``redistribute``; DTensor's propagation does the rest).
+    3. What the stage receives and sends crosses as each rank's shard (:class:`WireLayout`), and
+       the ``last`` stage's output is whole.
+
+    Export's metadata checks (``_assert_tensor_metadata``), which DTensor has no rule for and
+    which compute nothing, are removed. Returns the original tensors' ids → the DTensors that
+    replace them, for the caller to put in the model wherever it holds them.
+
+    Raises:
+        DistributedError: a layout shards a dimension the runtime's shapes do not divide into
+            equal shards (the plan was made for other shapes).
+    """
+    from autosplit.distributed.stages import Receive, Send, _fetch
+
+    tp = mesh.size()
+    planned = {n.name: n for n in traced.graph_module.graph.nodes}
+    graph = module.graph
+    attribute = "tensor_parallel"
+    module.add_module(attribute, Placer(mesh))
+    replaced: dict[int, Any] = {}
+    placed: dict[tuple[fx.Node, str], fx.Node] = {}
+
+    def placed_value(value: fx.Node, placement: str) -> fx.Node:
+        key = (value, placement)
+        if key not in placed:
+            with graph.inserting_after(value):
+                placed[key] = graph.call_module(attribute, (value, placement))
+        return placed[key]
+
+    for node in list(graph.nodes):
+        twin = planned.get(node.name)
+        layout = layouts.get(node.name)
+        if twin is None or layout is None or twin.op != node.op or twin.target != node.target:
+            continue  # a node of the stage's own (a move, receive, send): no layout
+        if node.op == "get_attr":
+            original = _fetch(module, node.target)
+            if id(original) not in replaced:
+                replaced[id(original)] = _distributed(original, mesh, layout["output"])
+            _set(module, node.target, replaced[id(original)])
+            continue
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        if not layout["output"] and not node.users:
+            graph.erase_node(node)  # a metadata check
+            continue
+        _check_even(node, layout, tp)
+        inputs = iter(layout["inputs"])
+        flat_twin, _ = pytree.tree_flatten((twin.args, twin.kwargs))
+        flat, spec = pytree.tree_flatten((node.args, node.kwargs))
+        assert len(flat_twin) == len(flat), (node.name, twin.args, node.args)
+        for k, (was, value) in enumerate(zip(flat_twin, flat)):
+            if isinstance(was, fx.Node) and _is_tensor_node(was):
+                placement = next(inputs)
+                if isinstance(value, fx.Node):
+                    flat[k] = placed_value(value, placement)
+        node.args, node.kwargs = pytree.tree_unflatten(flat, spec)
+
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        target = module.get_submodule(node.target)
+        if isinstance(target, Receive):
+            target.layout = WireLayout(mesh, [p for wire in target.wires for p in _wire_placements(wire, layouts)])
+        elif isinstance(target, Send):
+            target.layout = WireLayout(mesh, [p for wire in target.wires for p in _wire_placements(wire, layouts, last)])
+    graph.lint()
+    module.recompile()
+    return replaced
+
+
+def _wire_placements(wire, layouts: Mapping[str, Mapping[str, Any]], whole: bool = False) -> list[str | None]:
+    """The placement of each tensor a wire sends: its producer's output placements in order
+    (``WHOLE`` for each with ``whole``), None for a number or size sent as a tensor."""
+    from autosplit.distributed.stages import Fixed
+
+    layout = layouts.get(wire.name)
+    outputs = iter(layout["output"].split() if layout and layout["output"] else ())
+    found: list[str | None] = []
+    for kind in wire.kinds:
+        if isinstance(kind, Fixed):
+            continue  # not sent
+        if kind != "tensor":
+            found.append(None)
+        else:
+            placement = next(outputs, REPLICATE)
+            found.append(WHOLE if whole else placement)
+    return found
+
+
+def _is_tensor_node(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _check_even(node: fx.Node, layout: Mapping[str, Any], tp: int) -> None:
+    """Refuse a layout that shards a dimension this run's shapes do not split evenly."""
+    values = tensor_outputs(node)
+    for t, placement in zip(values, layout["output"].split()):
+        if is_shard(placement) and t.shape[shard_dim(placement)] % tp:
+            raise DistributedError(
+                f"the plan shards {node.name} along dimension {shard_dim(placement)} over {tp} ranks, but here it has "
+                f"shape {tuple(t.shape)}: the batch or sequence differs from the one planned. Plan again for batches of "
+                "this shape")
+
+
+def _distributed(tensor: torch.Tensor, mesh, placement: str) -> torch.Tensor:
+    """``tensor`` as a DTensor in ``placement`` (a partial weight stored whole), a parameter as a
+    parameter whose gradient keeps its placement."""
+    from torch.distributed.tensor import distribute_tensor
+
+    value = distribute_tensor(tensor.detach(), mesh, [_stored(placement)])
+    if not isinstance(tensor, nn.Parameter):
+        return value
+    param = nn.Parameter(value, requires_grad=tensor.requires_grad)
+    param.register_post_accumulate_grad_hook(_keep_gradient_in_placement)
+    return param
+
+
+def _set(module: nn.Module, target: str, value: torch.Tensor) -> None:
+    *path, leaf = target.split(".")
+    owner = module
+    for part in path:
+        owner = getattr(owner, part)
+    if isinstance(value, nn.Parameter):
+        owner._parameters[leaf] = value
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        setattr(owner, leaf, value)

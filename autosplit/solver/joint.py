@@ -753,7 +753,12 @@ def _solve_candidate(graph: OpGraph, blocks: OpGraph, chain: Sequence[str], clus
         logger.info("joint: %s with %d microbatches of %d does not fit op by op: %s", mesh, candidate.microbatches,
                     candidate.microbatch_size, e)
         return None
-    return _relabel(plan, cluster, options, candidate, shard, policy_of_block, blocks)
+    plan = _relabel(plan, cluster, options, candidate, shard, policy_of_block, blocks)
+    # The exact solve priced the graph scaled to the microbatch; the plan names the graph as
+    # traced (a runtime checks it against a capture at ``traced_batch`` samples), since scaling
+    # cannot say which shapes hold the batch (position tables do not).
+    return dataclasses.replace(plan, fingerprint=graph.fingerprint(), node_digests=graph.node_digests(),
+                               options={**plan.options, "traced_batch": options.samples_per_microbatch})
 
 
 def _relabel(plan: Plan, cluster: Cluster, options: SolverOptions, candidate: Screened, shard: Sharding,
