@@ -117,3 +117,11 @@ def test_pipeline_stages_on_tensor_parallel_groups_train_like_one_process(ranks,
     assert plan.mesh == {"dp": 1, "pp": 2, "tp": 2}
     placements = ranks.run(train_like_one_process, name, plan, 2)
     assert any("Shard" in p for rank in placements for p in rank.values()), placements
+
+
+def test_data_parallel_replicas_of_tensor_parallel_stages_train_like_one_process(ranks):
+    plan = make_plan("llama", stages=1, data_parallel=2)
+    assert plan.mesh == {"dp": 2, "pp": 1, "tp": 2}
+    placements = ranks.run(train_like_one_process, "llama", plan, 2)
+    # FSDP2 shards each tensor-parallel weight again over the replicas: a 2-D placement
+    assert any("Shard" in p and "," in p for rank in placements for p in rank.values()), placements

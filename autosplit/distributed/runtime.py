@@ -77,6 +77,27 @@ one all-gather and one reduce-scatter per step, which the plan prices
 (``Stage.data_parallel_s``). The parameters become sharded ``DTensor`` parameters:
 :meth:`DistributedPipeline.parameters` gives those, under the model's names, for any
 optimizer; ``p.full_tensor()`` gathers one whole.
+
+Tensor parallel. A plan with ``tensor_parallel`` = t > 1 (the joint search's, ``global_batch=``)
+runs each stage on a group of t ranks: the world is a ``DeviceMesh`` with dims ``("dp", "pp",
+"tp")`` and rank = (replica × S + stage) × t + i, so a group is t consecutive ranks, one host's
+devices as the plan places them. Each rank's stage graph is laid out by
+:func:`autosplit.distributed.tensor_parallel.parallelize_stage`: its weights become DTensors on
+the group in their planned placements (``Shard(d)``, ``Replicate()``), each op's tensor inputs
+are redistributed to the placements of its layout first (explicit nodes, one per value and
+placement: the plan's layout changes, priced as all-gathers, reduce-scatters, all-reduces), and
+DTensor's own propagation runs each op on its shards. Between stages, rank i of a group sends
+its shard to rank i of the next group (each tensor in the placement its producer's layout
+names, so nothing is gathered at a boundary); the last stage's output is made whole on every
+rank of its group for the loss. A weight shared by stages is sharded alike on each and its
+copies' gradients are summed over the ranks at one group position. With replicas too, FSDP2
+shards each stage's DTensor weights again over ``dp`` (2-D placements). On the CPU, where SDPA
+runs an attention op DTensor has no rule for, the step runs inside
+:func:`autosplit.sharding.cpu_attention_strategy` (split by heads, as on CUDA).
+
+A joint plan is priced for microbatches of ``Plan.microbatch_size`` from a graph traced at
+another batch (``Plan.traced_batch``); the runtime checks the plan's fingerprint against a
+capture at that batch, then builds the stages from a capture at the microbatch's.
 """
 
 from __future__ import annotations
@@ -464,7 +485,7 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
                                       batch_dims=batch_dims, training=plan.mode == "train", tracer=tracer,
                                       leaf_modules=leaf_modules)
         checked = check_traced_batch(model, plan, args, kwargs, replicas, batch_dims, tracer, leaf_modules)
-        refuse_replicated_writes(captured.traced, replicas * tp)
+        refuse_replicated_writes(captured.traced, replicas, tp)
         chain = stage_chain(model, captured, plan, device, check_plan=not checked)
         held = _held_tensors(model, chain, stages)
         materialize_tensors(model, [t for t in held.values() if t.is_meta], device, seed=seed, init_fn=init_fn,
@@ -528,7 +549,7 @@ def plan_and_broadcast(model: nn.Module, *, example_inputs: Any = None, example_
                        microbatches: int = 1, devices: int | Sequence[str | torch.device] | None = None,
                        cluster: Any = None, mode: str = "train", batch_dims: Mapping[str, int | None] | None = None,
                        tracer: str = "auto", leaf_modules: Sequence[type[nn.Module] | str] = (),
-                       data_parallel: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S, **options: Any) -> Plan:
+                       data_parallel: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, **options: Any) -> Plan:
     """Plan on rank 0 and give every rank that plan: the ranks must apply one plan, and plans
     made in separate processes can differ (CPU calibration drifts between them).
 
@@ -541,7 +562,11 @@ def plan_and_broadcast(model: nn.Module, *, example_inputs: Any = None, example_
         devices: what to plan for, as in ``autosplit.plan``; default: as many local devices as
             ranks. ``cluster`` describes other hardware, e.g. ``"2x8xh100"`` for two hosts.
         microbatches, mode, options: the solver's (``schedule``, ``memory_headroom``, ``pin``...).
+            With ``global_batch=`` (the samples of ``example_inputs``) the joint search chooses
+            the mesh (data × pipeline × tensor parallel), microbatches, layouts and
+            recomputation for the world's devices, from a capture of one sample.
         data_parallel: replicas of the pipeline; each runs world size ÷ ``data_parallel`` stages.
+            Default: 1, or the joint search's choice with ``global_batch``.
 
     Raises:
         DistributedError: rank 0 could not plan (its message is raised on every rank), or the
@@ -555,19 +580,24 @@ def plan_and_broadcast(model: nn.Module, *, example_inputs: Any = None, example_
     args, kwargs = _example_batch(example_inputs, example_kwargs)
     init_process_group(timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if not isinstance(data_parallel, int) or isinstance(data_parallel, bool) or not 1 <= data_parallel <= world \
-            or world % data_parallel:
+    joint = options.get("global_batch") is not None
+    if data_parallel is None and not joint:
+        data_parallel = 1
+    if data_parallel is not None and (not isinstance(data_parallel, int) or isinstance(data_parallel, bool)
+                                      or not 1 <= data_parallel <= world or world % data_parallel):
         raise DistributedError(f"data_parallel={data_parallel!r} replicas must split the {world} ranks evenly, each "
                                f"running its own pipeline: use one of "
                                f"{', '.join(str(d) for d in range(1, world + 1) if world % d == 0)}")
     plan, error = None, None
     if rank == 0:
         try:
-            captured = capture_microbatch(model, args, kwargs, microbatches=microbatches * data_parallel,
-                                          batch_dims=batch_dims, training=mode == "train", tracer=tracer,
-                                          leaf_modules=leaf_modules)
-            options.setdefault("stages", world // data_parallel * options.get("stages_per_device", 1))
-            options["data_parallel"] = data_parallel
+            pieces = options["global_batch"] if joint else microbatches * data_parallel
+            captured = capture_microbatch(model, args, kwargs, microbatches=pieces, batch_dims=batch_dims,
+                                          training=mode == "train", tracer=tracer, leaf_modules=leaf_modules)
+            if not joint:
+                options.setdefault("stages", world // data_parallel * options.get("stages_per_device", 1))
+            if data_parallel is not None:
+                options["data_parallel"] = data_parallel
             options.setdefault("shared_weights", "copies")  # how build() holds them
             plan = solve_captured(captured.traced, devices if devices is not None else world, cluster, mode,
                                   microbatches, options)
@@ -704,19 +734,26 @@ def pipeline_mesh(device: torch.device, replicas: int, stages: int, timeout_s: f
                             backend_override={name: (backend, options) for name in names})
 
 
-def refuse_replicated_writes(traced: Traced, replicas: int) -> None:
+def refuse_replicated_writes(traced: Traced, replicas: int, tensor_parallel: int = 1) -> None:
     """Refuse a model that writes its own parameters or buffers in forward (a step counter, an
     EMA) when it runs as several data-parallel replicas: each replica would update its copy from
-    its share of the batch, and the copies would part from each other and from the model's.
+    its share of the batch, and the copies would part from each other and from the model's; or
+    on tensor-parallel groups, whose DTensor weights are not written in place.
 
     Raises:
-        MicrobatchError: the model writes a parameter or buffer, and ``replicas`` > 1.
+        MicrobatchError: the model writes a parameter or buffer, and ``replicas`` > 1 or
+            ``tensor_parallel`` > 1.
     """
     written = traced.written()
-    if replicas == 1 or not written:
+    if replicas == 1 and tensor_parallel == 1 or not written:
         return
     name = next(iter(written))
     more = f" (and {len(written) - 1} more)" if len(written) > 1 else ""
+    if replicas == 1:
+        raise MicrobatchError(
+            f"the model updates {name}{more} in forward, and its stages run on groups of {tensor_parallel} ranks that "
+            "hold their weights and buffers as DTensors, which this runtime does not write in place: plan with "
+            "tensor_parallel=1, or move the update out of forward (e.g. into the training loop, once per step)")
     raise MicrobatchError(
         f"the model updates {name}{more} in forward, and with {replicas} data-parallel replicas each would update "
         "its own copy from its share of the batch, instead of the model's once from the whole batch: run one "

@@ -27,10 +27,18 @@ holds half of the rows), ``x`` enters ``R``, ``linear(x, up.weight)`` gives ``S(
 it, ``linear(h, down.weight)`` with ``down.weight`` in ``S(1)`` gives ``P`` (partial sums), and
 the output node wants ``R``: one all-reduce, the only collective of the forward.
 
-Not handled or not tested yet: nodes the planner could only replicate because DTensor has no
-strategy for their op (DTensor refuses to run them on DTensors), in-place writes to buffers,
-random ops (dropout would draw a different mask on each rank), and meshes of more than one
-dimension.
+Pipeline stages (``autosplit.distributed.build`` with a tensor-parallel plan) are laid out by
+:func:`parallelize_stage` instead: the same placements as explicit nodes in the stage's graph
+(a :class:`Placer` call per value and placement), so the stage stays a graph module that
+``PipelineStage`` runs and that recomputation can wrap; what crosses a stage boundary is each
+rank's shard (:class:`WireLayout`).
+
+Not handled: nodes the planner could only replicate because DTensor has no strategy for their op
+(DTensor refuses to run them on DTensors; the plan's notes name them); in-place writes to
+buffers (the runtime refuses models that write their state in forward on tensor-parallel
+groups); random ops run on each rank's own generator, so dropout draws the same mask on every
+rank of a group for a replicated tensor when the ranks are seeded alike, and (on the CPU, where
+DTensor has no generator of its own) the same pattern on every shard of a sharded one.
 """
 
 from __future__ import annotations
@@ -220,20 +228,10 @@ class _LayoutInterpreter(fx.Interpreter):
 
     def _placed(self, producer: str, value: torch.Tensor, placement: str) -> Any:
         """``value`` in ``placement``, redistributed once per producer and placement."""
-        from torch.distributed.tensor import DTensor, Replicate
-
         key = (producer, placement)
-        if key in self.moved:
-            return self.moved[key]
-        if not isinstance(value, DTensor):  # a graph input or a factory op's output: the same on every rank
-            value = DTensor.from_local(value, self.mesh, [Replicate()], run_check=False)
-        have = from_placement(value.placements[0], value.ndim)
-        if have != placement and not (is_partial(placement) and have == REPLICATE):
-            # R -> P is left to the op: DTensor makes a partial from a replicated input itself
-            # (its public redistribute refuses it), with no collective.
-            value = value.redistribute(self.mesh, [to_placement(placement)])
-        self.moved[key] = value
-        return value
+        if key not in self.moved:
+            self.moved[key] = place(value, self.mesh, placement)
+        return self.moved[key]
 
 
 # --------------------------------------------------------------------------- pipeline stages
