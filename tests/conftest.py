@@ -22,3 +22,10 @@ def _seed_torch():
     """Every test starts from the same torch RNG state, whatever ran before it: tests that build
     a model or draw an input outside models.py (which seeds its own builds) repeat too."""
     torch.manual_seed(0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the spawned ranks the multi-process tests share (``rank_pool.shared_ranks``)."""
+    from rank_pool import close_shared
+
+    close_shared()

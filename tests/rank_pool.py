@@ -4,10 +4,13 @@
     results = pool.run(fn, *args)      # fn(rank, *args) on every rank, each rank's result in rank order
     pool.close()
 
-Starting a process costs seconds of imports, so the ranks are kept between the runs of a test
-module (a module-scoped fixture). A run fails the test with every failing rank's traceback, or
-after ``timeout_s``; either way the ranks are then replaced, since their process group may be
-left waiting.
+Starting a process costs seconds of imports (tens of seconds for 4 ranks on 2 cores), so the
+ranks are kept for the whole test session: a module's fixture takes them with
+``shared_ranks(world, timeout_s)``, and they are closed when the session ends. A run fails the
+test with every failing rank's traceback, or after ``timeout_s``; either way the ranks are then
+replaced, since their process group may be left waiting. The ranks keep their default process
+group between runs (a run starts it if it is not there), so a rank function leaves no state
+behind that the next one would trip over.
 """
 
 import multiprocessing
@@ -73,6 +76,24 @@ class Ranks:
                 process.kill()
                 process.join()
         self.processes = []
+
+
+_SHARED: dict[int, Ranks] = {}
+
+
+def shared_ranks(world: int, timeout_s: float = 120.0) -> Ranks:
+    """The session's ``world`` ranks (started at their first run), failing a run after
+    ``timeout_s``."""
+    pool = _SHARED.setdefault(world, Ranks(world, timeout_s))
+    pool.timeout_s = timeout_s
+    return pool
+
+
+def close_shared() -> None:
+    """Stop the session's ranks."""
+    for pool in _SHARED.values():
+        pool.close()
+    _SHARED.clear()
 
 
 def _serve(rank, world, port, tasks, results):

@@ -3,9 +3,9 @@ model in one process on the global batch, the copies of a tied weight stay bit-i
 world the plan does not fit is refused on every rank, and the plan prices what FSDP2 keeps and
 sends per rank.
 
-The multi-process tests share 4 ranks spawned once for the module (``rank_pool.Ranks``), which
-fail the test, killing the ranks, if a run has not finished within ``RANKS_TIMEOUT_S``. Plans
-are made once, in the test process, and passed to the ranks.
+The multi-process tests share 4 ranks spawned once for the test session
+(``rank_pool.shared_ranks``), which fail the test, killing the ranks, if a run has not finished
+within ``RANKS_TIMEOUT_S``. Plans are made once, in the test process, and passed to the ranks.
 """
 
 import copy
@@ -27,7 +27,7 @@ from autosplit.errors import ConfigError, MicrobatchError
 from cost_models import Cluster, price_graph, sharded_data_parallel_s
 from cost_models.memory import FRAGMENTATION
 from checks import train_alongside
-from rank_pool import Ranks
+from rank_pool import shared_ranks
 
 RANKS_TIMEOUT_S = 120.0
 """How long one run on the 4 ranks may take before they are killed and the test fails."""
@@ -67,9 +67,7 @@ def make_plan(replicas=REPLICAS, stages=STAGES, schedule="1f1b"):
 
 @pytest.fixture(scope="module")
 def ranks():
-    pool = Ranks(world=REPLICAS * STAGES, timeout_s=RANKS_TIMEOUT_S)
-    yield pool
-    pool.close()
+    return shared_ranks(world=REPLICAS * STAGES, timeout_s=RANKS_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- what each rank runs

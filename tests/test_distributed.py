@@ -2,9 +2,9 @@
 process, tied weights stay identical across ranks, ranks that cannot run a plan together are
 refused on every rank, and a rank that fails in a step stops every rank at once with its error.
 
-The multi-process tests run on 2 ranks spawned once for the module (``rank_pool.Ranks``) and
-fail, killing the ranks, if they have not finished within ``RANKS_TIMEOUT_S``. Plans are made
-once, in the test process, and passed to the ranks.
+The multi-process tests run on 2 ranks spawned once for the test session
+(``rank_pool.shared_ranks``) and fail, killing the ranks, if they have not finished within
+``RANKS_TIMEOUT_S``. Plans are made once, in the test process, and passed to the ranks.
 """
 
 import copy
@@ -28,7 +28,7 @@ from autosplit.distributed.stages import Wire, stage_chain
 from cost_models import Cluster, price_graph
 from checks import train_alongside
 from numerics import assert_same
-from rank_pool import Ranks
+from rank_pool import shared_ranks
 
 RANKS_TIMEOUT_S = 120.0
 """How long a 2-rank test may run before its ranks are killed and it fails."""
@@ -100,9 +100,7 @@ def make_plan(name, stages=2, microbatches=MICROBATCHES, schedule="1f1b", stages
 
 @pytest.fixture(scope="module")
 def ranks():
-    pool = Ranks(world=2, timeout_s=RANKS_TIMEOUT_S)
-    yield pool
-    pool.close()
+    return shared_ranks(world=2, timeout_s=RANKS_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- what each rank runs
@@ -289,11 +287,7 @@ def test_a_rank_failing_in_a_step_stops_every_rank_at_once_with_its_error(ranks,
 
 def test_a_failure_on_the_last_of_three_ranks_reaches_the_first_through_the_second():
     """Rank 0 waits on rank 1, not on the failing rank 2: it stops when rank 1 does."""
-    pool = Ranks(world=3)
-    try:
-        reports = pool.run(fail_in_step, make_plan("tied_lm", stages=3), 2)
-    finally:
-        pool.close()
+    reports = shared_ranks(world=3).run(fail_in_step, make_plan("tied_lm", stages=3), 2)
     for rank, (message, seconds, _, _) in enumerate(reports):
         assert message.startswith("rank 2 (stage 2 of 3) failed in step 0: RuntimeError: Expected target size")
         assert seconds < 30, f"rank {rank} took {seconds:.1f} s to stop"

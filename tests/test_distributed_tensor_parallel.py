@@ -5,8 +5,8 @@ Llama with grouped-query attention.
 
 Plans are made once in the test process, on a cluster priced 1,000 times slower than H100s in
 compute (links unchanged), so that splitting these tiny layers pays and the planner shards them
-as it would real ones. The 4 ranks are spawned once for the module (``rank_pool.Ranks``) and
-killed, failing the test, after ``RANKS_TIMEOUT_S``.
+as it would real ones. The 4 ranks are spawned once for the test session
+(``rank_pool.shared_ranks``) and killed, failing the test, after ``RANKS_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import models
 from checks import train_alongside
 from cost_models import Cluster
 from cost_models.devices import get_device
-from rank_pool import Ranks
+from rank_pool import shared_ranks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -106,9 +106,7 @@ def train_like_one_process(rank, name, plan, steps):
 
 @pytest.fixture(scope="module")
 def ranks():
-    pool = Ranks(world=4, timeout_s=RANKS_TIMEOUT_S)
-    yield pool
-    pool.close()
+    return shared_ranks(world=4, timeout_s=RANKS_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("name", ["gpt", "llama"])

@@ -2,8 +2,9 @@
 initialized as its own code does, the rank's memory beside the plan's figure, and checkpoints
 under the model's names that load under another plan, into the unsplit model and from it.
 
-The multi-process tests run on spawned gloo ranks (``rank_pool.Ranks``), failing after
-its ``timeout_s`` if the ranks hang. Plans are made once, in the test process.
+The multi-process tests run on spawned gloo ranks kept for the test session
+(``rank_pool.shared_ranks``), failing after its ``timeout_s`` if the ranks hang. Plans are made
+once, in the test process.
 """
 
 import functools
@@ -23,7 +24,7 @@ from autosplit.distributed.materialize import materialize_tensors
 from cost_models import Cluster, price_graph
 from cost_models.devices import cpu_device
 from numerics import assert_same
-from rank_pool import Ranks
+from rank_pool import shared_ranks
 
 GROUP_TIMEOUT_S = 60.0
 """The ranks' process-group timeout: a rank waiting for a dead or stuck peer fails by then."""
@@ -174,9 +175,7 @@ def load_under_another_plan(rank, plan, path):
 
 @pytest.fixture(scope="module")
 def ranks():
-    pool = Ranks(world=2)
-    yield pool
-    pool.close()
+    return shared_ranks(world=2)
 
 
 def test_a_meta_model_is_materialized_per_rank_and_trains_like_the_whole_model(ranks):
@@ -221,11 +220,7 @@ def test_checkpoints_load_under_another_plan_into_and_from_the_unsplit_model(ran
     optimizer = {k: v for r in two for k, v in r["optimizer"].items()}
     assert set(state) == names
 
-    three = Ranks(world=3)  # the same checkpoint, read by three stages
-    try:
-        loaded = three.run(load_under_another_plan, make_plan("positional", 3), str(saved))
-    finally:
-        three.close()
+    loaded = shared_ranks(world=3).run(load_under_another_plan, make_plan("positional", 3), str(saved))
     assert all(r["trains"] for r in loaded)
     for r in loaded:
         assert r["state"] == {k: state[k] for k in r["state"]}

@@ -4,8 +4,8 @@ collectives the plan priced.
 
 Layouts are chosen once in the test process; each rank captures the model again from the same
 seed (the node names are the same) and runs it beside a ``deepcopy`` of the model. The ranks are
-spawned once for the module (``rank_pool.Ranks``) and killed, failing the test, after
-``RANKS_TIMEOUT_S``.
+spawned once for the test session (``rank_pool.shared_ranks``) and killed, failing the test,
+after ``RANKS_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from autosplit.sharding import choose_layouts, cpu_attention_strategy, from_plac
 from cost_models import Cluster, price_graph
 from cost_models.devices import get_device
 from numerics import assert_same
-from rank_pool import Ranks
+from rank_pool import shared_ranks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -162,9 +162,7 @@ def run_alongside(rank: int, case: str, layouts) -> dict:
 
 @pytest.fixture(scope="module")
 def ranks():
-    pool = Ranks(world=2, timeout_s=RANKS_TIMEOUT_S)
-    yield pool
-    pool.close()
+    return shared_ranks(world=2, timeout_s=RANKS_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- the tests
