@@ -23,6 +23,7 @@ known not to run as priced are strict xfails (``KNOWN_BUGS``).
 
 from __future__ import annotations
 
+import functools
 import os
 import traceback
 from datetime import timedelta
@@ -297,9 +298,11 @@ def candidate_id(case: str, name: str, layout: Layout) -> str:
     return f"{case}:{name}:({','.join(layout.inputs)})->({','.join(layout.outputs)})"
 
 
-def collect_candidates():
+@functools.cache
+def candidates():
     """Every (id, case, layouts of the graph, graph inputs' placements) to run, and the ids of the
-    candidates skipped with the reason."""
+    candidates skipped with the reason. Found when pytest collects the tests, not at import: the
+    ranks import this module too, and need only the runs they are sent."""
     runs, skipped = [], []
     for case in CASES:
         _, _, traced = build(case)
@@ -338,8 +341,6 @@ KNOWN_BUGS = {  # id -> (case, node, its layout's inputs, why it fails); every o
 }
 """Plans the planner can make that do not run as priced, each a strict xfail until fixed."""
 
-RUNS, SKIPPED = collect_candidates()
-
 
 # --------------------------------------------------------------------------- what each rank runs
 
@@ -375,8 +376,7 @@ def run_one(rank, mesh, model, args, traced, layouts, fed, upstream, want) -> li
 
     problems = []
     tp = TensorParallelModule(traced, layouts, mesh)
-    placeholders = [n.name for n in traced.graph.nodes if n.op == "placeholder"
-                    and not n.name.startswith(("p_", "b_", "c_"))]
+    placeholders = [n.name for n in traced.graph.nodes if n.op == "placeholder"]  # weights are get_attr nodes
     inputs = [placed(a, mesh, fed.get(name, REPLICATE), rank) for name, a in zip(placeholders, args)]
     with CommDebugMode() as forward:
         out = pytree.tree_leaves(tp(*inputs))
@@ -428,7 +428,7 @@ def run_candidates(rank: int, runs: list) -> dict[str, list[str]]:
 def results():
     pool = Ranks(world=2, timeout_s=RANKS_TIMEOUT_S)
     try:
-        yield pool.run(run_candidates, RUNS)
+        yield pool.run(run_candidates, candidates()[0])
     finally:
         pool.close()
 
@@ -436,9 +436,13 @@ def results():
 # --------------------------------------------------------------------------- the tests
 
 
-@pytest.mark.parametrize("run_id", [
-    pytest.param(r[0], marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[r[0]][3])) if r[0] in KNOWN_BUGS
-    else r[0] for r in RUNS])
+def pytest_generate_tests(metafunc):
+    if "run_id" in metafunc.fixturenames:
+        metafunc.parametrize("run_id", [
+            pytest.param(r[0], marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[r[0]][3]))
+            if r[0] in KNOWN_BUGS else r[0] for r in candidates()[0]])
+
+
 def test_candidate_runs_as_the_unsharded_op(results, run_id):
     problems = [f"rank {rank}: {p}" for rank, by_id in enumerate(results) for p in by_id[run_id]]
     assert not problems, f"{run_id}:\n" + "\n".join(problems)
@@ -446,7 +450,8 @@ def test_candidate_runs_as_the_unsharded_op(results, run_id):
 
 def test_every_op_class_is_covered_with_its_sharded_layouts():
     """The layouts the planner prices each op class by are among those run, and none was skipped."""
-    ran = {r[0] for r in RUNS}
+    runs, skipped = candidates()
+    ran = {r[0] for r in runs}
     for wanted in ("linear:linear:(R,S(0),S(0))->(S(2))",        # column parallel
                    "linear:linear:(S(2),S(1),P)->(P)",           # row parallel, the bias one addend
                    "head_loss:linear:(R,S(0))->(S(2))",          # LM head by vocabulary
@@ -465,4 +470,4 @@ def test_every_op_class_is_covered_with_its_sharded_layouts():
                    "elementwise:silu:(S(1))->(S(1))", "elementwise:softmax:(S(1))->(S(1))",
                    "views:view:(S(2))->(S(2))", "views:transpose:(S(2))->(S(1))", "views:permute:(P)->(P)"):
         assert wanted in ran, f"{wanted} not run; have {sorted(i for i in ran if i.startswith(wanted.split(':')[0]))}"
-    assert not SKIPPED, "skipped: " + "; ".join(f"{run_id} ({reason})" for run_id, reason in SKIPPED)
+    assert not skipped, "skipped: " + "; ".join(f"{run_id} ({reason})" for run_id, reason in skipped)
