@@ -313,6 +313,42 @@ def test_op_layout_is_what_dtensor_runs(ops_traced, target, occurrence, inputs, 
         assert placements_of(out)[:len(layout.outputs)] == layout.outputs
 
 
+class Unrunnable(nn.Module):
+    """Layouts DTensor would run otherwise than priced: a partial read from a weight or a graph
+    input with nothing else split, a copying reshape of a partial, a mean's partial average."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.rms = nn.RMSNorm(8)
+
+    def forward(self, x, a, b):
+        h = self.rms(self.lin(x))
+        p = (a @ b).transpose(1, 2)                     # (2, 4, 2, 4): a reshape of it must copy
+        return h, p.reshape(2, 2, 16), (a @ b).reshape(2, 2, 16), torch.rsqrt(h.pow(2).mean(-1))
+
+
+def test_layouts_dtensor_would_run_otherwise_are_left_out():
+    traced = capture(Unrunnable(), (torch.randn(2, 4, 8), torch.randn(2, 2, 4, 8), torch.randn(8, 4)),
+                     tracer="export")
+    layouts = node_layouts(traced.graph_module, 2)
+
+    def inputs(target_part, occurrence=0):
+        nodes = [n for n in traced.graph.nodes if n.op == "call_function" and target_part in str(n.target)]
+        return [l.inputs for l in layouts[nodes[occurrence].name].layouts]
+
+    # Whole weights and graph inputs only: DTensor handed (R, R, R) runs (R, R, R) -> R.
+    assert ("R", "P", "P") not in inputs("linear") and ("P", "R", "P") not in inputs("linear")
+    assert ("S(2)", "S(1)", "P") in inputs("linear")    # row parallel: the whole bias is one addend
+    assert ("R", "P") not in inputs("rms_norm")
+    # A copying reshape runs as clone + view, and DTensor's clone all-reduces a partial.
+    assert ("P",) not in inputs("reshape", 0) and ("S(0)",) in inputs("reshape", 0)
+    assert ("P",) in inputs("reshape", 1)               # a view keeps the partial
+    # A mean over a split dimension would give P(avg), which cannot take a P(sum) gradient back.
+    assert all(q in ("R", "P") or q.startswith("S(") for l in layouts[next(
+        n.name for n in traced.graph.nodes if "mean" in str(n.target))].layouts for q in l.outputs)
+
+
 class FxOps(nn.Module):
     def __init__(self):
         super().__init__()

@@ -21,6 +21,11 @@ communication:
    shape). Only fixed points are kept — no input would be redistributed, except a replicated
    one DTensor slices or masks locally (an embedding split by vocabulary masks its replicated
    indices) — with the output placements DTensor picks.
+3. Reach. A layout is dropped where the runtime could not hand DTensor its inputs as it says:
+   one whose partial inputs all come from producers that are never partial (weights, graph
+   inputs, ``rsqrt``) and whose other inputs are replicated (DTensor, handed only replicated
+   inputs, runs the replicated layout), a copying reshape of a partial (it runs as clone, which
+   all-reduces), and a partial output other than a sum (its gradient cannot come back).
 
 Running example: ``aten.linear(x, w)`` with x (8, 1024, 4096) and w (11008, 4096) on tp=2 gives,
 among others, ``(R, S(0)) -> S(2)`` (column parallel, each rank does half the FLOPs),
@@ -56,7 +61,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from autosplit.sharding.placements import PARTIAL, REPLICATE, from_placement, is_shard, shard, to_placement
+from autosplit.sharding.placements import PARTIAL, REPLICATE, from_placement, is_partial, is_shard, shard, to_placement
 
 logger = logging.getLogger(__name__)
 
@@ -184,11 +189,21 @@ def node_layouts(gm: fx.GraphModule | fx.Graph, tp: int) -> dict[str, NodeLayout
     if prepared is None or len(prepared) != len(graph.nodes):
         prepared = [_prepare(node) for node in graph.nodes]
         _PREPARED[graph] = prepared
-    return {node.name: _layouts(node, p, tp) for node, p in zip(graph.nodes, prepared)}
+    result: dict[str, NodeLayouts] = {}
+    partial_outputs: dict[str, set[int]] = {}  # node -> the outputs some layout of it gives partial
+    for node, p in zip(graph.nodes, prepared):  # producers first: a node's kept layouts bound its readers'
+        options = _layouts(node, p, tp)
+        if p.kind in ("strategy", "cast"):
+            slots = tensor_inputs(node)
+            options = _reachable(options, [i for i, s in enumerate(slots)
+                                           if s.index not in partial_outputs.get(s.producer, ())])
+        result[node.name] = options
+        partial_outputs[node.name] = {i for l in options.layouts for i, q in enumerate(l.outputs) if is_partial(q)}
+    return result
 
 
 def layouts_of(node: fx.Node, tp: int) -> NodeLayouts:
-    """The layouts of one node (see :func:`node_layouts`)."""
+    """The layouts of one node (see :func:`node_layouts`), before those its producers rule out."""
     return _layouts(node, _prepare(node), tp)
 
 
@@ -280,6 +295,30 @@ def _layouts(node: fx.Node, p: _Prepared, tp: int) -> NodeLayouts:
 
 
 _CACHE: dict[Any, NodeLayouts] = {}
+"""Layouts by node signature and ``tp``, before :func:`_reachable` (which depends on the producers)."""
+
+
+def _reachable(layouts: NodeLayouts, never_partial: list[int]) -> NodeLayouts:
+    """``layouts`` less those DTensor would run otherwise, given the inputs (``never_partial``)
+    whose producer can give no partial value.
+
+    Such an input reaches the op whole where a layout wants it partial: the runtime stores a weight
+    the plan wants partial replicated, a graph input enters replicated, and an op with no partial
+    layout (``rsqrt``) gives a replicated value; it leaves ``R -> P`` to the op, and DTensor makes a
+    partial from a replicated input itself, at no cost, when its strategy for the other inputs'
+    placements wants one. When every input that is not replicated in a layout is such a partial,
+    DTensor is handed replicated inputs only and runs the replicated layout instead:
+    ``linear(x, w, b)`` in ``(R, P, P) -> P`` runs as ``(R, R, R) -> R``, not as priced. With a
+    sharded input beside it the partial is made as planned: row-parallel ``(S(2), S(1), P) -> P``
+    adds the whole bias as one addend.
+    """
+    if not never_partial:
+        return layouts
+    kept = tuple(l for l in layouts.layouts
+                 if not any(is_partial(l.inputs[i]) for i in never_partial)
+                 or any(p != REPLICATE and not (i in never_partial and is_partial(p)) for i, p in enumerate(l.inputs)))
+    return layouts if len(kept) == len(layouts.layouts) else NodeLayouts(kept, layouts.note)
+
 
 _CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten.alias.default,
           aten.contiguous.default}
@@ -433,10 +472,23 @@ def _enumerate(node: fx.Node, op: Any, tp: int) -> NodeLayouts:
         produced = _runtime_outputs(node, op, inputs, tp, len(outputs))
         if produced is not None:
             layouts.append(_layout(inputs, produced, tp))
+    if op is aten.reshape.default and not _viewable(metas[0], outputs[0].shape):
+        # A reshape that must copy runs as clone + view on DTensors (reshape is a composite op),
+        # and DTensor's clone all-reduces a partial input: its view strategy's P -> P is not run.
+        layouts = [l for l in layouts if not is_partial(l.inputs[0])]
     if not layouts:
         return NodeLayouts((Layout(("R",) * len(metas), ("R",) * len(outputs)),),
                            f"{op}: DTensor's propagation accepted none of its placements; replicated")
     return NodeLayouts(_ordered(layouts))
+
+
+def _viewable(t: torch.Tensor, shape: Any) -> bool:
+    """Whether ``t`` (its shape and strides) can be viewed as ``shape`` without a copy."""
+    try:
+        torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta").view(shape)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _replicate():
@@ -455,8 +507,12 @@ def _layout(inputs: tuple[str, ...], outputs: tuple[str, ...], tp: int) -> Layou
 
 
 def _ordered(layouts: list[Layout]) -> tuple[Layout, ...]:
-    """Distinct layouts, the all-replicated one first (every node has it: the fallback)."""
-    unique = list(dict.fromkeys(layouts))
+    """Distinct layouts, the all-replicated one first (every node has it: the fallback), less
+    those with a partial output other than a sum: such an output cannot take its gradient back
+    when the gradient comes as a partial sum (as it does to a value read beside a sharded input:
+    ``rsqrt(mean(x)) * x`` with x split by hidden), and DTensor refuses "Redistribution from one
+    partial type (P(sum)) to another (P(avg))"."""
+    unique = [l for l in dict.fromkeys(layouts) if all(q == PARTIAL or not is_partial(q) for q in l.outputs)]
     unique.sort(key=lambda l: l.sharded)
     return tuple(unique)
 
