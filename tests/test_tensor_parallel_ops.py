@@ -41,7 +41,7 @@ from autosplit.sharding.placements import PARTIAL, REPLICATE, is_partial
 from autosplit.sharding.price import transition
 from autosplit.sharding.strategies import Layout, tensor_inputs
 from numerics import assert_same
-from rank_pool import Ranks
+from rank_pool import shared_ranks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -426,11 +426,7 @@ def run_candidates(rank: int, runs: list) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def results():
-    pool = Ranks(world=2, timeout_s=RANKS_TIMEOUT_S)
-    try:
-        yield pool.run(run_candidates, candidates()[0])
-    finally:
-        pool.close()
+    return shared_ranks(world=2, timeout_s=RANKS_TIMEOUT_S).run(run_candidates, candidates()[0])
 
 
 # --------------------------------------------------------------------------- the tests

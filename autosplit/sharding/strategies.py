@@ -507,13 +507,15 @@ def _layout(inputs: tuple[str, ...], outputs: tuple[str, ...], tp: int) -> Layou
 
 
 def _ordered(layouts: list[Layout]) -> tuple[Layout, ...]:
-    """Distinct layouts, the all-replicated one first (every node has it: the fallback), less
-    those with a partial output other than a sum: such an output cannot take its gradient back
-    when the gradient comes as a partial sum (as it does to a value read beside a sharded input:
-    ``rsqrt(mean(x)) * x`` with x split by hidden), and DTensor refuses "Redistribution from one
-    partial type (P(sum)) to another (P(avg))"."""
+    """Distinct layouts, the all-replicated one first (every node has it: the fallback), the rest
+    sorted by placements, less those with a partial output other than a sum: such an output
+    cannot take its gradient back when the gradient comes as a partial sum (as it does to a value
+    read beside a sharded input: ``rsqrt(mean(x)) * x`` with x split by hidden), and DTensor
+    refuses "Redistribution from one partial type (P(sum)) to another (P(avg))"."""
     unique = [l for l in dict.fromkeys(layouts) if all(q == PARTIAL or not is_partial(q) for q in l.outputs)]
-    unique.sort(key=lambda l: l.sharded)
+    # In a fixed order: DTensor's decomposition tracer lists some ops' strategies in an order that
+    # follows Python's string hashing, which differs between processes, and ties go to the first.
+    unique.sort(key=lambda l: (l.sharded, l.inputs, l.outputs))
     return tuple(unique)
 
 
