@@ -333,11 +333,6 @@ KNOWN_BUGS = {  # id -> (case, node, its layout's inputs, why it fails); every o
         "only replicated inputs runs the replicated layout: add gives R where the plan says P (the "
         "values are right; the priced all-reduce is not run). node_layouts drops such layouts only "
         "where the producer can never be partial; here it can, and the choice must price the edge."),
-    "views:transpose:(S(0))->(S(0)) read replicated": (
-        "views", "transpose", ("S(0)",),
-        "TensorParallelModule all-gathers the transposed S(0) value for permute: DTensor's redistribute "
-        "returns a contiguous local tensor but keeps the transposed strides in its spec, so the reshape "
-        "after the permute takes the view path and fails ('view size is not compatible')."),
 }
 """Plans the planner can make that do not run as priced, each a strict xfail until fixed."""
 

@@ -263,6 +263,10 @@ def place(value: Any, mesh, placement: str) -> Any:
         value = DTensor.from_local(value, mesh, [Replicate()], run_check=False)
     have = from_placement(value.placements[0], value.ndim)
     if have != placement and not (is_partial(placement) and have == REPLICATE):
+        if not value.is_contiguous():
+            # DTensor's redistribute of a strided value (a transposed shard) returns a contiguous
+            # local tensor but keeps the strides in its spec, and a later view then fails
+            value = value.contiguous()
         value = value.redistribute(mesh, [to_placement(placement)])
     return value
 
