@@ -20,7 +20,9 @@ data-parallel replicas of the pipeline as the world holds.
    ``("dp", "pp")`` (see "Data parallel" below).
 3. Its own stage: the model is captured on one microbatch exactly as ``autosplit()`` captures it
    (:func:`autosplit.api.capture_microbatch`), the plan's fingerprint is checked, the stages are
-   built (:func:`autosplit.distributed.stages.stage_chain`), and the tensors this rank's stage
+   built (:func:`autosplit.distributed.stages.stage_chain`), this rank's stages are made to
+   recompute in backward the blocks the plan says, each under its policy, with
+   ``torch.utils.checkpoint`` (:mod:`autosplit.distributed.recompute`), and the tensors its stage
    reads, with those the plan stores on it, move to the rank's device; the rest of the model is
    left where it is. A model built on ``meta`` gets memory for those tensors' modules only,
    initialized by its own code (:mod:`autosplit.distributed.materialize`) or read from a
@@ -101,6 +103,7 @@ from torch.distributed.tensor import DTensor
 from autosplit.api import capture_microbatch, solve_captured
 from autosplit.distributed.failures import FailureChannel
 from autosplit.distributed.materialize import materialize_tensors
+from autosplit.distributed.recompute import recompute_stages
 from autosplit.distributed.stages import StageChain, Wire, shared_weights, stage_chain, stage_tensors
 from autosplit.errors import DistributedError, InputSignatureError, MicrobatchError
 from autosplit.plan import Plan
@@ -420,7 +423,7 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
     if plan.schedule not in SCHEDULES:
         raise ValueError(f"the plan's schedule is {plan.schedule!r}, and the distributed runtime runs "
                          f"{', '.join(map(repr, SCHEDULES))}: plan again with one of them")
-    plan.require_pipeline_only("autosplit.distributed")
+    plan.require_pipeline_only("autosplit.distributed", runs_recompute=True)
     if plan.reads_weights_across_stages and plan.shared_weights != "copies":
         raise ValueError("the plan prices each weight read on several stages (a tied embedding and head) as sent once "
                          "per call from the stage storing it, as autosplit() runs it in one process; here every rank "
@@ -453,6 +456,7 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
                                       leaf_modules=leaf_modules)
         refuse_replicated_writes(captured.traced, replicas)
         chain = stage_chain(model, captured, plan, device)
+        recompute_stages(plan, chain.modules, stages)
         held = _held_tensors(model, chain, stages)
         materialize_tensors(model, [t for t in held.values() if t.is_meta], device, seed=seed, init_fn=init_fn,
                             checkpoint_follows=checkpoint is not None)
