@@ -17,8 +17,10 @@ import os
 
 import pytest
 import torch
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -34,7 +36,6 @@ from numerics import assert_same
 from rank_pool import Ranks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
 
 MICROBATCHES = 4
 CPU = torch.device("cpu")
@@ -45,6 +46,7 @@ def gpt2():
     """A 3-layer GPT-2 with dropout on (so recomputation must replay the random masks), training.
     Attention dropout stays off: with it, CPU attention runs the math path (softmax, dropout,
     matmuls), which keeps more than the fused attention the cost model prices."""
+    transformers = pytest.importorskip("transformers")  # here, not at import: the spawned ranks do without it
     torch.manual_seed(0)
     config = models.tiny_gpt2_config(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.0, use_cache=False)
     model = transformers.GPT2LMHeadModel(config).train()
@@ -276,9 +278,68 @@ def train_recomputing(rank, plan, steps):
     return policies
 
 
+class _Reduced(nn.Module):
+    """A row-parallel projection and a residual: ``down(x)`` comes out as partial sums, which
+    DTensor all-reduces inside the ``add``; then a norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.norm = nn.Linear(8, 16), nn.Linear(16, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.down(F.gelu(self.up(x))) + x)
+
+
+def recompute_dtensors(rank):
+    """The transform on a graph whose weights are DTensors sharded over the 2 ranks (``up``
+    column-parallel, ``down`` row-parallel): outputs and gradients equal the plain graph's under
+    each policy, and the all-reduce DTensor runs in forward is not run again in backward (the
+    output of the op that reduces is kept). Returns the all-reduces of each backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)
+    model, x = _Reduced(), torch.randn(4, 8)
+    exported = torch.export.export(model, (x,), strict=False)
+    placements = {"up.weight": Shard(0), "up.bias": Shard(0), "down.weight": Shard(1)}
+    reduces = []
+    real = funcol.all_reduce
+
+    def counted(*args, **kwargs):
+        reduces.append(1)
+        return real(*args, **kwargs)
+
+    found = {}
+    funcol.all_reduce = counted
+    try:
+        for policy in ("none", "full", "selective"):
+            gm = exported.module()
+            for name, p in list(gm.named_parameters()):
+                owner, _, leaf = name.rpartition(".")
+                setattr(gm.get_submodule(owner), leaf,
+                        nn.Parameter(distribute_tensor(p.detach(), mesh, [placements.get(name, Replicate())])))
+            if policy != "none":
+                ops = tuple(n.name for n in gm.graph.nodes if n.op == "call_function")
+                assert recompute_graph(gm, [RecomputedBlock("mlp", policy, ops)]) == 1
+            out = gm(distribute_tensor(x, mesh, [Replicate()]))
+            reduces.clear()
+            out.full_tensor().square().sum().backward()
+            found[policy] = (out.full_tensor().detach(), {n: p.grad.full_tensor() for n, p in gm.named_parameters()},
+                             len(reduces))
+    finally:
+        funcol.all_reduce = real
+    for policy in ("full", "selective"):
+        assert_same(found[policy][0], found["none"][0], name=f"{policy} output")
+        for name, grad in found["none"][1].items():
+            assert_same(found[policy][1][name], grad, name=f"{policy} {name}.grad")
+    return {policy: count for policy, (_, _, count) in found.items()}
+
+
 def test_two_ranks_train_a_plan_that_recomputes_exactly_like_one_process():
     """The tied-embedding LM (fx-captured: its layers are call_module leaves inside the segments)
-    on 2 gloo ranks with every block recomputing in full, under 1F1B."""
+    on 2 gloo ranks with every block recomputing in full, under 1F1B. The same ranks then check
+    the transform on DTensors (``recompute_dtensors``)."""
     model, args, _ = models.tied_lm()
     plan = autosplit.plan(model, cluster="2xh100", example_inputs=args, global_batch=2 * MICROBATCHES,
                           microbatches=MICROBATCHES, stages=2, tensor_parallel=1, recompute="full",
@@ -287,5 +348,7 @@ def test_two_ranks_train_a_plan_that_recomputes_exactly_like_one_process():
     pool = Ranks(world=2, timeout_s=120)
     try:
         assert pool.run(train_recomputing, plan, 2) == [["full"], ["full"]]
+        for counts in pool.run(recompute_dtensors):
+            assert counts["full"] == counts["selective"] == counts["none"], counts
     finally:
         pool.close()

@@ -1,7 +1,7 @@
 """Activation recomputation as a plan prices it: each stage recomputes in backward exactly the
 blocks the plan says, each under its own policy, with ``torch.utils.checkpoint``.
 
-    recompute_stages(plan, chain, stages)        # in build(), before the PipelineStages are made
+    recompute_stages(plan, chain.modules, stages)   # in build(), before the PipelineStages are made
 
 The planner (``autosplit.solver.joint``) chooses per stage what its blocks keep for backward
 (``RECOMPUTE``): ``"full"`` keeps each block's inputs only; ``"selective"`` also keeps the
@@ -23,28 +23,37 @@ one segment: a sub-graph module called through :class:`Recompute`, which runs it
     → recompute = Recompute(segment, "full")(in_mode_0, ln_1.weight, ..., c_proj.bias)
       add_7 = recompute[0]
 
-What breaks a run: an op of another block or of none (the moves between stages, ``Receive``,
-``Send`` and their getitems), and an op that writes a tensor made outside the run (a buffer
-update would run twice). ``get_attr`` nodes (weights) stay in the stage graph and are passed in,
-so the parameters stay where pipelining, FSDP2 and the checkpoint code find them; they do not
-break a run. A block cut by a stage boundary is a run on each stage; what a stage receives is
-its input and kept, as the plan's transfers already hold it.
+Nodes of no recomputing block between a run's ops — ``get_attr`` nodes (weights), moves of
+received values (``transfer``) — stay in the stage graph, before the segment's call, and are
+passed in: the parameters stay where pipelining, FSDP2 and the checkpoint code find them. What
+ends a run: an op of another block, a node that reads the run (``Send``, an op of no block) or
+writes anything (moving the run past a write could change what it reads), and an op of the
+block that writes a tensor made before the run (recomputing a buffer update would apply it
+twice: that op stays out of the segment and keeps what it saves). A block cut by a stage
+boundary is a run on each stage.
 
-What each policy keeps. Non-reentrant checkpoint keeps a segment's inputs (by reference: they
-are alive anyway, made by ops before it or received) and, through
-``create_selective_checkpoint_contexts``, the outputs of the ops the policy marks
-``MUST_SAVE``; everything else the segment's ops would save is dropped and recomputed when
-backward reaches the segment. ``"selective"`` saves the ATen ops that matmuls, attention and
+What each policy keeps. Non-reentrant checkpoint holds a segment's inputs while anything the
+segment saved is alive (a segment that saves nothing, such as integer mask arithmetic, holds
+nothing) and, through ``create_selective_checkpoint_contexts``, the outputs of the ops the
+policy marks ``MUST_SAVE``; everything else the segment's ops would save is dropped and
+recomputed when backward reaches the segment. ``recompute_costs`` prices exactly that (checked
+byte for byte on a GPT-2 stage in ``tests/test_recompute.py``). ``"selective"`` saves the ATen ops that matmuls, attention and
 convolutions dispatch to (``SAVED_BY_SELECTIVE_OPS``: on CPU ``F.linear`` is ``addmm`` or
 ``mm``, ``F.scaled_dot_product_attention`` is ``_scaled_dot_product_flash_attention_for_cpu``,
-``conv*d`` is ``convolution``). Both policies save the outputs of collectives
-(``COLLECTIVE_OPS``: the c10d functional ops that DTensor redistributions of tensor-parallel
-stages run): the planner prices no collective in backward, so running them again would cost
-time it did not price, and it prices no memory for their outputs either: on a
-tensor-parallel stage, ``"full"`` keeps one collective output per redistribution in its
-segments beyond the plan's figure (at most the block's activations at a redistribution,
-typically one or two hidden-state tensors per layer). A stage without collectives keeps what
-the plan prices.
+``conv*d`` is ``convolution``).
+
+Tensor-parallel stages (DTensors). The transform and both policies run unchanged on DTensor
+weights and activations (checked on 2 gloo ranks: outputs and gradients equal the plain graph's).
+What to do with collectives is a choice: recomputing one is correct but sends its bytes again in
+backward, which the planner does not price (it prices each node's collectives once forward and
+once backward, ``Sharding.collectives_s``). So both policies keep collective outputs, where
+the policy can see them: an explicit redistribute runs the c10d functional ops on local tensors
+(``COLLECTIVE_OPS``: kept); DTensor's own redistribution inside an op's dispatch is invisible
+to the policy, which sees the op on DTensors, so an op reading partial sums (a row-parallel
+projection's output, reduced before the residual add) keeps its output. The price is memory:
+``"full"`` keeps one such tensor per reduction in its segments (typically a hidden state or two
+per layer), beyond the plan's figure. An all-gather DTensor chooses inside an op on shards runs
+again in backward. A stage without DTensors keeps exactly what the plan prices.
 
 Random ops (dropout) replay the same values: checkpoint restores the RNG state of the forward
 before recomputing (``preserve_rng_state=True``, its default).
@@ -59,7 +68,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from autosplit.distributed.stages import _free_attribute
@@ -98,12 +109,22 @@ COLLECTIVE_OPS = _ops(torch.ops._c10d_functional, (
     "all_reduce", "all_reduce_coalesced", "all_gather_into_tensor", "all_gather_into_tensor_coalesced",
     "reduce_scatter_tensor", "reduce_scatter_tensor_coalesced", "all_to_all_single", "broadcast", "wait_tensor",
 ))
-"""The c10d functional collectives (what DTensor redistributions run): kept by both policies
-(see the module docstring)."""
+"""The c10d functional collectives (what a DTensor redistribute runs): kept by both policies, so
+backward does not send their bytes again (see the module docstring)."""
 
 
 def _keep(saved: frozenset, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in saved or _reduces_partial(args):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _reduces_partial(args: Sequence[Any]) -> bool:
+    """Whether an op reads a DTensor holding partial sums: DTensor reduces it (an all-reduce or
+    a reduce-scatter) inside the op's dispatch, where the checkpoint's policy sees only the op,
+    so keeping the op's output is what keeps the collective from running again."""
+    return any(isinstance(a, DTensor) and any(p.is_partial() for p in a.placements)
+               for a in pytree.tree_leaves(args))
 
 
 KEPT_OPS = {"full": COLLECTIVE_OPS, "selective": SAVED_BY_SELECTIVE_OPS | COLLECTIVE_OPS}
