@@ -29,7 +29,8 @@ passed in: the parameters stay where pipelining, FSDP2 and the checkpoint code f
 ends a run: an op of another block, a node that reads the run (``Send``, an op of no block) or
 writes anything (moving the run past a write could change what it reads), and an op of the
 block that writes a tensor made before the run (recomputing a buffer update would apply it
-twice: that op stays out of the segment and keeps what it saves). A block cut by a stage
+twice: that op stays out of the segment and keeps what it saves; a batch norm with running
+statistics counts as one, in either mode, since the mode can change after the build). A block cut by a stage
 boundary is a run on each stage.
 
 What each policy keeps. Non-reentrant checkpoint holds a segment's inputs while anything the
