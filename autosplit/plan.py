@@ -25,6 +25,21 @@ READABLE_VERSIONS = (3, 4)
 
 
 @dataclass(frozen=True)
+class RecomputedBlock:
+    """One block of a stage that recomputes in backward, as the planner priced it
+    (``autosplit.solver.joint.recompute_costs``): the runtime recomputes exactly these nodes
+    under this policy, so what runs is what was priced."""
+
+    block: str
+    """The block (``OpGraph.coarsen``), e.g. ``transformer.h.3``."""
+    policy: str
+    """``"selective"`` or ``"full"`` (``autosplit.solver.joint.RECOMPUTE``)."""
+    nodes: tuple[str, ...]
+    """Its fx nodes on this stage that compute (not its weights), in graph order; a block cut by
+    a stage boundary lists its part on each stage (what a stage receives is kept there)."""
+
+
+@dataclass(frozen=True)
 class Stage:
     """One pipeline stage: a contiguous part of the graph on one device (or a tensor-parallel group).
     With an interleaved schedule several stages share a device (``Plan.device_stages``)."""
@@ -77,7 +92,12 @@ class Stage:
     recompute: str = "none"
     """What its blocks recompute in backward instead of keeping (``autosplit.solver.joint.RECOMPUTE``):
     ``"none"``, ``"selective"`` (all but the outputs of matmuls and attention), ``"full"`` (all
-    but each block's inputs), or several joined by ``+`` when its blocks differ."""
+    but each block's inputs), or several joined by ``+`` when its blocks differ; which block
+    does what is ``recompute_blocks``."""
+    recompute_blocks: tuple[RecomputedBlock, ...] = ()
+    """The blocks that recompute, each with its policy and nodes: what the distributed runtime
+    runs with ``torch.utils.checkpoint`` (``autosplit.distributed.recompute``). Empty when
+    nothing recomputes, and in plans saved before it was recorded."""
 
     @property
     def time_s(self) -> float:
@@ -379,14 +399,15 @@ class Plan:
             found[rank] = MemoryBreakdown(**{k: float(v) for k, v in terms.items()})
         return found
 
-    def require_pipeline_only(self, runtime: str) -> None:
-        """Refuse, before anything moves, a plan whose stages run tensor-parallel or recompute:
-        ``runtime`` runs one device per stage and keeps every activation.
+    def require_pipeline_only(self, runtime: str, *, runs_recompute: bool = False) -> None:
+        """Refuse, before anything moves, a plan whose stages run tensor-parallel, or recompute
+        where ``runtime`` does not (``runs_recompute``): it runs one device per stage and, unless
+        it runs recomputation (``autosplit.distributed`` does), keeps every activation.
 
         Raises:
             ValueError: says what the plan asks for and how to plan for ``runtime``.
         """
-        recomputes = sorted({s.recompute for s in self.stages} - {"none"})
+        recomputes = sorted({s.recompute for s in self.stages} - {"none"}) if not runs_recompute else []
         if self.tensor_parallel == 1 and not recomputes:
             return
         asks = []
@@ -394,8 +415,11 @@ class Plan:
             asks.append(f"runs each stage on {self.tensor_parallel} devices in tensor layouts")
         if recomputes:
             asks.append(f"recomputes activations ({', '.join(recomputes)})")
+        fixes = [fix for fix, needed in (("tensor_parallel=1", self.tensor_parallel > 1),
+                                         ("recompute='none'", bool(recomputes))) if needed]
+        where = " (autosplit.distributed runs recomputation)" if recomputes else ""
         raise ValueError(f"this plan {' and '.join(asks)}, which {runtime} does not run: plan for it with "
-                         "tensor_parallel=1 and recompute='none' (or without global_batch)")
+                         f"{' and '.join(fixes)} (or without global_batch){where}")
 
     def stage_of(self) -> dict[str, int]:
         """fx node name → stage index."""
@@ -428,6 +452,8 @@ class Plan:
             raw["memory"] = MemoryBreakdown(**raw["memory"])
             for key in ("devices", "nodes", "modules", "weights"):
                 raw[key] = tuple(raw[key])
+            raw["recompute_blocks"] = tuple(RecomputedBlock(b["block"], b["policy"], tuple(b["nodes"]))
+                                            for b in raw.get("recompute_blocks", ()))
             stages.append(Stage(**raw))
         fields = {k: v for k, v in data.items() if k not in ("stages", "solver")}
         solver = {**data["solver"], "notes": tuple(data["solver"].get("notes", ()))}  # older plans have none

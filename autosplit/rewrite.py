@@ -37,6 +37,11 @@ from autosplit.trace import TensorSpec, Traced, capture
 
 logger = logging.getLogger(__name__)
 
+TRACED_NODE = "autosplit_traced_node"
+"""``node.meta`` key of each op of a split graph: the traced node it runs, the name a plan knows
+it by (an op fixed to the capture's mode becomes ``in_mode_k``; a value rebuilt on another
+stage, a copy with a fresh name)."""
+
 
 class PlanMismatchError(AutosplitError):
     """The plan was made for another graph than the model's."""
@@ -747,6 +752,7 @@ def _rewrite(gm: fx.GraphModule, traced: Traced, stage_of: dict[str, int], homes
             new.meta = dict(node.meta)
         else:
             new = graph.node_copy(node, args)
+        new.meta[TRACED_NODE] = node.name  # an op that replaces it has another name
         new.args = _on_device(new.args, devices[stage])
         new.kwargs = _on_device(new.kwargs, devices[stage])
         _place(placed, new, stage)

@@ -74,11 +74,11 @@ def slow_cluster(devices: int) -> Cluster:
 
 
 @functools.cache
-def make_plan(name: str, stages: int, data_parallel: int):
+def make_plan(name: str, stages: int, data_parallel: int, recompute: str | None = None):
     (ids,), _, _ = batch(0)
     return autosplit.plan(MODELS[name](), example_inputs=(ids[:2],), cluster=slow_cluster(4), tracer="export",
                           global_batch=BATCH, tensor_parallel=2, data_parallel=data_parallel, stages=stages,
-                          shared_weights="copies")
+                          shared_weights="copies", recompute=recompute)
 
 
 def whole(t):
@@ -123,3 +123,10 @@ def test_data_parallel_replicas_of_tensor_parallel_stages_train_like_one_process
     placements = ranks.run(train_like_one_process, "llama", plan, 2)
     # FSDP2 shards each tensor-parallel weight again over the replicas: a 2-D placement
     assert any("Shard" in p and "," in p for rank in placements for p in rank.values()), placements
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_tensor_parallel_stages_that_recompute_train_like_one_process(ranks, recompute):
+    plan = make_plan("llama", stages=2, data_parallel=1, recompute=recompute)
+    assert {s.recompute for s in plan.stages} == {recompute} and plan.mesh["tp"] == 2
+    ranks.run(train_like_one_process, "llama", plan, 2)

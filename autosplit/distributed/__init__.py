@@ -10,6 +10,8 @@ must apply the same plan: rank 0 plans and broadcasts it (:func:`plan_and_broadc
 rank loads one plan file; :func:`build` refuses ranks that disagree.
 
 ``stages.py`` builds the stages of a plan as graph modules that pass tensors along a chain;
+``recompute.py`` makes a stage recompute in backward the blocks the plan says, each under its
+policy, with ``torch.utils.checkpoint``;
 ``runtime.py`` sets up the process groups, checks that the ranks agree, and runs the schedule;
 ``materialize.py`` gives a model built on ``meta`` memory for one rank's stage and initializes it;
 ``checkpoint.py`` saves and loads per rank under the model's own names (any plan, or unsplit);

@@ -20,7 +20,9 @@ data-parallel replicas of the pipeline as the world holds.
    ``("dp", "pp")`` (see "Data parallel" below).
 3. Its own stage: the model is captured on one microbatch exactly as ``autosplit()`` captures it
    (:func:`autosplit.api.capture_microbatch`), the plan's fingerprint is checked, the stages are
-   built (:func:`autosplit.distributed.stages.stage_chain`), and the tensors this rank's stage
+   built (:func:`autosplit.distributed.stages.stage_chain`), this rank's stages are made to
+   recompute in backward the blocks the plan says, each under its policy, with
+   ``torch.utils.checkpoint`` (:mod:`autosplit.distributed.recompute`), and the tensors its stage
    reads, with those the plan stores on it, move to the rank's device; the rest of the model is
    left where it is. A model built on ``meta`` gets memory for those tensors' modules only,
    initialized by its own code (:mod:`autosplit.distributed.materialize`) or read from a
@@ -124,6 +126,7 @@ from torch.distributed.tensor import DTensor
 from autosplit.api import capture_microbatch, solve_captured
 from autosplit.distributed.failures import FailureChannel
 from autosplit.distributed.materialize import materialize_tensors
+from autosplit.distributed.recompute import recompute_stages
 from autosplit.distributed.stages import Receive, Send, StageChain, Wire, shared_weights, stage_chain, stage_tensors
 from autosplit.distributed.tensor_parallel import parallelize_stage
 from autosplit.errors import DistributedError, InputSignatureError, MicrobatchError
@@ -493,6 +496,7 @@ def build(model: nn.Module, plan: Plan, *, loss_fn: Callable[[Any, torch.Tensor]
         move_state([(t, device) for t in held.values()])
         if tp > 1:
             held = parallelize_stages(model, chain, captured.traced, plan, stages, mesh["tp"], held)
+        recompute_stages(plan, chain.modules, stages)  # around the layouts' placement nodes too
         if replicas > 1:
             held = shard_stage(model, chain.modules[stage], mesh, held)
     except Exception as e:  # every rank must learn of it, or the others would wait for this one
@@ -862,9 +866,6 @@ def _shared_weight_groups(model: nn.Module, chain: StageChain, plan: Plan, repli
 
 def require_runnable(plan: Plan) -> None:
     """Refuse, before any process group starts, a plan this runtime cannot run as priced."""
-    recomputes = sorted({s.recompute for s in plan.stages} - {"none"})
-    if recomputes:
-        plan.require_pipeline_only("autosplit.distributed (which does not recompute activations yet)")
     if plan.tensor_parallel > 1 and plan.stages_per_device > 1:
         raise ValueError(f"the plan runs {plan.stages_per_device} stages per device group ({plan.schedule}) on "
                          f"groups of {plan.tensor_parallel}, which autosplit.distributed does not run: plan with "

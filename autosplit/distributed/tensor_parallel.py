@@ -55,6 +55,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from autosplit.errors import DistributedError
+from autosplit.rewrite import TRACED_NODE
 from autosplit.sharding.placements import (REPLICATE, from_placement, is_partial, is_shard, shard_dim,
                                           to_placement)
 from autosplit.sharding.strategies import Layout, tensor_inputs, tensor_outputs
@@ -344,8 +345,9 @@ def parallelize_stage(module: fx.GraphModule, traced: Traced, layouts: Mapping[s
        the ``last`` stage's output is whole.
 
     Export's metadata checks (``_assert_tensor_metadata``), which DTensor has no rule for and
-    which compute nothing, are removed. Returns the original tensors' ids → the DTensors that
-    replace them, for the caller to put in the model wherever it holds them.
+    which compute nothing, run :func:`skipped_check` instead. Returns the original tensors' ids
+    → the DTensors that replace them, for the caller to put in the model wherever it holds
+    them.
 
     Raises:
         DistributedError: a layout shards a dimension the runtime's shapes do not divide into
@@ -361,11 +363,17 @@ def parallelize_stage(module: fx.GraphModule, traced: Traced, layouts: Mapping[s
     replaced: dict[int, Any] = {}
     placed: dict[tuple[fx.Node, str], fx.Node] = {}
 
-    def placed_value(value: fx.Node, placement: str) -> fx.Node:
+    def placed_value(value: fx.Node, placement: str, reader: fx.Node) -> fx.Node:
+        if value.op == "get_attr" and value.name in layouts:
+            stored = from_placement(_stored(layouts[value.name]["output"]))
+            if placement == stored or is_partial(placement) and stored == REPLICATE:
+                return value  # a weight is stored as its readers read it (R -> P is left to the op)
         key = (value, placement)
-        if key not in placed:
-            with graph.inserting_after(value):
+        if key not in placed:  # before its first reader, so before every later one
+            with graph.inserting_before(reader):
                 placed[key] = graph.call_module(attribute, (value, placement))
+            # part of the reader's block, for recomputation (autosplit.distributed.recompute)
+            placed[key].meta[TRACED_NODE] = reader.meta.get(TRACED_NODE, reader.name)
         return placed[key]
 
     for node in list(graph.nodes):
@@ -382,7 +390,7 @@ def parallelize_stage(module: fx.GraphModule, traced: Traced, layouts: Mapping[s
         if node.op != "call_function" or node.target is operator.getitem:
             continue
         if not layout["output"] and not node.users:
-            graph.erase_node(node)  # a metadata check
+            node.target = skipped_check  # a metadata check: the node stays, for the plan's records
             continue
         _check_even(node, layout, tp)
         inputs = iter(layout["inputs"])
@@ -393,7 +401,7 @@ def parallelize_stage(module: fx.GraphModule, traced: Traced, layouts: Mapping[s
             if isinstance(was, fx.Node) and _is_tensor_node(was):
                 placement = next(inputs)
                 if isinstance(value, fx.Node):
-                    flat[k] = placed_value(value, placement)
+                    flat[k] = placed_value(value, placement, node)
         node.args, node.kwargs = pytree.tree_unflatten(flat, spec)
 
     for node in graph.nodes:
@@ -407,6 +415,11 @@ def parallelize_stage(module: fx.GraphModule, traced: Traced, layouts: Mapping[s
     graph.lint()
     module.recompile()
     return replaced
+
+
+def skipped_check(*args: Any, **kwargs: Any) -> None:
+    """What an export metadata check (``_assert_tensor_metadata``) runs on a tensor-parallel
+    stage: nothing (DTensor has no rule for it, and the shards' metadata differ by design)."""
 
 
 def _wire_placements(wire, layouts: Mapping[str, Mapping[str, Any]], whole: bool = False) -> list[str | None]:

@@ -54,7 +54,7 @@ import numpy as np
 
 from autosplit.errors import ConfigError, InfeasibleError
 from autosplit.graph import INPUT, OUTPUT, WEIGHT, OpGraph
-from autosplit.plan import Plan
+from autosplit.plan import Plan, RecomputedBlock
 from autosplit.solver.driver import solve
 from autosplit.solver.options import SolverOptions
 from cost_models import AnalyticCostModel, Cluster, OpCost, sharded_data_parallel_s
@@ -219,7 +219,16 @@ def recompute_costs(costs: Mapping[str, OpCost], blocks: OpGraph, policy_of_bloc
 
     What is not kept is dropped from the ops' saved tensors; the ops that make it run their
     forward again in backward (priced in their backward), and the block's dropped tensors live
-    again while its backward runs (a backward temporary of each of its ops).
+    again while its backward runs (a backward temporary of each of its ops). Under
+    ``"selective"`` the output of each matmul, attention and convolution is kept whole, as
+    ``torch.utils.checkpoint``'s selective contexts keep it (``autosplit.distributed.recompute``):
+    also where backward reads it only through a view (q, k and v split from one projection),
+    or not at all (a projection followed by a residual add). And a block that recomputes keeps
+    every value it reads from outside until its backward, as the checkpoint holds its inputs,
+    also where no op saves it (the embeddings' sum entering a block that only drops out):
+    counted once, in the first op that reads it, where no op of the graph saves it already. (A
+    block none of whose ops saves anything leaves nothing that holds the checkpoint: it keeps
+    nothing.)
     """
     found = dict(costs)
     for block, policy in policy_of_block.items():
@@ -234,7 +243,9 @@ def recompute_costs(costs: Mapping[str, OpCost], blocks: OpGraph, policy_of_bloc
             keep = {k: v for k, v in cost.saved.items()
                     if _producer(k) not in members or _producer(k) in kept or _is_weight(costs, k)}
             dropped_bytes += sum(v for k, v in cost.saved.items() if k not in keep)
-            if len(keep) != len(cost.saved):
+            if n in kept and n not in keep and cost.output_bytes:
+                keep[n] = cost.output_bytes
+            if keep != cost.saved:
                 found[n] = dataclasses.replace(cost, saved=keep)
             if not cost.weight and (policy == "full" or cost.op_class not in SAVED_BY_SELECTIVE):
                 rerun.add(n)
@@ -247,7 +258,28 @@ def recompute_costs(costs: Mapping[str, OpCost], blocks: OpGraph, policy_of_bloc
             if dropped_bytes and not cost.weight:
                 cost = dataclasses.replace(cost, bwd_workspace_bytes=cost.bwd_workspace_bytes + dropped_bytes)
             found[n] = cost
+    saved_somewhere = {key for cost in found.values() for key in cost.saved}
+    for block in blocks.order:
+        if policy_of_block.get(block, "none") == "none":
+            continue
+        members = set(blocks[block]["members"])
+        if not any(costs[n].saved for n in members):
+            continue  # nothing of the block is saved, so nothing holds the checkpoint's inputs either
+        for n in blocks[block]["members"]:
+            cost = found[n]
+            held = {} if cost.weight else _held_inputs(costs, cost, members, saved_somewhere)
+            if held:
+                found[n] = dataclasses.replace(cost, saved={**cost.saved, **held})
+                saved_somewhere.update(held)
     return found
+
+
+def _held_inputs(costs: Mapping[str, OpCost], cost: OpCost, members: Collection[str], saved: Collection[str]
+                 ) -> dict[str, int]:
+    """What a recomputing block's op reads from outside the block that no op saves (a weight
+    aside): the checkpoint holds it for the block's backward."""
+    return {r: costs[r].output_bytes for r in cost.reads
+            if r not in members and r in costs and not costs[r].weight and r not in saved and costs[r].output_bytes}
 
 
 def _producer(key: str) -> str:
@@ -392,6 +424,8 @@ def block_memory(blocks: OpGraph, chain: Sequence[str], costs: Mapping[str, OpCo
     params = np.zeros(n)
     rerun: list[list[str]] = []
     seen: set[str] = set()
+    saved_anywhere = {key for cost in costs.values() for key in cost.saved}
+    held_before: set[str] = set()
     for k, block in enumerate(chain):
         members = blocks[block]["members"]
         rerun.append([m for m in members if not costs[m].weight and costs[m].op_class not in SAVED_BY_SELECTIVE])
@@ -407,10 +441,17 @@ def block_memory(blocks: OpGraph, chain: Sequence[str], costs: Mapping[str, OpCo
             keyed.update({key: v for key, v in costs[m].saved.items() if not _is_weight(costs, key)})
         inside = set(members)
         matmul = {m for m in members if costs[m].op_class in SAVED_BY_SELECTIVE}
+        held: dict[str, int] = {}
+        for m in members if any(costs[m].saved for m in members) else ():
+            held.update(_held_inputs(costs, costs[m], inside, saved_anywhere | held_before))
+        held_before.update(held)
         saved["none"][k] = float(sum(keyed.values()))
         saved["selective"][k] = float(sum(v for key, v in keyed.items()
-                                          if _producer(key) not in inside or _producer(key) in matmul))
-        saved["full"][k] = float(sum(v for key, v in keyed.items() if _producer(key) not in inside))
+                                          if _producer(key) not in inside or _producer(key) in matmul)
+                                      + sum(costs[m].output_bytes for m in matmul if m not in keyed)
+                                      + sum(held.values()))
+        saved["full"][k] = float(sum(v for key, v in keyed.items() if _producer(key) not in inside)
+                                 + sum(held.values()))
         grads[k] = max((costs[m].bwd_workspace_bytes + costs[m].grad_bytes for m in members), default=0)
     cross = np.zeros(n + 1)
     for u, v, data in blocks.dag.edges(data=True):
@@ -771,7 +812,8 @@ def _relabel(plan: Plan, cluster: Cluster, options: SolverOptions, candidate: Sc
         rank = int(stage.devices[0].rpartition(":")[2]) * tp
         devices = tuple(f"{cluster.devices[r].name}:{r}" for r in range(rank, rank + tp))
         recomputed = sorted({policy_of_node[n] for n in stage.nodes if n in policy_of_node} - {"none"})
-        stages.append(dataclasses.replace(stage, devices=devices, recompute="+".join(recomputed) or "none"))
+        stages.append(dataclasses.replace(stage, devices=devices, recompute="+".join(recomputed) or "none",
+                                          recompute_blocks=_recomputed_blocks(stage.nodes, policy_of_block, blocks)))
     options_out = dict(plan.options, global_batch=options.global_batch, tensor_parallel=tp,
                        recompute=options.recompute)
     notes = list(plan.solver.notes)
@@ -787,6 +829,23 @@ def _relabel(plan: Plan, cluster: Cluster, options: SolverOptions, candidate: Sc
                                cluster=str(cluster), tensor_parallel=tp,
                                microbatch_size=candidate.microbatch_size, global_batch=options.global_batch,
                                layouts=dict(shard.placements), options=options_out)
+
+
+def _recomputed_blocks(nodes: Sequence[str], policy_of_block: Mapping[str, str], blocks: OpGraph
+                       ) -> tuple[RecomputedBlock, ...]:
+    """The blocks of a stage that recompute, each with its policy and its ops on the stage (in
+    graph order; weights, which nothing recomputes, left out), as ``recompute_costs`` priced
+    them: the runtime reads these, so it recomputes what was priced without grouping the graph
+    into blocks again."""
+    on_stage = set(nodes)
+    found = []
+    for block in blocks.order:
+        policy = policy_of_block.get(block, "none")
+        members = tuple(m for m in blocks[block]["members"] if m in on_stage and blocks.infos[m].op != "get_attr"
+                        ) if policy != "none" else ()
+        if members:
+            found.append(RecomputedBlock(block, policy, members))
+    return tuple(found)
 
 
 def _ms(s: float) -> str:
