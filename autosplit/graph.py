@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 INPUT, OUTPUT, WEIGHT, COMPUTE = "input", "output", "weight", "compute"
 """Node kinds: a model input, the model output, a parameter/buffer read, anything computed."""
 
-_LAYOUT_ONLY = frozenset({"aten.contiguous.default", "contiguous"})
+LAYOUT_ONLY = frozenset({"aten.contiguous.default", "contiguous"})
 """Targets that change memory layout only; the fingerprint looks through them."""
 
 _KIND_OF_OP = {"placeholder": INPUT, "output": OUTPUT, "get_attr": WEIGHT}
@@ -191,7 +191,7 @@ class OpGraph:
             attrs = self.dag.nodes[name]
             members = [self.infos[m] for m in attrs["members"]]
             preds = [source.get(p, p) for p in self.dag.predecessors(name)]
-            if len(members) == 1 and members[0].target in _LAYOUT_ONLY and len(preds) == 1:
+            if len(members) == 1 and members[0].target in LAYOUT_ONLY and len(preds) == 1:
                 source[name] = preds[0]
                 continue
             index[name] = len(index)
@@ -199,7 +199,7 @@ class OpGraph:
                 attrs["kind"],
                 sorted(index[p] for p in preds),
                 [[m.op, m.target, m.shapes, [str(d) for d in m.dtypes], m.module_path, m.reads]
-                 for m in members if m.target not in _LAYOUT_ONLY],
+                 for m in members if m.target not in LAYOUT_ONLY],
             ]
             yield name, json.dumps(record).encode()
 

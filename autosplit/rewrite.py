@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from autosplit.errors import AutosplitError, InputSignatureError, MicrobatchError
-from autosplit.graph import OpGraph, draws_random
+from autosplit.graph import LAYOUT_ONLY, OpGraph, draws_random
 from autosplit.modes import in_mode
 from autosplit.pipeline import SCALAR_OUTPUT, Pipeline, cut_microbatches, resolve_batch_dims, tensor_leaves
 from autosplit.plan import Plan
@@ -602,14 +602,22 @@ def _first_difference(traced: Traced, graph: OpGraph, plan: Plan) -> str:
 def _stages_of_nodes(gm: fx.GraphModule, plan: Plan) -> dict[str, int]:
     """Stage of every node: the plan's, the first stage for inputs, the last for the output.
     A node the plan lists on several stages (an input-derived mask) is counted on the first of
-    them here, and rebuilt on the others (:func:`_rebuilt_on`)."""
+    them here, and rebuilt on the others (:func:`_rebuilt_on`). A ``contiguous`` the plan does
+    not list runs on its input's stage: export records it or not depending on the strides a
+    device's kernels produce (a model captured on ``meta`` has some that the same model captured
+    with real weights lacks), and the plan's fingerprint looks through it."""
     stage_of: dict[str, int] = {}
     for stage in plan.stages:
         for name in stage.nodes:
             stage_of.setdefault(name, stage.index)
     last = len(plan.stages) - 1
     for node in gm.graph.nodes:
-        if node.name not in stage_of:
+        if node.name in stage_of:
+            continue
+        sources = node.all_input_nodes
+        if str(node.target) in LAYOUT_ONLY and len(sources) == 1:
+            stage_of[node.name] = stage_of[sources[0].name]
+        else:
             stage_of[node.name] = 0 if node.op == "placeholder" else last
     return stage_of
 

@@ -18,10 +18,21 @@ extra names for tied weights are read as aliases) loads into a pipeline.
 ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` turns one into a plain
 ``torch.save`` file.
 
+Sharded weights are saved as the DTensors they are: a tensor-parallel stage's (``Shard(d)`` or
+``Replicate()`` on the stage's ``tp`` group, in the plan's layout) and FSDP2's (``Shard(0)`` on
+a stage's ``dp`` replicas). Each rank writes its shard with its offset in the whole tensor, DCP
+keeps one copy of a shard several ranks hold (a replicated weight, each replica's, each
+stage's copy of a tied weight: the copies are sharded alike), and the checkpoint holds every
+tensor whole, under its name, as if the unsplit model had written it. Reading cuts each
+target's own slice from it, so a checkpoint of a pp=2 × tp=2 pipeline loads into a pipeline of
+4 stages without tensor parallelism, into the unsplit model, or into another tensor-parallel
+layout, and the other way round.
+
 Optimizer state, when given, sits under the key ``optimizer`` in the form of
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` with
 ``flatten_optimizer_state_dict=True``: one entry per parameter (``optimizer.state.<name>.exp_avg``,
-``optimizer.param_groups.<name>.lr``), so it too loads under another plan.
+``optimizer.param_groups.<name>.lr``), so it too loads under another plan. The moments of a
+sharded weight are DTensors sharded as their weight, and are saved and read as the weights are.
 
 Non-persistent buffers (rotary ``inv_freq``) are not saved, as ``state_dict()`` leaves them out:
 the model's initialization computes them (:mod:`autosplit.distributed.materialize`).
@@ -40,6 +51,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from autosplit.distributed.runtime import DistributedPipeline, raise_on_every_rank
 
@@ -61,14 +73,17 @@ def state_names(model: nn.Module) -> dict[int, list[str]]:
 
 def pipeline_state_dict(pipe: DistributedPipeline) -> dict[str, torch.Tensor]:
     """This rank's parameters and persistent buffers under their canonical names (detached,
-    sharing memory with the model's), as :meth:`DistributedPipeline.state_dict` gives them."""
+    sharing memory with the model's), as :meth:`DistributedPipeline.state_dict` gives them: a
+    sharded weight as its DTensor (``full_tensor()`` gathers it whole over its group)."""
     return {names[0]: tensor.detach() for names, tensor in _rank_tensors(pipe)}
 
 
 def load_pipeline_state_dict(pipe: DistributedPipeline, state_dict: Mapping[str, torch.Tensor],
                              strict: bool = True) -> None:
     """Copy into this rank's tensors their values in ``state_dict`` (a whole model's, or a
-    rank's), found under any of their names. Entries for other ranks' tensors are skipped.
+    rank's), found under any of their names. Entries for other ranks' tensors are skipped. A
+    sharded weight (a DTensor) takes its own slice of a whole tensor, or a DTensor's value on
+    its own mesh.
 
     Raises:
         KeyError: with ``strict``, a tensor of this rank has no entry, or an entry names no
@@ -89,7 +104,7 @@ def load_pipeline_state_dict(pipe: DistributedPipeline, state_dict: Mapping[str,
                              "model: load a state_dict of this model's configuration")
     with torch.no_grad():
         for _, value, tensor in pairs:
-            tensor.copy_(value)
+            _copy_whole(tensor, value)
 
 
 def save(target: DistributedPipeline | nn.Module, path: str | os.PathLike, *,
@@ -179,6 +194,14 @@ def load(target: DistributedPipeline | nn.Module, path: str | os.PathLike, *,
         dcp.load(state, checkpoint_id=path, no_dist=not pipeline)
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state[OPTIMIZER_KEY], options=_OPTIMIZER_OPTIONS)
+
+
+def _copy_whole(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` into ``tensor``; into a DTensor (a tensor-parallel or FSDP2 shard), the
+    slice of a whole ``value`` that this rank holds, cut locally (no rank waits for another)."""
+    if isinstance(tensor, DTensor) and not isinstance(value, DTensor):
+        value = distribute_tensor(value.to(tensor.device), tensor.device_mesh, tensor.placements, src_data_rank=None)
+    tensor.copy_(value)
 
 
 @contextlib.contextmanager
