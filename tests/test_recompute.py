@@ -33,7 +33,7 @@ from autosplit.distributed.stages import stage_chain
 from autosplit.plan import Plan, RecomputedBlock
 from checks import train_alongside
 from numerics import assert_same
-from rank_pool import Ranks
+from rank_pool import shared_ranks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -345,10 +345,7 @@ def test_two_ranks_train_a_plan_that_recomputes_exactly_like_one_process():
                           microbatches=MICROBATCHES, stages=2, tensor_parallel=1, recompute="full",
                           shared_weights="copies", time_limit_s=2)
     assert [s.recompute for s in plan.stages] == ["full", "full"]
-    pool = Ranks(world=2, timeout_s=120)
-    try:
-        assert pool.run(train_recomputing, plan, 2) == [["full"], ["full"]]
-        for counts in pool.run(recompute_dtensors):
-            assert counts["full"] == counts["selective"] == counts["none"], counts
-    finally:
-        pool.close()
+    pool = shared_ranks(world=2, timeout_s=120)
+    assert pool.run(train_recomputing, plan, 2) == [["full"], ["full"]]
+    for counts in pool.run(recompute_dtensors):
+        assert counts["full"] == counts["selective"] == counts["none"], counts

@@ -24,7 +24,7 @@ from autosplit.api import capture_microbatch
 from autosplit.distributed.stages import stage_chain
 from autosplit.graph import LAYOUT_ONLY
 from numerics import assert_same
-from rank_pool import Ranks
+from rank_pool import shared_ranks
 from test_distributed_tensor_parallel import batch, gpt, lm_loss, make_plan, slow_cluster, whole
 
 RANKS_TIMEOUT_S = 240.0
@@ -138,9 +138,7 @@ def checkpoints_across_plans(rank, tp_plan, pp_plan, unsplit, saved, resaved):
 
 @pytest.fixture(scope="module")
 def ranks():
-    pool = Ranks(world=4, timeout_s=RANKS_TIMEOUT_S)
-    yield pool
-    pool.close()
+    return shared_ranks(world=4, timeout_s=RANKS_TIMEOUT_S)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the unsplit model's, in one process
