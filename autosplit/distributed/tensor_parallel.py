@@ -231,7 +231,7 @@ class _LayoutInterpreter(fx.Interpreter):
         if have != placement and not (is_partial(placement) and have == REPLICATE):
             # R -> P is left to the op: DTensor makes a partial from a replicated input itself
             # (its public redistribute refuses it), with no collective.
-            value = value.redistribute(self.mesh, [to_placement(placement)])
+            value = _own_storage(value.redistribute(self.mesh, [to_placement(placement)]))
         self.moved[key] = value
         return value
 
@@ -265,7 +265,19 @@ def place(value: Any, mesh, placement: str) -> Any:
         value = DTensor.from_local(value, mesh, [Replicate()], run_check=False)
     have = from_placement(value.placements[0], value.ndim)
     if have != placement and not (is_partial(placement) and have == REPLICATE):
-        value = value.redistribute(mesh, [to_placement(placement)])
+        value = _own_storage(value.redistribute(mesh, [to_placement(placement)]))
+    return value
+
+
+def _own_storage(value: Any) -> Any:
+    """``value``, its shard copied out when it is a view of a larger buffer: without an
+    all-to-all, gloo's ``S(i) → S(j)`` gathers the whole tensor and keeps a slice of it, and an
+    op saving that slice for backward would keep the whole alive (twice the shard at tp = 2),
+    where the plan prices a copy of the shard's size."""
+    with torch.no_grad():
+        local = value.to_local()
+    if local.untyped_storage().nbytes() > local.numel() * local.element_size():
+        return value.clone()
     return value
 
 
