@@ -17,7 +17,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from autosplit import capture
-from autosplit.sharding import choose_layouts, cpu_attention_strategy, from_placement, node_layouts, to_placement
+from autosplit.sharding import (choose_layouts, cpu_attention_strategy, from_placement, node_layouts, price_layouts,
+                               to_placement)
 from autosplit.sharding.placements import validate
 from autosplit.sharding.price import collective_s, transition
 from autosplit.sharding.strategies import Layout, tensor_inputs
@@ -522,3 +523,55 @@ def test_per_graph_caches_give_the_same_choice_and_let_the_graph_go():
     del traced, first, again
     gc.collect()
     assert graph() is None
+
+
+def test_plan_collectives_of_a_megatron_mlp_are_its_one_all_reduce():
+    """The plan's bytes per stage: a column-then-row MLP (an input without gradient) all-reduces its
+    output once, forward; a ring all-reduce on 2 ranks sends the tensor's size from each."""
+    import autosplit
+    from autosplit.sharding.price import bytes_sent, plan_collectives
+
+    x = torch.randn(2, 64, 512)
+    model = Mlp()
+    plan = autosplit.plan(model, example_inputs=(x,), cluster=CLUSTER, tracer="export", global_batch=2,
+                          tensor_parallel=2, stages=1, precision="fp32")
+    traced = capture(model, (x,), tracer="export")
+    [collectives] = plan_collectives(traced.graph_module, plan)
+    output_bytes = 2 * 64 * 512 * 4
+    assert [(c.kind, c.direction, c.nbytes) for c in collectives] == [("all_reduce", "forward", output_bytes)]
+    assert bytes_sent("all_reduce", output_bytes, 2) == output_bytes
+    assert bytes_sent("all_gather", output_bytes, 4) == bytes_sent("reduce_scatter", output_bytes, 4) == 0.75 * output_bytes
+    assert bytes_sent("all_to_all", output_bytes, 2) == output_bytes / 4  # half of each rank's half
+
+
+class ReluLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 128)
+
+    def forward(self, x):
+        return self.lin(torch.relu(x))
+
+
+def test_an_input_saved_as_a_collective_made_it_is_a_tensor_of_its_own():
+    """relu's output kept sharded by relu, all-gathered for the matmul that keeps it whole for its
+    weight's gradient: two storages, the gathered one the matmul's own."""
+    from autosplit.sharding.price import REDISTRIBUTED_SAVE
+
+    traced = capture(ReluLinear(), (torch.randn(8, 64, requires_grad=True),), tracer="export")
+    gm = traced.graph_module
+    candidates = node_layouts(gm, 2)
+    wanted = {"lin_weight": ((), ("S(0)",)), "lin_bias": ((), ("S(0)",)), "x": ((), ("R",)),
+              "relu": (("S(0)",), ("S(0)",)), "linear": (("R", "S(0)", "S(0)"), ("S(1)",)), "output": (("R",), ())}
+
+    def pick(name, inputs, outputs):
+        return next(lay for lay in candidates[name].layouts if (lay.inputs, lay.outputs) == (inputs, outputs))
+
+    chosen = {name: pick(name, *io) for name, io in wanted.items()}
+    priced = price_layouts(gm, price_graph(gm), chosen, CLUSTER, [0, 1])
+    relu_bytes = 8 * 64 * 4
+    assert priced.per_rank["linear"].saved == {f"linear:{REDISTRIBUTED_SAVE}": relu_bytes}
+    assert priced.per_rank["relu"].saved == {"relu": relu_bytes // 2}
+    chosen["relu"] = pick("relu", ("R",), ("R",))  # read as produced: the producer's storage, once
+    priced = price_layouts(gm, price_graph(gm), chosen, CLUSTER, [0, 1])
+    assert priced.per_rank["linear"].saved == {"relu": relu_bytes}

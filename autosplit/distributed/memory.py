@@ -9,14 +9,14 @@ The plan prices a stage's memory by kind (``Plan.stages[s].memory``: weights, gr
 optimizer state, activations, workspace); the report puts beside each what this rank holds:
 
 * weights: the bytes of the model's parameters and buffers on the rank's device, each storage
-  once. A model built on ``meta`` holds its stage's modules there (and the rest nowhere); a
+  once; of a DTensor (a tensor-parallel weight), its local shard's. A model built on ``meta`` holds its stage's modules there (and the rest nowhere); a
   model built whole on the rank's device holds all of it, and the figure says so.
 * gradients: the bytes of the ``.grad`` of the rank's parameters, now or at the end of the last
   measured step, whichever is more (``zero_grad()`` frees them).
 * optimizer: the bytes of the optimizer's state tensors for the rank's parameters, likewise.
 * activations: the highest total, during the last measured step, of the tensors autograd kept
   for backward (counted by ``torch.autograd.graph.saved_tensors_hooks``, each storage once,
-  the weights left out): what the plan's activation figure prices, microbatches in flight
+  a DTensor's local shard, the weights left out): what the plan's activation figure prices, microbatches in flight
   included.
 * peak: on CUDA, ``torch.cuda.max_memory_allocated`` over the measured step. PyTorch keeps no
   statistics of its CPU allocator, so on the CPU the peak is the bytes held when the step
@@ -168,15 +168,26 @@ def _model_tensors(model: nn.Module, device: torch.device) -> list[torch.Tensor]
     return [t for t in [*model.parameters(), *model.buffers()] if t.device == device]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``t``: a DTensor's local shard (a DTensor has no storage of its
+    own), any other tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
 def _storages(tensors: Iterable[torch.Tensor]) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in tensors}
+    return {_local(t).untyped_storage().data_ptr() for t in tensors}
 
 
 def _bytes(tensors: Iterable[torch.Tensor]) -> float:
-    """Bytes of the storages behind ``tensors``, each once."""
+    """Bytes of the storages behind ``tensors`` (a DTensor's: its local shard's), each once."""
     seen: dict[int, int] = {}
     for t in tensors:
-        storage = t.untyped_storage()
+        storage = _local(t).untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return float(sum(seen.values()))
 
@@ -193,7 +204,7 @@ class _SavedTensorBytes:
 
     def pack(self, tensor: torch.Tensor) -> "_Saved":
         try:
-            storage = tensor.untyped_storage()
+            storage = _local(tensor).untyped_storage()
             key, size = storage.data_ptr(), storage.nbytes()
         except (RuntimeError, NotImplementedError):  # tensors without a plain storage (sparse, nested)
             return _Saved(tensor, None, 0, self)

@@ -268,7 +268,19 @@ def place(value: Any, mesh, placement: str) -> Any:
             # DTensor's redistribute of a strided value (a transposed shard) returns a contiguous
             # local tensor but keeps the strides in its spec, and a later view then fails
             value = value.contiguous()
-        value = value.redistribute(mesh, [to_placement(placement)])
+        value = _own_storage(value.redistribute(mesh, [to_placement(placement)]))
+    return value
+
+
+def _own_storage(value: Any) -> Any:
+    """``value``, its shard copied out when it is a view of a larger buffer: without an
+    all-to-all, gloo's ``S(i) → S(j)`` gathers the whole tensor and keeps a slice of it, and an
+    op saving that slice for backward would keep the whole alive (twice the shard at tp = 2),
+    where the plan prices a copy of the shard's size."""
+    with torch.no_grad():
+        local = value.to_local()
+    if local.untyped_storage().nbytes() > local.numel() * local.element_size():
+        return value.clone()
     return value
 
 

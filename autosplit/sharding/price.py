@@ -30,6 +30,13 @@ must before it can add it to the replicated weight. A forward all-gather thus be
 backward reduce-scatter, as in sequence parallelism.
 
 Sizes are the whole tensor's (``collectives`` divides them as each collective does).
+
+Saved tensors. An input an op reads through a collective and keeps for backward (the all-gathered
+input of a column-parallel matmul, kept for its weight's gradient) is the collective's result, a
+tensor of its own beside the producer's output (``saved_as_read``).
+
+What a plan sends. ``plan_collectives`` prices the collectives of a Plan's layouts again, stage by
+stage; ``bytes_sent`` is what one rank sends in each under a ring.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch.fx as fx
@@ -288,6 +295,32 @@ def _with(cost: OpCost, **changes: Any) -> OpCost:
     return new
 
 
+REDISTRIBUTED_SAVE = 1000
+"""Saved-tensor keys ``f"{node}:{REDISTRIBUTED_SAVE + slot}"`` name an input a node keeps in the
+placement it read it in, made by a collective: the node's own tensor (``cost_models.memory``)."""
+
+
+def saved_as_read(facts: GraphFacts, name: str, chosen: Mapping[str, Layout], cost: OpCost) -> OpCost:
+    """``cost`` with each input that node ``name`` saves for backward, and reads in a placement a
+    collective makes (``transition``), kept as a tensor of its own: the redistributed copy (the
+    runtime's, e.g. the all-gathered input a column-parallel matmul keeps for its weight's
+    gradient) is another storage than the producer's output, which its other readers may keep
+    too. Its size is already the read placement's (``per_rank_cost``). Two readers that keep one
+    copy (the runtime makes each placement of a value once) are counted twice."""
+    if not cost.saved:
+        return cost
+    layout = chosen[name]
+    saved = dict(cost.saved)
+    for i, slot in enumerate(facts.slots[name]):
+        if i >= len(layout.inputs) or slot.producer not in saved or slot.producer in facts.weights:
+            continue
+        made = chosen.get(slot.producer)
+        produced = made.outputs[slot.index] if made is not None and slot.index < len(made.outputs) else REPLICATE
+        if transition(produced, layout.inputs[i]) is not None:
+            saved[f"{name}:{REDISTRIBUTED_SAVE + i}"] = saved.pop(slot.producer)
+    return cost if saved == cost.saved else _with(cost, saved=saved)
+
+
 def weight_bytes(facts: GraphFacts, name: str, layout: Layout, tp: int) -> int:
     """Bytes of weight node ``name`` on one rank (0 for other nodes)."""
     if name not in facts.weights or not facts.output_bytes[name]:
@@ -360,7 +393,8 @@ def price_with(facts: GraphFacts, chosen: Mapping[str, Layout], times: Collectiv
     missing = [n for n in facts.nodes if n not in chosen]
     if missing:
         raise ValueError(f"no layout for {len(missing)} node(s), e.g. {missing[:3]}: give every node one")
-    per_rank = {name: per_rank_cost(facts, name, chosen[name], tp) for name in facts.nodes}
+    per_rank = {name: saved_as_read(facts, name, chosen, per_rank_cost(facts, name, chosen[name], tp))
+                for name in facts.nodes}
     params = {str(facts.weights[n]): weight_bytes(facts, n, chosen[n], tp) for n in facts.weights}
     found: list[Collective] = []
     seconds: dict[str, tuple[float, float]] = {}
@@ -377,3 +411,71 @@ def compute_s(cost: OpCost, device: Any, model: AnalyticCostModel, training: boo
     """Seconds of one rank's work on a node."""
     t = model.time(cost, device)
     return t.fwd_s + (t.bwd_s if training else 0.0)
+
+
+# --------------------------------------------------------------------------- what a plan sends
+
+
+def bytes_sent(kind: str, nbytes: float, ranks: int) -> float:
+    """Bytes each of ``ranks`` ranks sends in one collective of ``kind`` on a tensor of
+    ``nbytes`` (whole, as :class:`Collective` counts it), under the ring algorithms
+    ``cost_models.collectives`` prices: an all-reduce sends 2(n − 1)/n of the tensor, an
+    all-gather or a reduce-scatter (n − 1)/n, an all-to-all (n − 1)/n of each rank's 1/n shard.
+
+    Example:
+        >>> bytes_sent("all_reduce", 1024, 2), bytes_sent("all_gather", 1024, 4)
+        (1024.0, 768.0)
+    """
+    if kind not in COLLECTIVE_KINDS:
+        raise ValueError(f"unknown collective {kind!r}; expected one of {COLLECTIVE_KINDS}")
+    share = (ranks - 1) / ranks
+    if kind == "all_reduce":
+        return 2 * share * nbytes
+    if kind == "all_to_all":
+        return share * nbytes / ranks
+    return share * nbytes
+
+
+def plan_collectives(gm: fx.GraphModule, plan: Any) -> list[list[Collective]]:
+    """The collectives each stage of ``plan`` runs on its tensor-parallel group per microbatch,
+    priced again from ``plan.layouts`` on the graph ``gm`` it was made from (the capture at
+    ``plan.traced_batch`` samples, or at the microbatch's).
+
+    A collective belongs to the stage of the readers that need it, where the runtime runs it: a
+    value sent across a cut arrives in its producer's placement and the next stage redistributes
+    it, and each stage that reads a value in some placement makes it once. (The solver adds a
+    collective's time to its producer's, so a cut it crosses leaves it with the producer's stage.)
+    Activations scale from the traced samples to the plan's microbatch; weights and their
+    gradients do not. Seconds are 0: the stage's ``compute_s`` holds them. Empty lists when
+    ``plan.tensor_parallel`` is 1.
+
+    Example:
+        >>> per_stage = plan_collectives(traced.graph_module, plan)
+        >>> sum(bytes_sent(c.kind, c.nbytes, plan.tensor_parallel) for c in per_stage[0])   # per rank
+    """
+    if plan.tensor_parallel == 1 or not plan.layouts:
+        return [[] for _ in plan.stages]
+    chosen = {name: Layout(tuple(entry["inputs"]), tuple(entry["output"].split()))
+              for name, entry in plan.layouts.items()}
+    missing = [n.name for n in gm.graph.nodes if n.name not in chosen]
+    if missing:
+        raise ValueError(f"the plan has no layout for {len(missing)} node(s) of this graph, e.g. {missing[:3]}: "
+                         "pass the graph the plan was made from (autosplit.capture at the plan's traced batch)")
+    facts = GraphFacts(gm, {}, training=plan.mode == "train")
+    traced = plan.traced_batch or plan.microbatch_size
+    factor = plan.microbatch_size / traced if plan.microbatch_size and traced else 1.0
+    stage_of = {name: stage.index for stage in plan.stages for name in stage.nodes}
+    found: list[list[Collective]] = [[] for _ in plan.stages]
+    for name in facts.nodes:
+        flows = facts.training and facts.has_grad.get(name, False)
+        reads: dict[int, list[tuple[int, str, str | None]]] = defaultdict(list)
+        for consumer, slot, index in facts.readers.get(name, []):
+            layout = chosen[consumer]
+            if slot < len(layout.inputs):
+                reads[stage_of.get(consumer, 0)].append(
+                    (index, layout.inputs[slot], gradient_placement(layout, slot) if flows else None))
+        scale = 1.0 if name in facts.weights else factor
+        for stage, stage_reads in sorted(reads.items()):
+            for c in producer_collectives(facts, name, chosen[name], stage_reads, lambda *_: 0.0):
+                found[stage].append(replace(c, nbytes=int(c.nbytes * scale)))
+    return found
