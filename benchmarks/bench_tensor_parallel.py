@@ -30,7 +30,8 @@ gradient copies (``c10d.allreduce_``). gloo has no all-to-all: DTensor falls bac
 all-gather of the whole tensor and keeps its slice, (n − 1)/n · N sent where an all-to-all sends
 (n − 1)/n of the 1/n shard, n times less. Beside them, the plan's: the values crossing each cut
 (``Stage.transfers_in`` of them per call) forward and their gradients back, each as large as the
-plan prices it (the whole tensor); the collectives of ``plan.layouts``
+plan prices it (one rank's shard, as ``autosplit.solver.joint.per_rank_graph`` gives the solver);
+the collectives of ``plan.layouts``
 (``autosplit.sharding.price.plan_collectives``) × microbatches; the tied weight's gradient sum
 (its shard on each rank, all-reduced over the 2 stages once per step). FSDP2 sends nothing at
 dp = 1.
@@ -61,6 +62,7 @@ from _results import machine, record  # noqa: E402
 
 import autosplit  # noqa: E402
 import autosplit.distributed  # noqa: E402
+from autosplit.sharding.placements import is_shard  # noqa: E402
 from autosplit.sharding.price import bytes_sent, plan_collectives  # noqa: E402
 from cost_models import Cluster  # noqa: E402
 from cost_models.devices import get_device  # noqa: E402
@@ -325,6 +327,8 @@ def planned_sends(plan, traced) -> list[dict[str, float]]:
         if last <= stage_of[node.name] or not isinstance(val, torch.Tensor):
             continue
         nbytes = val.numel() * val.element_size()
+        if is_shard(plan.layouts[node.name]["output"].split()[0]):  # each rank sends its shard
+            nbytes //= tp
         grad = nbytes if needs.get(node.name) and val.is_floating_point() else 0
         for hop in range(stage_of[node.name], last):  # relayed stage by stage
             sends[hop]["pipeline send"] += nbytes * m

@@ -251,3 +251,22 @@ def test_the_one_process_split_refuses_a_plan_it_cannot_run_before_moving_anythi
     with pytest.raises(ValueError, match="recomputes activations .*autosplit\\(\\) in one process"):
         autosplit.autosplit(model, devices=["cpu", "cpu"], example_inputs=(x,), plan=plan)
     assert_unchanged(model, before)
+
+
+def test_values_crossing_stages_of_tensor_parallel_groups_are_priced_as_one_rank_s_shard(wide_llama):
+    from autosplit.solver.joint import per_rank_graph
+
+    traced, costs = wide_llama
+    plan = _solve(traced, costs, "4xh100", global_batch=8, tensor_parallel=2, stages=2)
+    graph = OpGraph.from_traced(traced)
+    shards = per_rank_graph(graph, plan.layouts, 2)
+    sharded = [n for n, v in plan.layouts.items() if v["output"].startswith("S(") and graph.infos[n].op != "get_attr"
+               and len(v["output"].split()) == 1]
+    assert sharded
+    for name in sharded:
+        whole, part = graph.infos[name], shards.infos[name]
+        assert part.output_bytes * 2 == whole.output_bytes, name  # rank i of a group sends its half
+        for _, v, tensors in shards.dag.out_edges(name, data="tensors"):
+            assert tensors[name].nbytes * 2 == graph.dag.edges[name, v]["tensors"][name].nbytes
+    replicated = next(n for n, v in plan.layouts.items() if v["output"] == "R" and graph.infos[n].output_bytes)
+    assert shards.infos[replicated] == graph.infos[replicated]

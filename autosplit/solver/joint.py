@@ -55,6 +55,7 @@ import numpy as np
 from autosplit.errors import ConfigError, InfeasibleError
 from autosplit.graph import INPUT, OUTPUT, WEIGHT, OpGraph
 from autosplit.plan import Plan, RecomputedBlock
+from autosplit.sharding.placements import is_shard, shard_dim
 from autosplit.solver.driver import solve
 from autosplit.solver.options import SolverOptions
 from cost_models import AnalyticCostModel, Cluster, OpCost, sharded_data_parallel_s
@@ -211,6 +212,42 @@ def scale_graph(graph: OpGraph, factor: float) -> OpGraph:
     for n, data in dag.nodes(data=True):
         if data["kind"] not in (WEIGHT,) and data.get("output_bytes"):
             data["output_bytes"] = int(data["output_bytes"] * factor)
+    return OpGraph(dag, list(graph.order), infos, dict(graph.module_types))
+
+
+def per_rank_graph(graph: OpGraph, placements: Mapping[str, Mapping[str, Any]], tp: int) -> OpGraph:
+    """The graph with each value's shapes and bytes those of one rank's shard under the layouts
+    (``placements``, as ``Plan.layouts``): what one rank of a stage's group receives, holds and
+    sends on at a stage boundary, where rank i of a group sends its shard to rank i of the next
+    (``autosplit.distributed.tensor_parallel.WireLayout``). Replicated and partial values are
+    whole on every rank; weights are left as they are (their per-rank sizes are the sharding's
+    ``parameters``). Works on the op graph and on its blocks (whose edges name the ops)."""
+    if tp == 1:
+        return graph
+    ratio: dict[str, float] = {}
+    infos = dict(graph.infos)
+    for name, info in graph.infos.items():
+        layout = placements.get(name)
+        outputs = layout["output"].split() if layout and layout.get("output") else []
+        if info.op == "get_attr" or len(outputs) != len(info.shapes) or not any(map(is_shard, outputs)):
+            continue
+        shapes = tuple(tuple(size // tp if is_shard(p) and d == shard_dim(p) else size for d, size in enumerate(shape))
+                       for shape, p in zip(info.shapes, outputs))
+        whole = sum(math.prod(shape) * dtype.itemsize for shape, dtype in zip(info.shapes, info.dtypes))
+        part = sum(math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, info.dtypes))
+        if not whole:
+            continue
+        ratio[name] = part / whole
+        infos[name] = dataclasses.replace(info, shapes=shapes, output_bytes=int(info.output_bytes * ratio[name]))
+    if not ratio:
+        return graph
+    dag = graph.dag.copy()
+    for _, _, data in dag.edges(data=True):
+        data["tensors"] = {p: (dataclasses.replace(t, nbytes=int(t.nbytes * ratio[t.producer]))
+                               if t.producer in ratio and not t.weight else t) for p, t in data["tensors"].items()}
+    for n, data in dag.nodes(data=True):
+        if n in ratio and data.get("output_bytes"):
+            data["output_bytes"] = int(data["output_bytes"] * ratio[n])
     return OpGraph(dag, list(graph.order), infos, dict(graph.module_types))
 
 
@@ -717,7 +754,8 @@ def _screen_meshes(shard: Sharding, lean: bool, meshes_: Sequence[Mesh], cluster
     groups = group_cluster(cluster, shard.tp)
     link = groups.link(0, 1) if len(groups) > 1 else None
     found: list[tuple[Screened, Sharding]] = []
-    memory = block_memory(blocks, chain, shard.costs, shard.parameters, train)
+    memory = block_memory(per_rank_graph(blocks, shard.placements, shard.tp), chain, shard.costs, shard.parameters,
+                          train)
     fitting: set[Mesh] = set()
     bound_s: dict[Mesh, float] = {}
     for b in sorted({b for mesh in meshes_ for b in microbatch_sizes(G // mesh.dp, traced_b)}):
@@ -787,7 +825,8 @@ def _solve_candidate(graph: OpGraph, blocks: OpGraph, chain: Sequence[str], clus
                             "samples_per_microbatch": candidate.microbatch_size, "global_batch": None,
                             "tensor_parallel": None, "recompute": None})
     try:
-        plan = solve(scale_graph(graph, factor), group_cluster(cluster, mesh.tp), inner, costs=costs,
+        plan = solve(scale_graph(per_rank_graph(graph, shard.placements, mesh.tp), factor),
+                     group_cluster(cluster, mesh.tp), inner, costs=costs,
                      parameters=shard.parameters, buffers=buffers, cost_model=WithCollectives(base, shard.collectives_s, factor),
                      device_order=range(mesh.pp), near_cuts=[chain[k] for k in candidate.starts[1:]])
     except InfeasibleError as e:
