@@ -473,7 +473,7 @@ def main() -> None:
         "the stage sends, `_c10d_functional.*` for DTensor's collectives, `c10d.allreduce_` for the tied "
         "weight's gradient sum and the control flags), a collective converted to what one rank sends under a "
         "ring: all-reduce 2(n − 1)/n · N, all-gather and reduce-scatter (n − 1)/n · N of the whole tensor. "
-        "Planned: the values crossing each cut as the plan prices them (whole tensors) forward and their "
+        "Planned: the values crossing each cut as the plan prices them (each rank's shard) forward and their "
         "gradients back, × microbatches; the collectives of `plan.layouts` "
         "(`autosplit.sharding.price.plan_collectives`) × microbatches; the tied weight's gradient sum once per "
         "step. gloo has no all-to-all: DTensor gathers the whole tensor and keeps its slice, so an all-to-all "
@@ -496,10 +496,9 @@ def main() -> None:
         "prices it so (`autosplit.sharding.price.saved_as_read`). On gloo, `S(i) → S(j)` (no all-to-all) "
         "gathers the whole tensor and slices it; the runtime copies the slice out so that a saved shard "
         "does not keep the whole alive.",
-        "- Pipeline sends: the runtime sends each rank's shard of a value crossing a cut "
-        "(`WireLayout`), the plan prices the whole tensor on each rank's link (its stage times use the "
-        "graph's sizes). Every value crossing this plan's cut is sharded (`S(0)`), so each rank sends half "
-        "of what the plan prices; the solver does not yet price them per rank.",
+        "- Pipeline sends: the runtime sends each rank's shard of a value crossing a cut (`WireLayout`), "
+        "and the plan prices one rank's shard on each rank's link (`autosplit.solver.joint.per_rank_graph`): "
+        "every value crossing this plan's cut is sharded (`S(0)`), half the whole tensor.",
         "- Tensor-parallel collectives: the plan's, per microbatch, at the sizes it prices; a weight read "
         "replicated by a split op all-reduces its partial gradient each microbatch (the first when its "
         "hook redistributes it, the later ones when DTensor adds a partial gradient to the replicated "
