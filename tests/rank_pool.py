@@ -22,7 +22,6 @@ import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 
 
 class Ranks:
@@ -70,8 +69,9 @@ class Ranks:
     def close(self):
         for tasks in self.tasks if self.processes else ():
             tasks.put(None)
+        deadline = time.monotonic() + 10
         for process in self.processes:
-            process.join(timeout=10)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
                 process.join()
@@ -100,16 +100,17 @@ def _serve(rank, world, port, tasks, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    try:
-        while (task := tasks.get()) is not None:
-            fn, args = task
-            try:
-                results.put((rank, True, fn(rank, *args)))
-            except BaseException:  # reported to the test with its traceback
-                results.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    while (task := tasks.get()) is not None:
+        fn, args = task
+        try:
+            results.put((rank, True, fn(rank, *args)))
+        except BaseException:  # reported to the test with its traceback
+            results.put((rank, False, traceback.format_exc()))
+    # No orderly teardown: destroying groups waits on peers that may be gone already, and
+    # threads still waiting on a group (a stopped pipeline's) would abort the exit.
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 def _free_port():
