@@ -215,39 +215,46 @@ def scale_graph(graph: OpGraph, factor: float) -> OpGraph:
     return OpGraph(dag, list(graph.order), infos, dict(graph.module_types))
 
 
-def per_rank_graph(graph: OpGraph, placements: Mapping[str, Mapping[str, Any]], tp: int) -> OpGraph:
+def per_rank_graph(graph: OpGraph, placements: Mapping[str, Mapping[str, Any]], tp: int, *,
+                   values_only: bool = False) -> OpGraph:
     """The graph with each value's shapes and bytes those of one rank's shard under the layouts
     (``placements``, as ``Plan.layouts``): what one rank of a stage's group receives, holds and
     sends on at a stage boundary, where rank i of a group sends its shard to rank i of the next
     (``autosplit.distributed.tensor_parallel.WireLayout``). Replicated and partial values are
     whole on every rank; weights are left as they are (their per-rank sizes are the sharding's
-    ``parameters``). Works on the op graph and on its blocks (whose edges name the ops)."""
+    ``parameters``). ``values_only``: only the values on the edges (all a graph of blocks, whose
+    edges name the ops, needs for the bytes crossing each cut)."""
     if tp == 1:
         return graph
+    names = ({t.producer for _, _, tensors in graph.dag.edges(data="tensors") for t in tensors.values()}
+             if values_only else graph.infos)
     ratio: dict[str, float] = {}
-    infos = dict(graph.infos)
-    for name, info in graph.infos.items():
-        layout = placements.get(name)
-        outputs = layout["output"].split() if layout and layout.get("output") else []
-        if info.op == "get_attr" or len(outputs) != len(info.shapes) or not any(map(is_shard, outputs)):
+    infos = dict(graph.infos) if not values_only else graph.infos
+    for name in names:
+        info, layout = graph.infos.get(name), placements.get(name)
+        outputs = layout["output"].split() if layout and layout.get("output") else ()
+        if info is None or info.op == "get_attr" or len(outputs) != len(info.shapes) or not any(map(is_shard, outputs)):
             continue
         shapes = tuple(tuple(size // tp if is_shard(p) and d == shard_dim(p) else size for d, size in enumerate(shape))
                        for shape, p in zip(info.shapes, outputs))
         whole = sum(math.prod(shape) * dtype.itemsize for shape, dtype in zip(info.shapes, info.dtypes))
-        part = sum(math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, info.dtypes))
         if not whole:
             continue
-        ratio[name] = part / whole
-        infos[name] = dataclasses.replace(info, shapes=shapes, output_bytes=int(info.output_bytes * ratio[name]))
+        ratio[name] = sum(math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, info.dtypes)) / whole
+        if not values_only:
+            infos[name] = dataclasses.replace(info, shapes=shapes, output_bytes=int(info.output_bytes * ratio[name]))
     if not ratio:
         return graph
     dag = graph.dag.copy()
     for _, _, data in dag.edges(data=True):
-        data["tensors"] = {p: (dataclasses.replace(t, nbytes=int(t.nbytes * ratio[t.producer]))
-                               if t.producer in ratio and not t.weight else t) for p, t in data["tensors"].items()}
-    for n, data in dag.nodes(data=True):
-        if n in ratio and data.get("output_bytes"):
-            data["output_bytes"] = int(data["output_bytes"] * ratio[n])
+        tensors = data["tensors"]
+        if any(p in ratio for p in tensors):
+            data["tensors"] = {p: (dataclasses.replace(t, nbytes=int(t.nbytes * ratio[p])) if p in ratio and not t.weight
+                                   else t) for p, t in tensors.items()}
+    if not values_only:
+        for n in ratio:
+            if n in dag and dag.nodes[n].get("output_bytes"):
+                dag.nodes[n]["output_bytes"] = int(dag.nodes[n]["output_bytes"] * ratio[n])
     return OpGraph(dag, list(graph.order), infos, dict(graph.module_types))
 
 
@@ -754,8 +761,8 @@ def _screen_meshes(shard: Sharding, lean: bool, meshes_: Sequence[Mesh], cluster
     groups = group_cluster(cluster, shard.tp)
     link = groups.link(0, 1) if len(groups) > 1 else None
     found: list[tuple[Screened, Sharding]] = []
-    memory = block_memory(per_rank_graph(blocks, shard.placements, shard.tp), chain, shard.costs, shard.parameters,
-                          train)
+    memory = block_memory(per_rank_graph(blocks, shard.placements, shard.tp, values_only=True), chain, shard.costs,
+                          shard.parameters, train)
     fitting: set[Mesh] = set()
     bound_s: dict[Mesh, float] = {}
     for b in sorted({b for mesh in meshes_ for b in microbatch_sizes(G // mesh.dp, traced_b)}):
