@@ -22,13 +22,9 @@ look disturbed (the reference-loop time in the machine line helps compare runs).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import queue
-import socket
 import sys
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -38,6 +34,7 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
+from _ranks import run_on_ranks  # noqa: E402
 from _results import machine, record  # noqa: E402
 
 import autosplit.distributed  # noqa: E402
@@ -198,45 +195,8 @@ def balance(rank: int) -> dict:
             for name, run in runs.items()}
 
 
-def _rank(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        autosplit.distributed.init_process_group()
-        results.put((rank, {"throughput": throughput(rank), "balance": balance(rank)}))
-    except BaseException:
-        results.put((rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks() -> list[dict]:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    processes = [context.Process(target=_rank, args=(rank, port, results)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    reports = {}
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while len(reports) < WORLD:
-            rank, report = results.get(timeout=max(1.0, deadline - time.monotonic()))
-            if isinstance(report, str):
-                raise SystemExit(f"rank {rank} failed:\n{report}")
-            reports[rank] = report
-    except queue.Empty:
-        raise SystemExit(f"the ranks did not finish within {TIMEOUT_S} s") from None
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-    return [reports[rank] for rank in range(WORLD)]
+def _measure(rank: int) -> dict:
+    return {"throughput": throughput(rank), "balance": balance(rank)}
 
 
 def _ms(seconds: float) -> str:
@@ -306,7 +266,7 @@ def balance_rows(reports: list[dict]) -> tuple[list[str], float]:
 def main() -> None:
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
-    reports = run_ranks()
+    reports = run_on_ranks(_measure, world=WORLD, timeout_s=TIMEOUT_S)
     load_after = os.getloadavg()[0]
     throughput_table, ratio = throughput_rows(reports)
     balance_table, _ = balance_rows(reports)

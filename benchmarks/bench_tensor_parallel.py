@@ -42,13 +42,9 @@ Times mean nothing here: 4 processes share 2 cores.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import os
-import queue
-import socket
 import sys
 import time
-import traceback
 from collections import defaultdict
 
 import torch
@@ -58,6 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _ranks import run_on_ranks  # noqa: E402
 from _results import machine, record  # noqa: E402
 
 import autosplit  # noqa: E402
@@ -260,45 +257,6 @@ def run_rank(rank: int, plan) -> dict:
             "placements": sorted({str(getattr(p, "placements", "plain")) for p in pipe.parameters()})}
 
 
-def _rank(rank: int, port: int, plan, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        autosplit.distributed.init_process_group(GROUP_TIMEOUT_S)
-        results.put((rank, run_rank(rank, plan)))
-    except BaseException:
-        results.put((rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks(plan) -> list[dict]:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    processes = [context.Process(target=_rank, args=(rank, port, plan, results)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    reports = {}
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while len(reports) < WORLD:
-            rank, report = results.get(timeout=max(1.0, deadline - time.monotonic()))
-            if isinstance(report, str):
-                raise SystemExit(f"rank {rank} failed:\n{report}")
-            reports[rank] = report
-    except queue.Empty:
-        raise SystemExit(f"the ranks did not finish within {TIMEOUT_S} s") from None
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-    return [reports[rank] for rank in range(WORLD)]
 
 
 # --------------------------------------------------------------------------- what the plan says each rank sends
@@ -440,7 +398,8 @@ def main() -> None:
     print(f"planned in {time.perf_counter() - start:.0f} s: mesh {plan.mesh}, {plan.microbatches} microbatches of "
           f"{plan.microbatch_size}, {plan.schedule}")
     planned = planned_sends(plan, traced)
-    reports = run_ranks(plan)
+    reports = run_on_ranks(run_rank, world=WORLD, timeout_s=TIMEOUT_S, args=(plan,),
+                           group_timeout_s=GROUP_TIMEOUT_S)
     loss = loss_alone()
     memory_table, off = memory_rows(reports, loss, len(plan.stages) - 1)
     traffic_table = traffic_rows(reports, planned)

@@ -100,6 +100,7 @@ def as_on_cpu(counts: dict[str, int]) -> dict[str, int]:
 
 
 def comm_counts(mode) -> dict[str, int]:
+    """The collectives a ``CommDebugMode`` counted, by kind (all_reduce, all_gather...)."""
     counts: dict[str, int] = {}
     for op, n in mode.get_comm_counts().items():
         if n:

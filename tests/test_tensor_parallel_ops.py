@@ -41,6 +41,7 @@ from autosplit.sharding.placements import PARTIAL, REPLICATE, is_partial
 from autosplit.sharding.price import transition
 from autosplit.sharding.strategies import Layout, tensor_inputs
 from numerics import assert_same
+from test_tensor_parallel import comm_counts
 from rank_pool import shared_ranks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -281,16 +282,6 @@ def expected_collectives(traced, layouts, fed) -> dict[str, int]:
                 counts[kind] = counts.get(kind, 0) + 1
         for i, placement in enumerate(layout.outputs):
             have[node.name, i] = placement
-    return dict(sorted(counts.items()))
-
-
-def comm_counts(mode) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for op, n in mode.get_comm_counts().items():
-        if n:
-            kind = next((k for k in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all") if k in str(op)),
-                        str(op))
-            counts[kind] = counts.get(kind, 0) + n
     return dict(sorted(counts.items()))
 
 
