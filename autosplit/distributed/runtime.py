@@ -854,8 +854,8 @@ def _shared_weight_groups(model: nn.Module, chain: StageChain, plan: Plan, repli
     mine = []
     for replica in range(replicas):
         for i in range(tp):
-            ranks = range(replica * count + i, (replica + 1) * count, tp)  # position i of every group
-            rank_of = {stage: r for r in ranks for stage in stages_of[r]}
+            at_i = range(replica * count + i, (replica + 1) * count, tp)  # position i of every group
+            rank_of = {stage: r for r in at_i for stage in stages_of[r]}
             ranks_of = {name: tuple(sorted({rank_of[s] for s in stages})) for name, stages in shared.items()}
             for ranks in sorted({ranks for ranks in ranks_of.values() if len(ranks) > 1}):
                 groups[ranks] = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
